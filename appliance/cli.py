@@ -1,0 +1,127 @@
+"""The `appliance` command: one subcommand per job, user mistakes as one line with a hint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance import __version__
+from converter.errors import ConversionError
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line with a hint, exit code 1."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def fail(message: str, hint: str = "", code: int = 1) -> int:
+    line = f"appliance: error: {message}"
+    if hint:
+        line += f" (hint: {hint})"
+    print(line, file=sys.stderr)
+    return code
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from converter.pipeline import ConvertOptions, convert
+    from converter.quantize import parse_quant_type
+    from converter.writer import OutType
+
+    result = convert(ConvertOptions(
+        source=args.source, out=args.out, quant=parse_quant_type(args.quant),
+        outtype=OutType(args.outtype), force=args.force, keep_intermediate=args.keep_intermediate,
+        verify=args.verify, revision=args.revision, threads=args.threads, quiet=args.quiet,
+    ))
+    if result.report is not None:
+        print(result.report.render())
+    size = result.output.stat().st_size
+    print(f"wrote {result.output} ({size / 2**20:.1f} MiB)")
+    if result.intermediate is not None:
+        print(f"kept {result.intermediate}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from converter.source import resolve_source
+    from converter.verify import is_unquantized, verify
+
+    model = args.gguf.expanduser()
+    if not model.is_file():
+        raise UserError(f"{model}: no such file", "give the path of a .gguf file")
+    reference = resolve_source(args.reference)
+    if args.unquantized is not None:
+        report = verify(args.unquantized, reference, quantized=model)
+    else:
+        report = verify(model, reference, judge_logits=is_unquantized(model))
+    print(report.render())
+    return 0 if report.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    convert = sub.add_parser(
+        "convert", help="convert a Hugging Face Qwen checkpoint to a quantized GGUF",
+        description="Convert Qwen2/Qwen3 safetensors (a local folder or a hub repo id) to GGUF "
+                    "and quantize it with llama.cpp.")
+    convert.add_argument("source", help="local HF model folder or hub repo id (Qwen/Qwen3-8B)")
+    convert.add_argument("--out", type=Path, required=True, help="output .gguf file")
+    convert.add_argument("--quant", default="Q4_K_M",
+                         help="Q4_K_M (default), Q4_0, Q5_K_M, Q6_K, Q8_0, F16 or BF16")
+    convert.add_argument("--outtype", default="auto", choices=[t.value for t in _outtypes()],
+                         help="storage of the unquantized intermediate (auto: bf16 for bf16 "
+                              "sources, else f32)")
+    convert.add_argument("--revision", help="hub branch, tag or commit")
+    convert.add_argument("--force", action="store_true", help="overwrite an existing output")
+    convert.add_argument("--keep-intermediate", action="store_true",
+                         help="keep the unquantized GGUF next to the output")
+    convert.add_argument("--verify", action="store_true",
+                         help="check tokenizer and logits against the source before keeping it")
+    convert.add_argument("--threads", type=int, help="quantization threads (default: all cores)")
+    convert.add_argument("--quiet", action="store_true", help="no progress bars")
+    convert.set_defaults(handler=cmd_convert)
+
+    verify = sub.add_parser("verify", help="check a GGUF against its Hugging Face source",
+                            description="Compare a GGUF's tokenizer and logits with the HF model.")
+    verify.add_argument("gguf", type=Path)
+    verify.add_argument("--reference", required=True, help="HF model folder or hub repo id")
+    verify.add_argument("--unquantized", type=Path,
+                        help="the unquantized GGUF, to judge it and measure quantization loss")
+    verify.set_defaults(handler=cmd_verify)
+    return parser
+
+
+def _outtypes() -> list:
+    from converter.writer import OutType
+
+    return list(OutType)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except ConversionError as e:
+        if getattr(e, "report", None) is not None:
+            print(e.report.render())
+        return fail(str(e), e.hint)
+    except UserError as e:
+        return fail(str(e), e.hint)
+    except KeyboardInterrupt:
+        return fail("interrupted", code=130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Hugging Face Qwen safetensors → GGUF → quantized GGUF, streamed and verified."""

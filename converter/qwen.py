@@ -1,0 +1,196 @@
+"""The Qwen family (Qwen2, Qwen2.5, Qwen3): config.json → GGUF hyperparameters and tensor names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from converter.errors import ConversionError, UnsupportedArchitectureError
+from converter.safetensors_reader import SafetensorsCheckpoint
+
+# HF architecture name → the llama.cpp architecture it converts to.
+SUPPORTED_ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+}
+
+
+@dataclass(frozen=True)
+class QwenConfig:
+    """The hyperparameters of a Qwen checkpoint that the GGUF needs."""
+
+    hf_architecture: str
+    arch: gguf.MODEL_ARCH
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    context_length: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    rope_scaling: dict[str, Any] | None
+
+    @property
+    def arch_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.arch == gguf.MODEL_ARCH.QWEN3
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.arch == gguf.MODEL_ARCH.QWEN2
+
+
+def read_config(folder: Path) -> QwenConfig:
+    """Parse and check config.json; unsupported architectures are refused by name."""
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversionError("config.json is missing",
+                              "point SOURCE at a Hugging Face model folder", path) from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"not valid JSON ({e.msg} at line {e.lineno})", "re-download it",
+                              path) from None
+
+    architectures = raw.get("architectures") or []
+    hf_arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
+    if hf_arch is None:
+        named = ", ".join(architectures) or "none named"
+        raise UnsupportedArchitectureError(
+            f"architecture {named} is not supported",
+            "supported architectures: " + ", ".join(SUPPORTED_ARCHITECTURES),
+            path,
+        )
+
+    def need(key: str) -> Any:
+        if key not in raw:
+            raise ConversionError(f"config.json has no {key!r}", "re-download it", path)
+        return raw[key]
+
+    n_heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    # transformers 5 moves rope_theta and rope_scaling into rope_parameters.
+    rope_params = raw.get("rope_parameters") or {}
+    rope_theta = raw.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    rope_scaling = raw.get("rope_scaling")
+    if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+        rope_scaling = rope_params
+    return QwenConfig(
+        hf_architecture=hf_arch,
+        arch=SUPPORTED_ARCHITECTURES[hf_arch],
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        n_layers=int(need("num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=int(raw.get("num_key_value_heads", n_heads)),
+        head_dim=int(raw.get("head_dim") or hidden // n_heads),
+        context_length=int(raw.get("max_position_embeddings", 32768)),
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        rope_scaling=rope_scaling,
+    )
+
+
+def add_hyperparameters(writer: gguf.GGUFWriter, cfg: QwenConfig) -> None:
+    """Write the `<arch>.*` keys llama.cpp reads for Qwen models."""
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    # Always written: Qwen3-0.6B/4B/32B have head_dim != hidden / heads.
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        original = scaling.get("original_max_position_embeddings")
+        if original:
+            writer.add_rope_scaling_orig_ctx_len(int(original))
+    elif kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    """One source tensor and the GGUF tensor it becomes."""
+
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+
+
+def _expected_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Qwen checkpoint must have, with its HF shape."""
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    h, ff = cfg.hidden_size, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q_out, h),
+            p + "self_attn.k_proj.weight": (kv_out, h),
+            p + "self_attn.v_proj.weight": (kv_out, h),
+            p + "self_attn.o_proj.weight": (h, q_out),
+            p + "mlp.gate_proj.weight": (ff, h),
+            p + "mlp.up_proj.weight": (ff, h),
+            p + "mlp.down_proj.weight": (h, ff),
+        })
+        if cfg.has_qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
+        if cfg.has_qkv_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q_out,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv_out,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv_out,)
+    return shapes
+
+
+def plan_tensors(checkpoint: SafetensorsCheckpoint, cfg: QwenConfig) -> list[TensorMapping]:
+    """Match the checkpoint's tensors to GGUF names, checking that each is present and shaped right."""
+    name_map = gguf.get_tensor_name_map(cfg.arch, cfg.n_layers)
+    plan = []
+    for hf_name, shape in _expected_shapes(cfg).items():
+        entry = checkpoint.tensors.get(hf_name)
+        if entry is None:
+            raise ConversionError(f"tensor {hf_name} is missing from the checkpoint",
+                                  "a shard may be missing or from another model", checkpoint.folder)
+        if entry.shape != shape:
+            raise ConversionError(
+                f"tensor {hf_name} has shape {list(entry.shape)}, config.json implies {list(shape)}",
+                "config.json and the weights come from different models",
+                entry.file,
+            )
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:  # a mistake in our expected-shapes table, not the user's
+            raise RuntimeError(f"no GGUF name for {hf_name}")
+        plan.append(TensorMapping(hf_name, gguf_name, shape))
+    return plan
+

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-weight Qwen3 checkpoints and their GGUFs, built once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from converter.synthetic import build_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen3 with tied embeddings, bf16, in two shards with an index."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), "tiny", shards=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same shape with a separate lm_head, in a single safetensors file."""
+    from dataclasses import replace
+
+    from converter.synthetic import SHAPES
+
+    shape = replace(SHAPES["tiny"], tie_word_embeddings=False)
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-untied"), shape, shards=1, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint through the real converter and quantizer: a Q4_K_M GGUF."""
+    from converter.pipeline import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("gguf") / "tiny-q4_k_m.gguf"
+    convert(ConvertOptions(source=str(tiny_checkpoint), out=out, quiet=True))
+    return out
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `appliance ARGS` as a user would, in a child process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], capture_output=True,
+                          text=True, env=full_env, timeout=timeout, cwd=REPO)
