@@ -1,0 +1,156 @@
+"""A loaded llama.cpp model and context, through llama-cpp-python's low-level API.
+
+Only the engine thread calls into a runtime after loading; nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+
+from appliance.errors import LoadFailed
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+FLASH_ATTN_AUTO = -1
+FLASH_ATTN_DISABLED = 0
+
+
+def ensure_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (a CUDA build)."""
+    ensure_backend()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    n_gpu_layers: int
+    context_per_seq: int
+    n_seq: int
+    n_threads: int
+    flash_attn: bool = True
+    n_batch: int = 512
+
+
+class LlamaRuntime:
+    """Model weights, a KV cache with `n_seq` sequences, and a reusable batch."""
+
+    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+        ensure_backend()
+        self.path = path
+        self.options = options
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = options.n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise LoadFailed(f"llama.cpp could not load {path.name} "
+                             f"(n_gpu_layers={options.n_gpu_layers})")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = options.context_per_seq * options.n_seq
+        ctx_params.n_batch = options.n_batch
+        ctx_params.n_ubatch = options.n_batch
+        ctx_params.n_seq_max = options.n_seq
+        ctx_params.n_threads = options.n_threads
+        ctx_params.n_threads_batch = options.n_threads
+        ctx_params.kv_unified = False  # each sequence owns context_per_seq cells
+        ctx_params.flash_attn_type = FLASH_ATTN_AUTO if options.flash_attn else FLASH_ATTN_DISABLED
+        ctx_params.no_perf = False
+        self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+            raise LoadFailed(f"llama.cpp could not create a context of "
+                             f"{ctx_params.n_ctx} tokens for {path.name}")
+        self.context_per_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 16
+        buffer = (llama_cpp.llama_token * size)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, add_special,
+                                     parse_special)
+        if n < 0:
+            size = -n
+            buffer = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, add_special,
+                                         parse_special)
+        return list(buffer[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (control tokens render as nothing)."""
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0,
+                                           False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece),
+                                               0, False)
+        return self._piece.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8") if raw else None
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def clear_batch(self) -> None:
+        self.batch.n_tokens = 0
+
+    def add_to_batch(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        """Append one token; returns its index in the batch (for reading its logits)."""
+        b = self.batch
+        i = b.n_tokens
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+        b.n_tokens = i + 1
+        return i
+
+    def decode(self) -> int:
+        """Run the batch; 0 on success, 1 when the KV cache has no room, < 0 on error."""
+        return llama_cpp.llama_decode(self.ctx, self.batch)
+
+    def forget(self, seq: int, from_pos: int = 0) -> None:
+        """Drop a sequence's KV cells from `from_pos` on."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, from_pos, -1)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None

@@ -1,0 +1,79 @@
+"""Per-request sampling: parameters and the llama.cpp sampler chain built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+from appliance.engine.runtime import LlamaRuntime
+from appliance.errors import InvalidRequest
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per chain
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF, root rule "root"
+
+
+class SamplerChain:
+    """Owns a llama_sampler chain; free it with close()."""
+
+    def __init__(self, runtime: LlamaRuntime, params: SamplingParams) -> None:
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self.ptr = llama_cpp.llama_sampler_chain_init(chain_params)
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        try:
+            if params.grammar:
+                grammar = llama_cpp.llama_sampler_init_grammar(
+                    runtime.vocab, params.grammar.encode(), b"root")
+                if not grammar:
+                    raise InvalidRequest("the grammar for response_format could not be parsed",
+                                         param="response_format")
+                add(grammar)
+            if params.logit_bias:
+                biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))()
+                for i, (token, bias) in enumerate(params.logit_bias.items()):
+                    biases[i].token = token
+                    biases[i].bias = bias
+                add(llama_cpp.llama_sampler_init_logit_bias(runtime.n_vocab,
+                                                            len(params.logit_bias), biases))
+            if (params.presence_penalty or params.frequency_penalty
+                    or params.repeat_penalty != 1.0):
+                add(llama_cpp.llama_sampler_init_penalties(
+                    64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+            if params.temperature <= 0:
+                add(llama_cpp.llama_sampler_init_greedy())
+            else:
+                if params.top_k > 0:
+                    add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+                if params.top_p < 1.0:
+                    add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+                if params.min_p > 0:
+                    add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+                add(llama_cpp.llama_sampler_init_temp(params.temperature))
+                seed = DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+                add(llama_cpp.llama_sampler_init_dist(seed))
+        except BaseException:
+            self.close()
+            raise
+
+    def sample(self, runtime: LlamaRuntime, batch_index: int) -> int:
+        """Pick the next token from the logits at `batch_index` (and accept it into the chain)."""
+        return llama_cpp.llama_sampler_sample(self.ptr, runtime.ctx, batch_index)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,337 @@
+"""Continuous batching over one llama.cpp context: many requests share each decode step.
+
+One engine thread owns the runtime. Each step puts one token of every generating sequence and
+a chunk of any prompt being read into a single `llama_decode` batch, then samples each sequence
+with its own sampler chain. New requests join at the next step; a finished or cancelled one
+frees its slot at once. A slot keeps its KV cells after a request, so the next request that
+shares a prefix with them (same system prompt, next turn of a chat) only reads the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from appliance.engine.runtime import LlamaRuntime
+from appliance.engine.sampling import SamplerChain, SamplingParams
+from appliance.engine.text import Detokenizer, StopMatcher
+from appliance.errors import ApplianceError, ContextOverflow, QueueFull, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+# While other sequences are generating, read at most this many prompt tokens per step, so their
+# inter-token latency stays bounded while a long prompt arrives.
+PREFILL_CHUNK_BUSY = 128
+
+
+@dataclass
+class TextEvent:
+    text: str
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: str  # stop, length, cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    error: Exception
+
+
+Event = TextEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class GenerationRequest:
+    prompt_tokens: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    stop: list[str]
+    emit: Callable[[Event], None]  # called on the engine thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+class SchedulerObserver(Protocol):
+    """Receives engine figures (the metrics module implements it)."""
+
+    def on_step(self, batch_tokens: int, sequences: int) -> None: ...
+    def on_admit(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None: ...
+
+
+class _NoObserver:
+    def on_step(self, batch_tokens: int, sequences: int) -> None:
+        pass
+
+    def on_admit(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None:
+        pass
+
+
+@dataclass
+class _Slot:
+    index: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV cells the slot holds
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    slot: _Slot
+    chain: SamplerChain
+    prefilled: int
+    cached_tokens: int
+    detok: Detokenizer = field(default_factory=Detokenizer)
+    stopper: StopMatcher | None = None
+    generated: int = 0
+    last_token: int = -1
+    batch_index: int = -1
+
+    @property
+    def generating(self) -> bool:
+        return self.prefilled >= len(self.request.prompt_tokens)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Scheduler:
+    """Admits requests into slots and runs the decode loop on its own thread."""
+
+    def __init__(self, runtime: LlamaRuntime, n_slots: int, max_queue: int,
+                 observer: SchedulerObserver | None = None) -> None:
+        self.runtime = runtime
+        self.max_queue = max_queue
+        self.observer = observer or _NoObserver()
+        self.slots = [_Slot(i) for i in range(n_slots)]
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
+        self.prefix_hit_tokens = 0
+        self.prompt_tokens_evaluated = 0
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread -----------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        limit = self.runtime.context_per_seq
+        if len(request.prompt_tokens) >= limit:
+            raise ContextOverflow(
+                f"the prompt has {len(request.prompt_tokens)} tokens but the model's context "
+                f"is {limit} tokens per request", param="messages")
+        with self._cond:
+            if self._stopping:
+                raise ServiceUnavailable("the model is being unloaded", retry_after=2)
+            if len(self._waiting) >= self.max_queue + self.free_slots():
+                raise QueueFull(f"all {len(self.slots)} slots are busy and "
+                                f"{len(self._waiting)} requests are waiting", retry_after=2)
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def free_slots(self) -> int:
+        return sum(not s.busy for s in self.slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    def tokens_per_second(self, window_s: float = 5.0) -> float:
+        now = time.perf_counter()
+        recent = [t for t in list(self._token_times) if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(now - recent[0], 1e-6)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._waiting and not self._active
+
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Let running requests finish for up to `drain_s`, cancel the rest, end the thread."""
+        deadline = time.monotonic() + drain_s
+        with self._cond:
+            while (self._active or self._waiting) and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.05)
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    # -- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._active:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._take_admissible()
+                for request in admitted:
+                    self._admit(request)
+                if self._active:
+                    self._step()
+                with self._cond:
+                    self._cond.notify_all()  # wake stop() waiting for a drain
+        except Exception as e:  # a bug: fail every request rather than hang them
+            log.exception("engine loop crashed")
+            self._fail_all(e)
+            return
+        self._fail_all(ServiceUnavailable("the model was unloaded", retry_after=2),
+                       cancelled=True)
+
+    def _fail_all(self, error: Exception, cancelled: bool = False) -> None:
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            request.emit(ErrorEvent(error))
+        for seq in list(self._active):
+            if cancelled:
+                self._finish(seq, "cancelled")
+            else:
+                self._release(seq)
+                seq.request.emit(ErrorEvent(error))
+
+    def _take_admissible(self) -> list[GenerationRequest]:
+        free = self.free_slots()
+        taken = []
+        while self._waiting and free > 0:
+            taken.append(self._waiting.popleft())
+            free -= 1
+        return taken
+
+    def _admit(self, request: GenerationRequest) -> None:
+        if request.cancelled.is_set():
+            request.emit(DoneEvent("cancelled", len(request.prompt_tokens), 0, 0))
+            return
+        free = [s for s in self.slots if not s.busy]
+        prompt = request.prompt_tokens
+        # Best prefix match wins; among equals, the least recently used slot.
+        slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
+        # Keep at least one prompt token to read, so the step yields logits to sample from.
+        reuse = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+        self.runtime.forget(slot.index, reuse)
+        slot.cached = slot.cached[:reuse]
+        slot.busy = True
+        try:
+            chain = SamplerChain(self.runtime, request.sampling)
+        except ApplianceError as e:
+            slot.busy = False
+            request.emit(ErrorEvent(e))
+            return
+        seq = _Sequence(request, slot, chain, prefilled=reuse, cached_tokens=reuse,
+                        stopper=StopMatcher(request.stop))
+        self._active.append(seq)
+        self.prefix_hit_tokens += reuse
+        self.observer.on_admit(time.perf_counter() - request.submitted_at, len(prompt), reuse)
+
+    def _step(self) -> None:
+        rt = self.runtime
+        rt.clear_batch()
+        budget = rt.options.n_batch
+        sampled: list[_Sequence] = []
+        for seq in list(self._active):
+            if seq.request.cancelled.is_set():
+                self._finish(seq, "cancelled")
+        generating = [s for s in self._active if s.generating]
+        for seq in generating:
+            seq.batch_index = rt.add_to_batch(seq.last_token, len(seq.slot.cached),
+                                              seq.slot.index, True)
+            seq.slot.cached.append(seq.last_token)
+            sampled.append(seq)
+            budget -= 1
+        if generating:
+            budget = min(budget, PREFILL_CHUNK_BUSY)
+        for seq in self._active:
+            if seq.generating or budget <= 0:
+                continue
+            prompt = seq.request.prompt_tokens
+            chunk = prompt[seq.prefilled:seq.prefilled + budget]
+            for token in chunk:
+                last = seq.prefilled == len(prompt) - 1
+                index = rt.add_to_batch(token, len(seq.slot.cached), seq.slot.index, last)
+                seq.slot.cached.append(token)
+                seq.prefilled += 1
+                if last:
+                    seq.batch_index = index
+                    sampled.append(seq)
+            budget -= len(chunk)
+            self.prompt_tokens_evaluated += len(chunk)
+        n_tokens = rt.batch.n_tokens
+        if n_tokens == 0:
+            return
+        status = rt.decode()
+        self.observer.on_step(n_tokens, len(self._active))
+        if status != 0:
+            self._decode_failed(status)
+            return
+        now = time.perf_counter()
+        for seq in sampled:
+            self._token_times.append(now)
+            self._accept(seq, seq.chain.sample(rt, seq.batch_index))
+
+    def _decode_failed(self, status: int) -> None:
+        message = ("the KV cache is full" if status == 1
+                   else f"llama_decode failed with status {status}")
+        log.error("%s; failing %d requests", message, len(self._active))
+        for seq in list(self._active):
+            seq.slot.cached = []
+            self.runtime.forget(seq.slot.index)
+            self._release(seq)
+            seq.request.emit(ErrorEvent(ServiceUnavailable(message, retry_after=1)))
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        rt = self.runtime
+        seq.generated += 1
+        if rt.is_end(token):
+            self._finish(seq, "stop")
+            return
+        assert seq.stopper is not None
+        text = seq.stopper.feed(seq.detok.feed(rt.piece(token)))
+        if text:
+            seq.request.emit(TextEvent(text))
+        if seq.stopper.stopped:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.request.max_tokens or len(seq.slot.cached) + 1 >= rt.context_per_seq:
+            self._finish(seq, "length")
+        else:
+            seq.last_token = token
+
+    def _release(self, seq: _Sequence) -> None:
+        seq.chain.close()
+        seq.slot.busy = False
+        seq.slot.last_used = time.perf_counter()
+        if seq in self._active:
+            self._active.remove(seq)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        assert seq.stopper is not None
+        if reason != "cancelled":
+            tail = seq.stopper.feed(seq.detok.flush()) + seq.stopper.flush()
+            if tail:
+                seq.request.emit(TextEvent(tail))
+        self._release(seq)
+        seq.request.emit(DoneEvent(reason, len(seq.request.prompt_tokens), seq.generated,
+                                   seq.cached_tokens))
