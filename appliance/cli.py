@@ -62,6 +62,99 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _settings(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from appliance.config import load_settings
+
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "models_dir")}
+    if getattr(args, "model", None):
+        overrides["default_model"] = args.model
+    try:
+        return load_settings(**overrides)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        raise UserError(f"bad setting {where}: {first.get('msg')}",
+                        "check APPLIANCE_* variables and config.toml") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.server import serve
+
+    settings = _settings(args)
+    try:
+        settings.read_api_key()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot use the API key file: {e}", "create it with mode 0600") from None
+    return serve(settings)
+
+
+def _client(args: argparse.Namespace):
+    from appliance.client import DaemonClient, base_url
+
+    settings = _settings(args)
+    try:
+        key = settings.read_api_key()
+    except (OSError, ValueError):
+        key = None
+    return DaemonClient(getattr(args, "url", None) or base_url(settings), key)
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _client(args).status()
+    model = status.get("model")
+    line = f"daemon {status['version']} (pid {status['pid']}): {status['state']}"
+    if model:
+        offload = model["offload"]
+        line += (f", model {model['id']} on {offload['device']} "
+                 f"({offload['n_gpu_layers']}/{offload['n_layers'] + 1} layers), "
+                 f"{model['slots_busy']}/{model['slots']} slots busy, "
+                 f"{model['tokens_per_second']} tok/s")
+    elif status.get("failure"):
+        line += f" (last load failed: {status['failure']})"
+    print(line)
+    memory = status["memory"]
+    for gpu in memory["gpus"]:
+        print(f"  GPU {gpu['index']} {gpu['name']}: {_format_bytes(gpu['used'])} used of "
+              f"{_format_bytes(gpu['total'])}, daemon {_format_bytes(gpu['process_used'])}")
+    if not memory["gpus"]:
+        ram = memory["ram"]
+        print(f"  CPU only: RAM {_format_bytes(ram['used'])} used of {_format_bytes(ram['total'])},"
+              f" daemon {_format_bytes(ram['process_rss'])}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    data = _client(args).models()
+    if not data["models"]:
+        print(f"no models in {data['models_dir']} (add .gguf files or run appliance convert)")
+    for m in data["models"]:
+        mark = "*" if m["loaded"] else " "
+        if m["usable"]:
+            print(f"{mark} {m['id']:<32} {m['architecture']:<8} {m['quantization']:<8} "
+                  f"ctx {m['context_length']:<6} {m['file_size'] / 2**30:.2f} GiB")
+        else:
+            print(f"  {m['id']:<32} unusable: {m['error']}")
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    status = _client(args).load(args.id)
+    print(f"loaded {status['model']['id']} ({status['model']['offload']['reason']})")
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    _client(args).unload()
+    print("unloaded")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -95,7 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--unquantized", type=Path,
                         help="the unquantized GGUF, to judge it and measure quantization loss")
     verify.set_defaults(handler=cmd_verify)
+
+    from appliance.config import describe_settings
+
+    serve = sub.add_parser(
+        "serve", help="run the daemon (OpenAI-compatible API on localhost)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings (environment, or the same names in config.toml):\n"
+               + describe_settings())
+    _address_flags(serve)
+    serve.add_argument("--models-dir", type=Path, help="folder of .gguf models")
+    serve.add_argument("--model", help="model to load at start-up")
+    serve.set_defaults(handler=cmd_serve)
+
+    for name, handler, text in (("status", cmd_status, "show the daemon's state and memory"),
+                                ("models", cmd_models, "list the models the daemon can serve"),
+                                ("unload", cmd_unload, "unload the current model")):
+        p = sub.add_parser(name, help=text)
+        _address_flags(p)
+        p.add_argument("--url", help="daemon URL (default from settings)")
+        p.set_defaults(handler=handler)
+    load = sub.add_parser("load", help="load (switch to) a model")
+    load.add_argument("id")
+    _address_flags(load)
+    load.add_argument("--url", help="daemon URL (default from settings)")
+    load.set_defaults(handler=cmd_load)
     return parser
+
+
+def _address_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8471)")
 
 
 def _outtypes() -> list:
@@ -119,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), e.hint)
     except UserError as e:
         return fail(str(e), e.hint)
+    except Exception as e:
+        from appliance.client import DaemonError, DaemonUnavailable
+
+        if isinstance(e, DaemonUnavailable):
+            return fail(str(e), "start it with `appliance serve` or `systemctl --user start "
+                        "appliance`")
+        if isinstance(e, DaemonError):
+            return fail(str(e))
+        raise
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
 

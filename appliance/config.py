@@ -75,8 +75,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted")
     max_tokens_default: int | None = Field(None, description="cap when a request sets none")
     log_level: str = Field("info", description="debug, info, warning or error")
-    config_file: Path = Field(default_factory=default_config_file,
-                              description="the TOML file read at start-up")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -129,11 +127,11 @@ def is_loopback(host: str) -> bool:
 
 def describe_settings() -> str:
     """`APPLIANCE_*` variables with their descriptions, for `appliance serve --help`."""
-    lines = []
+    lines = [f"  {'APPLIANCE_CONFIG':<30} the TOML file (default {default_config_file()})"]
     for name, info in Settings.model_fields.items():
         if name == "model_config":
             continue
-        lines.append(f"  APPLIANCE_{name.upper():<20} {info.description or ''}")
+        lines.append(f"  {'APPLIANCE_' + name.upper():<30} {info.description or ''}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,14 @@ from __future__ import annotations
 import codecs
 
 
+def partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `tag` (0 if none)."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
 class StopMatcher:
     """Feeds text through; releases only what cannot be the start of a stop string."""
 
@@ -27,12 +35,7 @@ class StopMatcher:
             out, self.pending = self.pending[:first], ""
             return out
         # Hold back the longest tail that is a prefix of some stop string.
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
+        hold = max(partial_suffix(self.pending, stop) for stop in self.stops)
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out

@@ -1,0 +1,99 @@
+"""The FastAPI app factory: models load in the lifespan, never at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance import __version__
+from appliance.api.errors import install_error_handlers
+from appliance.api.routes import control, openai
+from appliance.api.security import SecurityMiddleware
+from appliance.config import Settings
+from appliance.engine.runtime import LlamaRuntime
+from appliance.gpu import GpuProbe, open_probe
+from appliance.lifecycle import ModelManager, RuntimeFactory
+from appliance.metrics import Metrics
+from appliance.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+class RequestCounter:
+    """Counts responses by route and status for /metrics (pure ASGI: streaming stays cheap)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                path = getattr(route, "path", "unmatched")
+                self.metrics.requests.labels(route=path, status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(settings: Settings, *, probe: GpuProbe | None = None,
+               runtime_factory: RuntimeFactory = LlamaRuntime) -> FastAPI:
+    """Build the daemon's app; `probe` and `runtime_factory` are the hardware seams for tests."""
+    api_key = settings.read_api_key()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gpu = probe or open_probe(settings.gpu)
+        metrics = app.state.metrics
+        registry = Registry(settings.models_dir.expanduser(), settings.aliases)
+        registry.scan()
+        manager = ModelManager(settings, registry, gpu, observer=metrics,
+                               runtime_factory=runtime_factory)
+        manager.load_seconds_observed = metrics.model_load_seconds.set
+        app.state.registry, app.state.manager, app.state.probe = registry, manager, gpu
+        tasks = [asyncio.create_task(manager.unload_when_idle())]
+        if settings.default_model:
+            tasks.append(asyncio.create_task(_load_default(manager, settings.default_model)))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await manager.close()
+            gpu.close()
+
+    app = FastAPI(title="Qwen Appliance", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(control.router)
+    if settings.cors_origins:
+        # An explicit origin list only, and no credentials: a page can call, not impersonate.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_credentials=False, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(RequestCounter, metrics=app.state.metrics)
+    app.add_middleware(SecurityMiddleware, allowed_hosts=set(settings.allowed_hosts)
+                       | {settings.host}, api_key=api_key,
+                       max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+async def _load_default(manager: ModelManager, name: str) -> None:
+    try:
+        await manager.load(name)
+    except Exception as e:  # the daemon keeps serving; the status shows the failure
+        log.error("default model %s did not load: %s", name, e)

@@ -1,0 +1,40 @@
+"""The app's shared objects as FastAPI dependencies, so handlers read plainly."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from appliance.config import Settings
+from appliance.gpu import GpuProbe
+from appliance.lifecycle import ModelManager
+from appliance.metrics import Metrics
+from appliance.registry import Registry
+
+
+def _manager(request: Request) -> ModelManager:
+    return request.app.state.manager
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _probe(request: Request) -> GpuProbe:
+    return request.app.state.probe
+
+
+ManagerDep = Annotated[ModelManager, Depends(_manager)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+RegistryDep = Annotated[Registry, Depends(_registry)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+ProbeDep = Annotated[GpuProbe, Depends(_probe)]

@@ -1,0 +1,159 @@
+"""Between HTTP handlers and the engine thread: submit a request, await its events, cancel it
+when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from appliance.api.schemas import ResponseFormat, SamplingFields, Tool
+from appliance.engine.sampling import SamplingParams
+from appliance.engine.scheduler import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    GenerationRequest,
+    TextEvent,
+)
+from appliance.errors import InvalidRequest
+from appliance.lifecycle import LoadedModel
+from appliance.metrics import Metrics
+
+
+def sampling_params(body: SamplingFields, model: LoadedModel, grammar: str | None) -> SamplingParams:
+    """The request's sampling, with the model's own recommended defaults (GGUF) for the rest."""
+    meta = model.entry.info.metadata if model.entry.info else {}
+    defaults = SamplingParams()
+
+    def pick(value: float | int | None, key: str, fallback: float | int) -> float | int:
+        if value is not None:
+            return value
+        stored = meta.get(f"general.sampling.{key}")
+        return stored if isinstance(stored, (int, float)) else fallback
+
+    n_vocab = model.runtime.n_vocab
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < n_vocab:
+            raise InvalidRequest(f"logit_bias token {token} is outside the vocabulary "
+                                 f"(0..{n_vocab - 1})", param="logit_bias")
+        bias[token] = float(value)
+    return SamplingParams(
+        temperature=float(pick(body.temperature, "temp", defaults.temperature)),
+        top_p=float(pick(body.top_p, "top_p", defaults.top_p)),
+        top_k=int(pick(body.top_k, "top_k", defaults.top_k)),
+        min_p=float(pick(body.min_p, "min_p", defaults.min_p)),
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=body.repeat_penalty,
+        logit_bias=bias,
+        grammar=grammar,
+    )
+
+
+def response_grammar(fmt: ResponseFormat | None) -> str | None:
+    """GBNF that forces the output into the requested JSON shape."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return JSON_GBNF
+    if fmt.json_schema is None:
+        raise InvalidRequest("response_format json_schema needs a json_schema object",
+                             param="response_format.json_schema")
+    return _schema_grammar(fmt.json_schema.schema_ or {"type": "object"}, "response_format")
+
+
+def _schema_grammar(schema: dict, param: str) -> str:
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises plain exceptions on schemas it cannot express
+        raise InvalidRequest(f"unsupported JSON schema: {e}", param=param) from None
+
+
+def tool_call_grammar(tools: list[Tool], name: str | None) -> str:
+    """GBNF for one `<tool_call>{json}</tool_call>` calling `name` (or any of the tools)."""
+    chosen = [t for t in tools if name is None or t.function.name == name]
+    if not chosen:
+        raise InvalidRequest(f"tool_choice names {name!r}, which is not in tools",
+                             param="tool_choice")
+    schema = {"anyOf": [{"type": "object",
+                         "properties": {"name": {"const": t.function.name},
+                                        "arguments": t.function.parameters},
+                         "required": ["name", "arguments"]} for t in chosen]}
+    body = _schema_grammar(schema, "tools")
+    body = re.sub(r"^root\s*::=", "call ::=", body, count=1, flags=re.MULTILINE)
+    return 'root ::= "<tool_call>\\n" call "\\n</tool_call>"\n' + body
+
+
+@dataclass
+class Outcome:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class Generation:
+    """One request in the engine, seen from the event loop."""
+
+    def __init__(self, model: LoadedModel, prompt_tokens: list[int], sampling: SamplingParams,
+                 max_tokens: int, stop: list[str], metrics: Metrics) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._metrics = metrics
+        self.started = time.perf_counter()
+        self.outcome: Outcome | None = None
+        self.request = GenerationRequest(prompt_tokens, sampling, max_tokens, stop, self._emit)
+        model.scheduler.submit(self.request)
+
+    def _emit(self, event: Event) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def texts(self) -> AsyncIterator[str]:
+        """Generated text pieces as they come; sets `outcome` at the end. Cancels on exit."""
+        last = None
+        try:
+            while True:
+                event = await self._queue.get()
+                if isinstance(event, TextEvent):
+                    now = time.perf_counter()
+                    if last is None:
+                        self._metrics.ttft.observe(now - self.started)
+                    else:
+                        self._metrics.inter_token.observe(now - last)
+                    last = now
+                    yield event.text
+                elif isinstance(event, DoneEvent):
+                    self.outcome = Outcome(event.finish_reason, event.prompt_tokens,
+                                           event.completion_tokens, event.cached_tokens)
+                    self._metrics.prompt_tokens.inc(event.prompt_tokens)
+                    self._metrics.completion_tokens.inc(event.completion_tokens)
+                    return
+                elif isinstance(event, ErrorEvent):
+                    raise event.error
+        finally:
+            if self.outcome is None:
+                self.request.cancelled.set()  # client gone or error: free the slot
+
+    def usage(self) -> dict:
+        o = self.outcome
+        if o is None:
+            return {}
+        return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+                "total_tokens": o.prompt_tokens + o.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": o.cached_tokens}}
+
+
+def max_new_tokens(requested: int | None, prompt_len: int, model: LoadedModel,
+                   cap: int | None) -> int:
+    room = model.runtime.context_per_seq - prompt_len - 1
+    limit = requested or cap or room
+    return max(1, min(limit, room))
