@@ -21,6 +21,8 @@ from tests.conftest import REPO
 
 MODEL_A = "tiny-qwen3-q4_k_m"
 MODEL_B = "tiny-qwen3-untied-q8_0"
+# Ban every added token (the end-of-generation ones among them) so a stream runs until stopped.
+FOREVER = {"logit_bias": {str(t): -100 for t in range(151643, 151669)}}
 
 
 def free_port() -> int:
@@ -53,7 +55,7 @@ def run_daemon(models_dir: Path, tmp: Path, **settings: str) -> Iterator[Daemon]
     port = free_port()
     env = {**os.environ, "APPLIANCE_PORT": str(port), "APPLIANCE_MODELS_DIR": str(models_dir),
            "APPLIANCE_CONFIG": str(tmp / "absent.toml"), "APPLIANCE_THREADS": "2",
-           "APPLIANCE_CONTEXT_LENGTH": "512", "APPLIANCE_GPU": "none",
+           "APPLIANCE_CONTEXT_LENGTH": "4096", "APPLIANCE_GPU": "none",
            **{f"APPLIANCE_{k.upper()}": v for k, v in settings.items()}}
     log_path = tmp / f"daemon-{port}.log"
     with log_path.open("wb") as log:

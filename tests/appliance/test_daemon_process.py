@@ -1,0 +1,117 @@
+"""The daemon as a service: keys, queue bounds, SIGTERM, the CLI that talks to it."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.appliance.conftest import FOREVER, MODEL_A, run_daemon
+from tests.conftest import run_cli
+
+
+
+def test_api_key_required_everywhere_but_health(models_dir: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-key\n")
+    key_file.chmod(0o600)
+    with run_daemon(models_dir, tmp_path, api_key_file=str(key_file)) as d:
+        assert httpx.get(d.url + "/health").status_code == 200
+        r = httpx.get(d.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        wrong = httpx.get(d.url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        with openai.OpenAI(base_url=d.base_url, api_key="s3cret-key", max_retries=0) as c:
+            assert MODEL_A in {m.id for m in c.models.list()}
+        # The CLI reads the same key file through the same setting.
+        env = {"APPLIANCE_PORT": d.url.rsplit(":", 1)[1], "APPLIANCE_API_KEY_FILE": str(key_file)}
+        assert run_cli("models", env=env).returncode == 0
+
+
+def test_world_readable_key_file_is_refused(models_dir: Path, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("k")
+    key_file.chmod(0o644)
+    result = run_cli("serve", env={"APPLIANCE_API_KEY_FILE": str(key_file),
+                                   "APPLIANCE_MODELS_DIR": str(models_dir)})
+    assert result.returncode == 1
+    assert "readable by other users" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_non_loopback_bind_needs_a_key(tmp_path: Path) -> None:
+    result = run_cli("serve", "--host", "0.0.0.0", env={"APPLIANCE_CONFIG": str(tmp_path / "x")})
+    assert result.returncode == 1
+    assert "api_key_file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_queue_full_is_503_with_retry_after(models_dir: Path, tmp_path: Path) -> None:
+    with run_daemon(models_dir, tmp_path, default_model=MODEL_A, parallel="1",
+                    max_queue="0") as d, d.http() as http:
+        body = {"model": MODEL_A, "prompt": "long", "max_tokens": 100000, "stream": True,
+                **FOREVER}
+        with http.stream("POST", "/v1/completions", json=body) as running:
+            lines = running.iter_lines()  # keep the iterator: dropping it closes the stream
+            next(lines)
+            r = http.post("/v1/completions", json={"model": MODEL_A, "prompt": "x",
+                                                   "max_tokens": 2})
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "queue_full"
+            assert int(r.headers["Retry-After"]) >= 1
+        time.sleep(0.3)
+        ok = http.post("/v1/completions", json={"model": MODEL_A, "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_sigterm_during_stream_ends_cleanly(models_dir: Path, tmp_path: Path) -> None:
+    with run_daemon(models_dir, tmp_path, default_model=MODEL_A, switch_wait_s="2") as d:
+        events: list[str] = []
+
+        def stream() -> None:
+            body = {"model": MODEL_A, "prompt": "go", "max_tokens": 100000, "stream": True,
+                    **FOREVER}
+            with httpx.stream("POST", d.url + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    events.append(line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while len(events) < 3:
+            time.sleep(0.02)
+        d.process.send_signal(signal.SIGTERM)
+        assert d.process.wait(timeout=30) == 0
+        reader.join(timeout=10)
+        assert not reader.is_alive()
+        data = [e for e in events if e.startswith("data: ")]
+        assert data[-1] == "data: [DONE]"  # the client got a proper end of stream
+        assert "Traceback" not in d.log()
+
+
+def test_cli_against_the_daemon(daemon, tmp_path: Path) -> None:
+    env = {"APPLIANCE_PORT": daemon.url.rsplit(":", 1)[1],
+           "APPLIANCE_CONFIG": str(tmp_path / "absent.toml")}
+    loaded = run_cli("load", MODEL_A, env=env)
+    assert loaded.returncode == 0 and MODEL_A in loaded.stdout
+    status = run_cli("status", env=env)
+    assert status.returncode == 0 and "ready" in status.stdout and "CPU only" in status.stdout
+    models = run_cli("models", env=env)
+    assert MODEL_A in models.stdout and "unusable" in models.stdout
+    assert run_cli("unload", env=env).returncode == 0
+    assert "unloaded" in run_cli("status", env=env).stdout
+    missing = run_cli("load", "nope", env=env)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["models"], ["load", "x"], ["unload"]])
+def test_cli_when_daemon_is_down(command: list[str], tmp_path: Path) -> None:
+    from tests.appliance.conftest import free_port
+
+    result = run_cli(*command, env={"APPLIANCE_PORT": str(free_port()),
+                                    "APPLIANCE_CONFIG": str(tmp_path / "absent.toml")})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not running" in lines[0] and "hint:" in lines[0]
