@@ -224,6 +224,19 @@ class ModelManager:
                 log.info("unloading %s after %.0f s idle", model.entry.id, keep_alive)
                 await self.unload()
 
+    async def drain(self, grace_s: float) -> None:
+        """On shutdown: let requests finish for `grace_s`, then end the rest with an error."""
+        model = self.current
+        if model is None:
+            return
+        deadline = time.monotonic() + grace_s
+        while model.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if model.in_flight:
+            log.info("shutting down: ending %d requests still running", model.in_flight)
+            model.scheduler.abort_all(ServiceUnavailable("the server is shutting down",
+                                                         retry_after=5))
+
     async def close(self) -> None:
         await self.unload()
 

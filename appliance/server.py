@@ -61,7 +61,12 @@ class _Server(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         notify_systemd("STOPPING=1")
+        # Streams get switch_wait_s to finish; then they end with an error event and [DONE],
+        # before uvicorn's own (longer) graceful timeout would cut their connections.
+        state = self.config.app.state
+        drain = asyncio.create_task(state.manager.drain(state.settings.switch_wait_s))
         await super().shutdown(sockets)
+        await drain
 
 
 def serve(settings: Settings) -> int:
@@ -69,7 +74,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=settings.log_level == "debug", use_colors=False,
-                            timeout_graceful_shutdown=int(settings.switch_wait_s) or 1,
+                            timeout_graceful_shutdown=int(settings.switch_wait_s) + 5,
                             server_header=False)
     server = _Server(config)
     asyncio.run(server.serve())

@@ -123,6 +123,7 @@ class Scheduler:
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._abort: Exception | None = None
         self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
         self.prefix_hit_tokens = 0
         self.prompt_tokens_evaluated = 0
@@ -168,6 +169,12 @@ class Scheduler:
         with self._cond:
             return not self._waiting and not self._active
 
+    def abort_all(self, error: Exception) -> None:
+        """End every running and waiting request with `error` (at the next step)."""
+        with self._cond:
+            self._abort = error
+            self._cond.notify_all()
+
     def stop(self, drain_s: float = 0.0) -> None:
         """Let running requests finish for up to `drain_s`, cancel the rest, end the thread."""
         deadline = time.monotonic() + drain_s
@@ -184,11 +191,16 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._active:
+                    while (not self._stopping and not self._waiting and not self._active
+                           and self._abort is None):
                         self._cond.wait()
                     if self._stopping:
                         break
-                    admitted = self._take_admissible()
+                    abort, self._abort = self._abort, None
+                    admitted = self._take_admissible() if abort is None else []
+                if abort is not None:
+                    self._fail_all(abort)
+                    continue
                 for request in admitted:
                     self._admit(request)
                 if self._active:

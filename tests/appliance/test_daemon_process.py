@@ -88,6 +88,7 @@ def test_sigterm_during_stream_ends_cleanly(models_dir: Path, tmp_path: Path) ->
         assert not reader.is_alive()
         data = [e for e in events if e.startswith("data: ")]
         assert data[-1] == "data: [DONE]"  # the client got a proper end of stream
+        assert "shutting down" in data[-2]  # ... saying why it ended early
         assert "Traceback" not in d.log()
 
 
