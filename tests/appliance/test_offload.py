@@ -1,0 +1,122 @@
+"""Offload planning against a fake GPU and the real tensor sizes of a converted GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+
+from appliance.config import Settings
+from appliance.gguf_info import read_gguf_info
+from appliance.gpu import GpuMemory
+from appliance.lifecycle import ModelManager
+from appliance.offload import fewer_layers, plan_offload
+from appliance.registry import Registry
+
+GIB = 2**30
+MIB = 2**20
+
+
+class FakeGpu:
+    """A probe reporting one card with fixed figures."""
+
+    name = "fake"
+
+    def __init__(self, total: int, free: int) -> None:
+        self.total, self.free = total, free
+
+    def devices(self) -> list[GpuMemory]:
+        return [GpuMemory(0, "Fake RTX", self.total, self.total - self.free, self.free, 0)]
+
+    def close(self) -> None:
+        pass
+
+
+def hand_sizes(path: Path) -> tuple[list[int], int, int]:
+    """Per-layer bytes, output head bytes and the KV bytes per token per layer, by hand from
+    gguf's own reader (a different parser from the planner's)."""
+    reader = gguf.GGUFReader(path)
+    layers = [0, 0]
+    head = 0
+    for t in reader.tensors:
+        if t.name.startswith("blk."):
+            layers[int(t.name.split(".")[1])] += int(t.n_bytes)
+        elif t.name in ("token_embd.weight", "output_norm.weight"):
+            head += int(t.n_bytes)  # tied: the embedding doubles as the output matrix
+    kv_per_token_layer = 2 * 32 * 2 * 2  # 2 KV heads × head_dim 32 × (K+V) × f16
+    return layers, head, kv_per_token_layer
+
+
+@pytest.fixture(scope="module")
+def tiny_info(tiny_gguf: Path):
+    return read_gguf_info(tiny_gguf)
+
+
+def test_sizes_match_gguf_reader(tiny_gguf: Path, tiny_info) -> None:
+    layers, head, _ = hand_sizes(tiny_gguf)
+    assert tiny_info.layer_bytes() == layers
+    from appliance.offload import output_head_bytes
+
+    assert output_head_bytes(tiny_info) == head
+
+
+def test_whole_model_fits_a_24_gib_card_with_20_free(tiny_gguf: Path, tiny_info) -> None:
+    layers, head, kv_unit = hand_sizes(tiny_gguf)
+    plan = plan_offload(tiny_info, n_ctx_total=4 * 8192, free_vram=20 * GIB, device="Fake RTX",
+                        margin=512 * MIB, gpu_build=True)
+    assert plan.n_gpu_layers == 3  # both layers and the output head
+    assert plan.weights_on_gpu == sum(layers) + head
+    assert plan.kv_on_gpu == 2 * 4 * 8192 * kv_unit
+    vocab, hidden, ff = 151936, 64, 128
+    assert plan.compute_buffer == 512 * (vocab + 4 * hidden + 2 * ff) * 4
+    assert plan.device == "Fake RTX" and plan.reason == "all layers on the GPU"
+
+
+def test_tight_card_takes_the_last_layers_only(tiny_gguf: Path, tiny_info) -> None:
+    layers, head, kv_unit = hand_sizes(tiny_gguf)
+    n_ctx = 4096
+    kv_layer = n_ctx * kv_unit
+    compute = 512 * (151936 + 4 * 64 + 2 * 128) * 4
+    margin = 100 * MIB
+    # Room for exactly one layer (the last) and its KV, not for two.
+    free = margin + compute + layers[1] + kv_layer + 1
+    plan = plan_offload(tiny_info, n_ctx_total=n_ctx, free_vram=free, device="gpu",
+                        margin=margin, gpu_build=True)
+    assert plan.n_gpu_layers == 1
+    assert plan.weights_on_gpu == layers[1] and plan.kv_on_gpu == kv_layer
+    assert plan.planned_vram <= free - margin
+    # All layers but not the head: n_layers exactly.
+    free = margin + compute + sum(layers) + 2 * kv_layer + head - 1
+    assert plan_offload(tiny_info, n_ctx_total=n_ctx, free_vram=free, device="gpu",
+                        margin=margin, gpu_build=True).n_gpu_layers == 2
+
+
+@pytest.mark.parametrize(("free", "build", "expected"), [
+    (0, True, "no NVIDIA GPU"), (20 * GIB, False, "built without GPU support"),
+    (200 * MIB, True, "not enough free VRAM"),
+])
+def test_cpu_fallbacks_say_why(tiny_info, free: int, build: bool, expected: str) -> None:
+    plan = plan_offload(tiny_info, n_ctx_total=8192, free_vram=free, device="gpu",
+                        margin=0, gpu_build=build)
+    assert plan.n_gpu_layers == 0 and plan.device == "cpu" and expected in plan.reason
+
+
+def test_retry_schedule_reaches_zero() -> None:
+    steps = [37]
+    while steps[-1]:
+        steps.append(fewer_layers(steps[-1]))
+    assert steps[:4] == [37, 28, 21, 16] and steps[-1] == 0
+
+
+def test_manager_plans_from_the_probe(tiny_gguf: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(tiny_gguf, tmp_path / "m.gguf")
+    settings = Settings(models_dir=tmp_path, context_length=2048, parallel=2)
+    registry = Registry(tmp_path)
+    registry.scan()
+    manager = ModelManager(settings, registry, FakeGpu(24 * GIB, 20 * GIB))
+    manager._gpu_build = True  # as on a CUDA build
+    plan, context = manager.plan_for(registry.resolve("m"))
+    assert context == 2048 and plan.n_gpu_layers == 3 and plan.free_vram == 20 * GIB
