@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from converter.synthetic import SHAPES, build_checkpoint, tensor_shapes  # noqa: E402
+from converter.synthetic import SHAPES, build_checkpoint, tensor_shapes
 
 CHILD = """
 import json, sys, time

@@ -15,7 +15,6 @@ from tests.appliance.conftest import FOREVER, MODEL_A, run_daemon
 from tests.conftest import run_cli
 
 
-
 def test_api_key_required_everywhere_but_health(models_dir: Path, tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-key\n")

@@ -1,0 +1,308 @@
+"""Daemon figures against baselines measured in the same run, on the same GGUF.
+
+    python bench/serve_throughput.py MODEL.gguf [--threads 2] [--tokens 64] [--baseline-server]
+
+1. raw loop: llama_decode one token at a time with llama.cpp's greedy sampler, in process;
+2. our daemon (`appliance serve`, a child process): single-stream decode rate and time to first
+   token through the streaming API, aggregate rates with 4 and 8 concurrent streams, median time
+   to first token with 8, the second turn of a 1,000-token chat, a model switch against the raw
+   load time, idle CPU with a model loaded;
+3. with --baseline-server: llama-cpp-python's own server (`python -m llama_cpp.server`) with 1
+   and 4 concurrent streams.
+End-of-generation tokens are suppressed (logit_bias) so every stream does the same work.
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+NO_END = {str(t): -100 for t in range(151643, 151669)}  # every added token, the EOG ones too
+PROMPT = "Write a long story about a lighthouse keeper and the sea."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PARALLEL, CONTEXT = 8, 1536  # the daemon's slots and context per slot in this bench
+
+
+def raw_load(model: Path, threads: int) -> float:
+    """Seconds to load the model in process with the daemon's own context size."""
+    from appliance.engine.runtime import LlamaRuntime, RuntimeOptions
+
+    started = time.perf_counter()
+    LlamaRuntime(model, RuntimeOptions(0, CONTEXT, PARALLEL, threads)).close()
+    return time.perf_counter() - started
+
+
+def raw_loop(model: Path, threads: int, n_tokens: int) -> dict:
+    """The reference: one token per llama_decode, llama.cpp's greedy sampler, nothing else."""
+    import llama_cpp
+
+    from appliance.engine.runtime import LlamaRuntime, RuntimeOptions
+
+    rt = LlamaRuntime(model, RuntimeOptions(0, 2048, 1, threads))
+    prompt = rt.tokenize("[0] " + PROMPT, add_special=False)
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    biases = (llama_cpp.llama_logit_bias * len(NO_END))()
+    for i, token in enumerate(NO_END):
+        biases[i].token, biases[i].bias = int(token), -100.0
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(
+        rt.n_vocab, len(NO_END), biases))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    t0 = time.perf_counter()
+    rt.clear_batch()
+    for i, token in enumerate(prompt):
+        rt.add_to_batch(token, i, 0, i == len(prompt) - 1)
+    assert rt.decode() == 0
+    token = llama_cpp.llama_sampler_sample(chain, rt.ctx, len(prompt) - 1)
+    first_token_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    pos = len(prompt)
+    for _ in range(n_tokens - 1):
+        batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(token), 1)
+        assert llama_cpp.llama_decode(rt.ctx, batch) == 0
+        token = llama_cpp.llama_sampler_sample(chain, rt.ctx, -1)
+        pos += 1
+    decode_s = time.perf_counter() - t1
+    llama_cpp.llama_sampler_free(chain)
+    rt.close()
+    return {"prompt_tokens": len(prompt), "first_token_s": first_token_s,
+            "tokens_per_s": (n_tokens - 1) / decode_s}
+
+
+class Daemon:
+    def __init__(self, models_dir: Path, threads: int, parallel: int, context: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "APPLIANCE_PORT": str(self.port),
+               "APPLIANCE_MODELS_DIR": str(models_dir), "APPLIANCE_THREADS": str(threads),
+               "APPLIANCE_PARALLEL": str(parallel), "APPLIANCE_CONTEXT_LENGTH": str(context),
+               "APPLIANCE_CONFIG": "/nonexistent.toml", "APPLIANCE_GPU": "none",
+               "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_MAX_QUEUE": "64"}
+        self.process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"],
+                                        env=env, cwd=REPO, stderr=subprocess.DEVNULL)
+        wait_healthy(self.url + "/health")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"server at {url} did not come up")
+
+
+def stream_once(url: str, body: dict, path: str = "/v1/completions") -> dict:
+    """One streaming request: time to first text, decode rate after it, tokens."""
+    started = time.perf_counter()
+    first = last = None
+    usage = None
+    chunks = 0
+    with httpx.stream("POST", url + path, json={**body, "stream": True,
+                                                "stream_options": {"include_usage": True}},
+                      timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = data["usage"]
+            choices = data.get("choices") or []
+            if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                chunks += 1
+    # llama-cpp-python's server sends no usage when streaming, but one token per chunk.
+    n = usage["completion_tokens"] if usage else chunks
+    return {"ttft_s": (first or started) - started,
+            "decode_tps": (n - 1) / (last - first) if first and last and last > first else 0.0,
+            "tokens": n, "elapsed_s": time.perf_counter() - started}
+
+
+def concurrent(url: str, body: dict, n: int, path: str = "/v1/completions") -> dict:
+    results: list[dict] = [{}] * n
+    barrier = threading.Barrier(n)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        results[i] = stream_once(url, {**body, "prompt": f"{i}: {PROMPT}"} if "prompt" in body
+                                 else body, path)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {"aggregate_tps": sum(r["tokens"] for r in results) / wall,
+            "median_ttft_s": statistics.median(r["ttft_s"] for r in results)}
+
+
+def conversation_turns(url: str, model: str, n_tokens: int) -> dict:
+    """A ~1,000-token first turn, then the next turn of the same chat."""
+    history = [{"role": "system", "content": "You are a helpful assistant. " * 10},
+               {"role": "user", "content": "Summarise this text: " + "the sea is wide and the "
+                                           "light turns slowly over the rocks. " * 60}]
+    body = {"model": model, "max_tokens": n_tokens, "temperature": 0, "logit_bias": NO_END,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    r = httpx.post(url + "/v1/chat/completions", json={**body, "messages": history},
+                   timeout=600).json()
+    prompt_tokens = r["usage"]["prompt_tokens"]
+    # The first turn again, timed, now that the answer exists (and a fresh prefix: new system).
+    fresh = [{"role": "system", "content": "You are a very helpful assistant. " * 10},
+             *history[1:]]
+    first = stream_once(url, {**body, "messages": fresh}, "/v1/chat/completions")
+    answer = httpx.post(url + "/v1/chat/completions", json={**body, "messages": fresh},
+                        timeout=600).json()["choices"][0]["message"]["content"]
+    second = stream_once(url, {**body, "messages": [*fresh, {"role": "assistant",
+                                                             "content": answer},
+                                                    {"role": "user", "content": "Shorter?"}]},
+                         "/v1/chat/completions")
+    return {"prompt_tokens": prompt_tokens, "first_turn_ttft_s": first["ttft_s"],
+            "second_turn_ttft_s": second["ttft_s"],
+            "ratio": second["ttft_s"] / first["ttft_s"]}
+
+
+def idle_cpu(pid: int, seconds: float = 10.0) -> float:
+    import psutil
+
+    process = psutil.Process(pid)
+    before = sum(process.cpu_times()[:2])
+    time.sleep(seconds)
+    return (sum(process.cpu_times()[:2]) - before) / seconds * 100
+
+
+def baseline_server(model: Path, threads: int, n_tokens: int) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+         "--n_threads", str(threads), "--n_ctx", "2048", "--interrupt_requests", "False",
+         "--model_alias", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(url + "/v1/models")
+        body = {"model": "m", "prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0,
+                "logit_bias": NO_END}
+        stream_once(url, {**body, "max_tokens": 4})
+        single = stream_once(url, body)
+        four = concurrent(url, body, 4)
+        return {"single_decode_tps": single["decode_tps"], "aggregate_tps_4": four["aggregate_tps"],
+                "median_ttft_4_s": four["median_ttft_s"]}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--baseline-server", action="store_true")
+    args = parser.parse_args()
+
+    raw = raw_loop(args.model, args.threads, args.tokens)
+    raw["load_s"] = raw_load(args.model, args.threads)
+    results: dict = {"model": args.model.name, "threads": args.threads, "tokens": args.tokens,
+                     "raw_loop": raw}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp)
+        a, b = "bench-a", "bench-b"
+        os.link(args.model, models / f"{a}.gguf") if same_fs(args.model, models) else \
+            shutil.copy(args.model, models / f"{a}.gguf")
+        shutil.copy(args.model, models / f"{b}.gguf")
+        daemon = Daemon(models, args.threads, parallel=PARALLEL, context=CONTEXT)
+        try:
+            url = daemon.url
+            httpx.post(f"{url}/api/models/{a}/load", timeout=600)
+            body = {"model": a, "prompt": PROMPT, "max_tokens": args.tokens, "temperature": 0,
+                    "logit_bias": NO_END}
+            stream_once(url, {**body, "max_tokens": 4})  # warm up
+            # A different first token each time: no prefix reuse, as in the raw loop.
+            single = [stream_once(url, {**body, "prompt": f"[{i}] {PROMPT}"})
+                      for i in range(1, 4)]
+            best = max(single, key=lambda r: r["decode_tps"])
+            ttft = statistics.median(r["ttft_s"] for r in single)
+            # First token through the API without streaming or text decoding in the way:
+            # a whole max_tokens=1 request, against the raw loop's prefill + first sample.
+            one = []
+            for i in range(4, 9):
+                started = time.perf_counter()
+                httpx.post(url + "/v1/completions", json={**body, "max_tokens": 1,
+                                                          "prompt": f"[{i}] {PROMPT}"},
+                           timeout=600).raise_for_status()
+                one.append(time.perf_counter() - started)
+            first_token_api = statistics.median(one)
+            four = concurrent(url, body, 4)
+            eight = concurrent(url, body, 8)
+            turns = conversation_turns(url, a, 16)
+            cpu = idle_cpu(daemon.process.pid)
+            started = time.perf_counter()
+            switched = httpx.post(f"{url}/api/models/{b}/load", timeout=600)
+            switch_s = time.perf_counter() - started
+            assert switched.status_code == 200, switched.text
+        finally:
+            daemon.stop()
+
+    results["daemon"] = {
+        "single_decode_tps": best["decode_tps"],
+        "single_over_raw": best["decode_tps"] / raw["tokens_per_s"],
+        "single_ttft_s": ttft,
+        "first_token_request_s": first_token_api,
+        "first_token_added_ms": (first_token_api - raw["first_token_s"]) * 1000,
+        "aggregate_tps_4": four["aggregate_tps"],
+        "aggregate_tps_8": eight["aggregate_tps"],
+        "ratio_4_over_single": four["aggregate_tps"] / best["decode_tps"],
+        "ratio_8_over_single": eight["aggregate_tps"] / best["decode_tps"],
+        "median_ttft_8_s": eight["median_ttft_s"],
+        "conversation": turns,
+        "switch_s": switch_s,
+        "switch_over_raw_load": switch_s / raw["load_s"],
+        "idle_cpu_percent": cpu,
+    }
+    if args.baseline_server:
+        base = baseline_server(args.model, args.threads, args.tokens)
+        results["llama_cpp_python_server"] = base
+        results["daemon"]["aggregate_4_over_baseline"] = four["aggregate_tps"] / base["aggregate_tps_4"]
+    print(json.dumps(results, indent=2))
+
+
+def same_fs(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+if __name__ == "__main__":
+    main()
