@@ -155,6 +155,24 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tray(args: argparse.Namespace) -> int:
+    import os
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return fail("no graphical display: DISPLAY and WAYLAND_DISPLAY are unset",
+                    "run the tray inside your desktop session", code=2)
+    try:
+        import pystray  # noqa: F401  (picks its backend and opens the display on import)
+    except Exception as e:
+        return fail(f"cannot open the display for a tray icon: {e}".splitlines()[0],
+                    "check DISPLAY, or install the AppIndicator packages (see README)", code=2)
+    from appliance.tray.app import TrayApp
+    from appliance.tray.service import DaemonControl
+
+    TrayApp(_client(args), DaemonControl()).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -208,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         _address_flags(p)
         p.add_argument("--url", help="daemon URL (default from settings)")
         p.set_defaults(handler=handler)
+    tray = sub.add_parser("tray", help="show the system-tray icon")
+    _address_flags(tray)
+    tray.add_argument("--url", help="daemon URL (default from settings)")
+    tray.set_defaults(handler=cmd_tray)
     load = sub.add_parser("load", help="load (switch to) a model")
     load.add_argument("id")
     _address_flags(load)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from converter.synthetic import build_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+MODEL_A = "tiny-qwen3-q4_k_m"
+MODEL_B = "tiny-qwen3-untied-q8_0"
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +42,20 @@ def tiny_gguf(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("gguf") / "tiny-q4_k_m.gguf"
     convert(ConvertOptions(source=str(tiny_checkpoint), out=out, quiet=True))
     return out
+
+
+@pytest.fixture(scope="session")
+def models_dir(tiny_gguf: Path, tiny_untied_checkpoint: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real tiny models (different shapes and quantizations) and one truncated file."""
+    from converter.pipeline import ConvertOptions, convert
+
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copy(tiny_gguf, folder / f"{MODEL_A}.gguf")
+    convert(ConvertOptions(source=str(tiny_untied_checkpoint), out=folder / f"{MODEL_B}.gguf",
+                           quant="Q8_0", quiet=True))
+    (folder / "broken.gguf").write_bytes((folder / f"{MODEL_A}.gguf").read_bytes()[:200_000])
+    return folder
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,10 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import MODEL_A, REPO
 
-MODEL_A = "tiny-qwen3-q4_k_m"
-MODEL_B = "tiny-qwen3-untied-q8_0"
 # Ban every added token (the end-of-generation ones among them) so a stream runs until stopped.
 FOREVER = {"logit_bias": {str(t): -100 for t in range(151643, 151669)}}
 
@@ -86,20 +83,6 @@ def run_daemon(models_dir: Path, tmp: Path, **settings: str) -> Iterator[Daemon]
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-@pytest.fixture(scope="session")
-def models_dir(tiny_gguf: Path, tiny_untied_checkpoint: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two real tiny models (different shapes and quantizations) and one truncated file."""
-    from converter.pipeline import ConvertOptions, convert
-
-    folder = tmp_path_factory.mktemp("models")
-    shutil.copy(tiny_gguf, folder / f"{MODEL_A}.gguf")
-    convert(ConvertOptions(source=str(tiny_untied_checkpoint), out=folder / f"{MODEL_B}.gguf",
-                           quant="Q8_0", quiet=True))
-    (folder / "broken.gguf").write_bytes((folder / f"{MODEL_A}.gguf").read_bytes()[:200_000])
-    return folder
 
 
 @pytest.fixture(scope="session")

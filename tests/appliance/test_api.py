@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.appliance.conftest import FOREVER, MODEL_A, MODEL_B, Daemon
+from tests.appliance.conftest import FOREVER, Daemon
+from tests.conftest import MODEL_A, MODEL_B
 
 GREEDY = {"temperature": 0.0, "seed": 7}
 

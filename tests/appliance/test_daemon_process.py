@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.appliance.conftest import FOREVER, MODEL_A, run_daemon
-from tests.conftest import run_cli
+from tests.appliance.conftest import FOREVER, run_daemon
+from tests.conftest import MODEL_A, run_cli
 
 
 def test_api_key_required_everywhere_but_health(models_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,96 @@
+"""What the tray shows, as one immutable snapshot of the daemon's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+GIB = 2**30
+
+
+class TrayState(str, Enum):
+    STOPPED = "stopped"  # daemon not running
+    IDLE = "idle"  # running, no model loaded
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"  # generating
+    ERROR = "error"  # last load failed, or the daemon answers with errors
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    id: str
+    usable: bool
+    loaded: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: TrayState
+    model: str | None = None
+    gpu: bool = False
+    mem_used: int = 0  # VRAM (GPU) or RAM (CPU only), bytes
+    mem_total: int = 0
+    daemon_mem: int = 0  # the daemon's own share
+    tokens_per_s: float = 0.0
+    message: str | None = None  # failure reason or connection error
+    models: tuple[ModelChoice, ...] = field(default_factory=tuple)
+
+    @property
+    def fill(self) -> float:
+        """How full the gauge is, 0..1."""
+        return min(1.0, self.mem_used / self.mem_total) if self.mem_total else 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.state is not TrayState.STOPPED
+
+
+def from_api(status: dict[str, Any], models: dict[str, Any] | None) -> Snapshot:
+    """Build a snapshot from /api/status and /api/models answers."""
+    model = status.get("model") or {}
+    state = {"loading": TrayState.LOADING, "unloading": TrayState.LOADING,
+             "failed": TrayState.ERROR, "unloaded": TrayState.IDLE}.get(status["state"],
+                                                                         TrayState.READY)
+    if state is TrayState.READY and (model.get("slots_busy") or model.get("queue")):
+        state = TrayState.BUSY
+    memory = status.get("memory", {})
+    gpus = memory.get("gpus") or []
+    if gpus:
+        used = sum(g["used"] for g in gpus)
+        total = sum(g["total"] for g in gpus)
+        own = sum(g["process_used"] for g in gpus)
+    else:
+        ram = memory.get("ram", {})
+        used, total, own = ram.get("used", 0), ram.get("total", 0), ram.get("process_rss", 0)
+    choices = tuple(ModelChoice(m["id"], m["usable"], m["loaded"], m.get("error"))
+                    for m in (models or {}).get("models", []))
+    return Snapshot(state, model.get("id") or status.get("target"), bool(gpus), used, total, own,
+                    float(model.get("tokens_per_second") or 0.0), status.get("failure"), choices)
+
+
+def stopped(message: str | None = None) -> Snapshot:
+    return Snapshot(TrayState.STOPPED, message=message)
+
+
+def title(s: Snapshot) -> str:
+    """The tooltip: what is loaded, memory, speed; or that the daemon is down."""
+    if s.state is TrayState.STOPPED:
+        return "Qwen Appliance: daemon not running"
+    parts = [f"Qwen Appliance: {s.model or 'no model'} ({s.state.value})"]
+    parts.append(memory_line(s))
+    if s.state is TrayState.BUSY and s.tokens_per_s:
+        parts.append(f"{s.tokens_per_s:.1f} tok/s")
+    if s.state is TrayState.ERROR and s.message:
+        parts.append(s.message[:120])
+    return "\n".join(parts)
+
+
+def memory_line(s: Snapshot) -> str:
+    if s.gpu:
+        return (f"VRAM {s.mem_used / GIB:.1f} / {s.mem_total / GIB:.1f} GiB "
+                f"(daemon {s.daemon_mem / GIB:.1f})")
+    return (f"CPU only, RAM {s.mem_used / GIB:.1f} / {s.mem_total / GIB:.1f} GiB "
+            f"(daemon {s.daemon_mem / GIB:.1f})")
