@@ -1,10 +1,14 @@
-"""A small client of the daemon's control API, shared by the CLI and the tray."""
+"""A small client of the daemon's control API, shared by the CLI and the tray.
+
+Standard library only (urllib): the tray polls it every second or two and must stay small.
+"""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from typing import Any
-
-import httpx
 
 from appliance.config import Settings
 
@@ -29,24 +33,29 @@ def base_url(settings: Settings) -> str:
 class DaemonClient:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 5.0) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # Never route localhost calls through a proxy from the environment.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _call(self, method: str, path: str, timeout: float | None = None) -> dict[str, Any]:
+        request = urllib.request.Request(self.url + path, method=method, headers=self._headers,
+                                         data=b"" if method == "POST" else None)
         try:
-            kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise DaemonUnavailable(f"the daemon is not running at {self.url} "
-                                    f"({type(e).__name__})") from None
+            with self._opener.open(request, timeout=timeout or self.timeout) as response:
+                body, status = response.read(), response.status
+        except urllib.error.HTTPError as e:
+            body, status = e.read(), e.code
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise DaemonUnavailable(f"the daemon is not running at {self.url} ({reason})") from None
         try:
-            data = response.json()
+            data = json.loads(body)
         except ValueError:
-            raise DaemonError(f"unexpected answer from {self.url}{path}: "
-                              f"HTTP {response.status_code}") from None
-        if response.status_code >= 400 and path != "/health":
+            raise DaemonError(f"unexpected answer from {self.url}{path}: HTTP {status}") from None
+        if status >= 400 and path != "/health":
             message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-            raise DaemonError(message or f"HTTP {response.status_code}")
+            raise DaemonError(message or f"HTTP {status}")
         return data
 
     def health(self) -> dict[str, Any]:
@@ -65,4 +74,4 @@ class DaemonClient:
         return self._call("POST", "/api/unload", timeout=120)
 
     def close(self) -> None:
-        self._http.close()
+        pass  # one connection per call: nothing held open
