@@ -99,7 +99,11 @@ class ModelManager:
             return self.current.entry.id
         if self.settings.default_model:
             return self.registry.resolve(self.settings.default_model).id
-        raise ServiceUnavailable("no model is loaded and the request names none")
+        usable = [e for e in self.registry.scan() if e.usable]
+        if usable:  # no default configured: the first model in the folder
+            return usable[0].id
+        raise ServiceUnavailable("no model is loaded, the request names none and the models "
+                                 f"folder {self.registry.models_dir} has no usable model")
 
     # -- transitions -----------------------------------------------------------------------
 

@@ -35,6 +35,16 @@ def builtin_templates() -> set[str]:
     return {names[i].decode() for i in range(n)}
 
 
+def builtin_for(architecture: str) -> str:
+    """llama.cpp's template for an architecture: `gemma3` → `gemma`, `llama` → `llama3`..."""
+    known = builtin_templates()
+    family = architecture.rstrip("0123456789.")
+    for name in (architecture, family, {"llama": "llama3", "qwen": "chatml"}.get(family, "")):
+        if name in known:
+            return name
+    return "chatml"
+
+
 class ChatFormatter:
     """Renders OpenAI-style messages with a Jinja template or a llama.cpp built-in one."""
 
@@ -53,8 +63,7 @@ class ChatFormatter:
             env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
             self._template = env.from_string(template)
         else:
-            known = builtin_templates()
-            self._builtin = architecture if architecture in known else "chatml"
+            self._builtin = builtin_for(architecture)
 
     @property
     def supports_thinking(self) -> bool:

