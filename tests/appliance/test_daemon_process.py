@@ -115,3 +115,38 @@ def test_cli_when_daemon_is_down(command: list[str], tmp_path: Path) -> None:
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not running" in lines[0] and "hint:" in lines[0]
+
+
+def test_idle_model_is_unloaded_after_keep_alive(models_dir: Path, tmp_path: Path) -> None:
+    with run_daemon(models_dir, tmp_path, default_model=MODEL_A, keep_alive_s="1") as d, \
+            d.http() as http:
+        http.post("/v1/completions", json={"model": MODEL_A, "prompt": "x", "max_tokens": 1})
+        deadline = time.monotonic() + 10
+        while http.get("/api/status").json()["state"] != "unloaded":
+            assert time.monotonic() < deadline, "the idle model was not unloaded"
+            time.sleep(0.2)
+        # ...and the next request brings it back.
+        r = http.post("/v1/completions", json={"model": MODEL_A, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200
+
+
+def test_tells_systemd_when_ready(models_dir: Path, tmp_path: Path) -> None:
+    """Type=notify: READY=1 arrives on $NOTIFY_SOCKET once the daemon serves."""
+    import os
+    import socket
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        os.environ["NOTIFY_SOCKET"] = str(path)
+        try:
+            with run_daemon(models_dir, tmp_path) as d:
+                message = sock.recv(256).decode()
+                assert "READY=1" in message
+                assert httpx.get(d.url + "/health").status_code == 200
+                d.process.terminate()
+                d.process.wait(timeout=30)
+                assert "STOPPING=1" in sock.recv(256).decode()
+        finally:
+            del os.environ["NOTIFY_SOCKET"]

@@ -86,3 +86,21 @@ def test_convert_from_offline_hub_cache(tiny_checkpoint: Path, tmp_path: Path) -
     assert missing.returncode == 1
     assert "cannot get Qwen/Qwen3-Absent" in missing.stderr
     assert "HF_HUB_OFFLINE" in missing.stderr
+
+
+def test_verify_command(tiny_checkpoint: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    from converter.synthetic import build_checkpoint
+    from converter.writer import plan_conversion, write_gguf
+
+    plan = plan_conversion(tiny_checkpoint)
+    unquantized = tmp_path / "bf16.gguf"
+    write_gguf(plan, unquantized)
+    plan.checkpoint.close()
+    good = run_cli("verify", str(tiny_gguf), "--reference", str(tiny_checkpoint),
+                   "--unquantized", str(unquantized))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "[PASS] tokenizer" in good.stdout and "quantized vs unquantized" in good.stdout
+    # The same shapes with other weights is not this model's reference: exit 1.
+    reseeded = build_checkpoint(tmp_path / "reseeded", "tiny", seed=99)
+    bad = run_cli("verify", str(unquantized), "--reference", str(reseeded))
+    assert bad.returncode == 1 and "[FAIL] logits" in bad.stdout
