@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # While other sequences are generating, read at most this many prompt tokens per step, so their
 # inter-token latency stays bounded while a long prompt arrives.
 PREFILL_CHUNK_BUSY = 128
+# Reusing a few cached tokens saves almost nothing and leaves an odd-sized prompt batch, which
+# llama.cpp's repacked CPU matmuls handle more slowly than a whole one: reuse from this many on.
+MIN_PREFIX_REUSE = 32
 
 
 @dataclass
@@ -244,6 +247,8 @@ class Scheduler:
         slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
         # Keep at least one prompt token to read, so the step yields logits to sample from.
         reuse = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+        if reuse < MIN_PREFIX_REUSE:
+            reuse = 0
         self.runtime.forget(slot.index, reuse)
         slot.cached = slot.cached[:reuse]
         slot.busy = True
