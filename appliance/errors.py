@@ -83,3 +83,11 @@ class LoadFailed(ApplianceError):
     status = 500
     type = "server_error"
     code = "model_load_failed"
+
+
+class EngineError(ApplianceError):
+    """The engine failed on this request: a bug, reported as 500 while the daemon keeps serving."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"

@@ -52,7 +52,8 @@ class SamplerChain:
             if (params.presence_penalty or params.frequency_penalty
                     or params.repeat_penalty != 1.0):
                 add(llama_cpp.llama_sampler_init_penalties(
-                    64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+                    runtime.n_vocab, 64, params.repeat_penalty, params.frequency_penalty,
+                    params.presence_penalty))
             if params.temperature <= 0:
                 add(llama_cpp.llama_sampler_init_greedy())
             else:

@@ -20,7 +20,13 @@ from typing import Protocol
 from appliance.engine.runtime import LlamaRuntime
 from appliance.engine.sampling import SamplerChain, SamplingParams
 from appliance.engine.text import Detokenizer, StopMatcher
-from appliance.errors import ApplianceError, ContextOverflow, QueueFull, ServiceUnavailable
+from appliance.errors import (
+    ApplianceError,
+    ContextOverflow,
+    EngineError,
+    QueueFull,
+    ServiceUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,29 +197,39 @@ class Scheduler:
     # -- engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while (not self._stopping and not self._waiting and not self._active
-                           and self._abort is None):
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    abort, self._abort = self._abort, None
-                    admitted = self._take_admissible() if abort is None else []
-                if abort is not None:
-                    self._fail_all(abort)
-                    continue
-                for request in admitted:
+        while True:
+            with self._cond:
+                while (not self._stopping and not self._waiting and not self._active
+                       and self._abort is None):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                abort, self._abort = self._abort, None
+                admitted = self._take_admissible() if abort is None else []
+            if abort is not None:
+                self._fail_all(abort)
+                continue
+            for request in admitted:
+                try:
                     self._admit(request)
-                if self._active:
+                except Exception as e:  # a bug in one request must not stop the engine
+                    log.exception("admitting a request failed")
+                    for slot in self.slots:
+                        if slot.busy and not any(s.slot is slot for s in self._active):
+                            slot.busy = False
+                    request.emit(ErrorEvent(EngineError(f"engine error: {e}")))
+            if self._active:
+                try:
                     self._step()
-                with self._cond:
-                    self._cond.notify_all()  # wake stop() waiting for a drain
-        except Exception as e:  # a bug: fail every request rather than hang them
-            log.exception("engine loop crashed")
-            self._fail_all(e)
-            return
+                except Exception as e:  # fail the running requests, keep serving the rest
+                    log.exception("a decode step failed")
+                    for seq in list(self._active):
+                        seq.slot.cached = []
+                        self.runtime.forget(seq.slot.index)
+                        self._release(seq)
+                        seq.request.emit(ErrorEvent(EngineError(f"engine error: {e}")))
+            with self._cond:
+                self._cond.notify_all()  # wake stop() waiting for a drain
         self._fail_all(ServiceUnavailable("the model was unloaded", retry_after=2),
                        cancelled=True)
 
@@ -243,20 +259,26 @@ class Scheduler:
             return
         free = [s for s in self.slots if not s.busy]
         prompt = request.prompt_tokens
-        # Best prefix match wins; among equals, the least recently used slot.
-        slot = max(free, key=lambda s: (common_prefix(s.cached, prompt), -s.last_used))
-        # Keep at least one prompt token to read, so the step yields logits to sample from.
-        reuse = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
-        if reuse < MIN_PREFIX_REUSE:
-            reuse = 0
+        def usable_prefix(slot: _Slot) -> int:
+            # Keep at least one prompt token to read, so the step yields logits to sample from.
+            n = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+            return n if n >= MIN_PREFIX_REUSE else 0
+
+        # The longest reusable prefix wins; otherwise the least recently used slot, which keeps
+        # the caches most likely to be wanted again.
+        slot = max(free, key=lambda s: (usable_prefix(s), -s.last_used))
+        reuse = usable_prefix(slot)
         self.runtime.forget(slot.index, reuse)
         slot.cached = slot.cached[:reuse]
         slot.busy = True
         try:
             chain = SamplerChain(self.runtime, request.sampling)
-        except ApplianceError as e:
+        except Exception as e:
             slot.busy = False
-            request.emit(ErrorEvent(e))
+            request.emit(ErrorEvent(e if isinstance(e, ApplianceError)
+                                    else EngineError(f"engine error: {e}")))
+            if not isinstance(e, ApplianceError):
+                log.exception("building a sampler chain failed")
             return
         seq = _Sequence(request, slot, chain, prefilled=reuse, cached_tokens=reuse,
                         stopper=StopMatcher(request.stop))

@@ -116,31 +116,62 @@ def test_enable_thinking_reaches_the_template(client: openai.OpenAI) -> None:
 
 
 def test_concurrent_requests_match_solo_runs(client: openai.OpenAI) -> None:
-    prompts = ["Tell me a story.", "List three colours.", "What is 2+2?", "你好", "Hi", "Bye"]
+    """Batching must not change results: each request keeps its own sampling."""
+    requests = [("Tell me a story.", {"temperature": 0.0}),
+                ("List three colours.", {"temperature": 0.9, "seed": 11, "top_k": 50}),
+                ("What is 2+2?", {"temperature": 0.7, "seed": 5, "top_p": 0.8}),
+                ("你好", {"temperature": 1.2, "seed": 3, "min_p": 0.1}),
+                ("Hi", {"temperature": 0.0, "presence_penalty": 1.5}),
+                ("Bye", {"temperature": 0.5, "seed": 9, "stop": ["e"]})]
 
-    def ask(prompt: str) -> str:
-        r = client.completions.create(model=MODEL_A, prompt=prompt, max_tokens=24, **GREEDY)
+    def ask(prompt: str, params: dict) -> str:
+        r = client.completions.create(model=MODEL_A, prompt=prompt, max_tokens=24,
+                                      extra_body={k: v for k, v in params.items()
+                                                  if k in ("top_k", "min_p")},
+                                      **{k: v for k, v in params.items()
+                                         if k not in ("top_k", "min_p")})
         return r.choices[0].text
 
-    solo = [ask(p) for p in prompts]
+    solo = [ask(p, params) for p, params in requests]
     together: dict[int, str] = {}
-    threads = [threading.Thread(target=lambda i=i, p=p: together.__setitem__(i, ask(p)))
-               for i, p in enumerate(prompts)]
+    threads = [threading.Thread(target=lambda i=i, p=p, params=params:
+                                together.__setitem__(i, ask(p, params)))
+               for i, (p, params) in enumerate(requests)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert [together[i] for i in range(len(prompts))] == solo
+    assert [together[i] for i in range(len(requests))] == solo
 
 
-def test_prefix_reuse_reads_fewer_tokens(client: openai.OpenAI) -> None:
+def test_prefix_reuse_reads_fewer_tokens_and_changes_nothing(client: openai.OpenAI,
+                                                             daemon: Daemon) -> None:
     system = "You are a careful assistant. " * 20
     first = client.chat.completions.create(model=MODEL_A, max_tokens=4, **GREEDY, messages=[
         {"role": "system", "content": system}, {"role": "user", "content": "First question"}])
-    second = client.chat.completions.create(model=MODEL_A, max_tokens=4, **GREEDY, messages=[
-        {"role": "system", "content": system}, {"role": "user", "content": "Second one"}])
-    assert second.usage.prompt_tokens_details.cached_tokens > 100
-    assert first.usage.prompt_tokens == second.usage.prompt_tokens
+    with daemon.http() as http:
+        hits_before = _metric(http.get("/metrics").text, "appliance_prefix_cache_hit_tokens_total")
+    question = [{"role": "system", "content": system}, {"role": "user", "content": "Second one"}]
+    reused = client.chat.completions.create(model=MODEL_A, max_tokens=12, **GREEDY,
+                                            messages=question)
+    assert reused.usage.prompt_tokens_details.cached_tokens > 100
+    assert first.usage.prompt_tokens == reused.usage.prompt_tokens
+    with daemon.http() as http:
+        hits_after = _metric(http.get("/metrics").text, "appliance_prefix_cache_hit_tokens_total")
+    assert hits_after - hits_before == reused.usage.prompt_tokens_details.cached_tokens
+    # Overwrite every slot (least recently used first) with unrelated prompts, then ask again
+    # with nothing to reuse.
+    for i in range(5):
+        client.completions.create(model=MODEL_A, prompt=f"unrelated {i} " * 40, max_tokens=2)
+    fresh = client.chat.completions.create(model=MODEL_A, max_tokens=12, **GREEDY,
+                                           messages=question)
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.choices[0].message.content == reused.choices[0].message.content
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 # -- errors ---------------------------------------------------------------------------------
