@@ -299,7 +299,24 @@ def main() -> None:
             raw["first_token_s"] = statistics.median(raw_firsts)
             added = statistics.median(a - b for a, b in zip(one, raw_firsts, strict=True))
             four = concurrent(url, body, 4)
+            # The control API must stay responsive while every slot decodes.
+            latencies: list[float] = []
+            stop_polling = threading.Event()
+
+            def poll() -> None:
+                with httpx.Client(timeout=10) as control:
+                    while not stop_polling.is_set():
+                        for path in ("/health", "/api/status"):
+                            started = time.perf_counter()
+                            control.get(url + path)
+                            latencies.append(time.perf_counter() - started)
+                        time.sleep(0.1)
+
+            poller = threading.Thread(target=poll)
+            poller.start()
             eight = concurrent(url, body, 8)
+            stop_polling.set()
+            poller.join()
             turns = conversation_turns(url, a, 16)
             cpu = idle_cpu(daemon.process.pid)
             started = time.perf_counter()
@@ -321,6 +338,10 @@ def main() -> None:
         "ratio_4_over_single": four["aggregate_tps"] / best["decode_tps"],
         "ratio_8_over_single": eight["aggregate_tps"] / best["decode_tps"],
         "median_ttft_8_s": eight["median_ttft_s"],
+        "control_api_under_load_ms": {
+            "median": statistics.median(latencies) * 1000,
+            "p95": sorted(latencies)[int(len(latencies) * 0.95)] * 1000,
+            "max": max(latencies) * 1000},
         "conversation": turns,
         "switch_s": switch_s,
         "switch_over_raw_load": switch_s / raw["load_s"],
