@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -135,6 +136,9 @@ def test_tray_docks_switches_and_shows_the_daemon_stopping(
             app.stop()
             runner.join(timeout=10)
             client.close()
+            # pystray's Icon cleans up in __del__: let that run while the X server still exists.
+            app._icon = None
+            gc.collect()
 
 
 def test_tray_command_without_display_exits_2() -> None:
