@@ -112,10 +112,12 @@ class Shape:
     vocab_size: int = QWEN_EMBEDDING_ROWS
     tie_word_embeddings: bool = True
     context_length: int = 40960
+    family: str = "qwen3"  # or "qwen2": q/k/v biases, no q/k norms, head_dim = hidden / heads
 
 
 SHAPES: dict[str, Shape] = {
     "tiny": Shape(64, 2, 4, 2, 32, 128),
+    "tiny-qwen2": Shape(64, 2, 4, 2, 16, 128, family="qwen2"),
     "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072),
     "qwen3-1.7b": Shape(2048, 28, 16, 8, 128, 6144),
     "qwen3-8b": Shape(4096, 36, 32, 8, 128, 12288, tie_word_embeddings=False),
@@ -225,15 +227,16 @@ def write_tokenizer_files(folder: Path) -> None:
 
 
 def hf_config(shape: Shape) -> dict:
+    qwen2 = shape.family == "qwen2"
     return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "Qwen3ForCausalLM"],
+        "model_type": shape.family,
         "hidden_size": shape.hidden_size,
         "intermediate_size": shape.intermediate_size,
         "num_hidden_layers": shape.n_layers,
         "num_attention_heads": shape.n_heads,
         "num_key_value_heads": shape.n_kv_heads,
-        "head_dim": shape.head_dim,
+        **({} if qwen2 else {"head_dim": shape.head_dim}),
         "hidden_act": "silu",
         "max_position_embeddings": shape.context_length,
         "rms_norm_eps": 1e-6,
@@ -264,6 +267,10 @@ def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
             p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
             p + "mlp.down_proj.weight": (h, ff),
         })
+        if shape.family == "qwen2":
+            del shapes[p + "self_attn.q_norm.weight"], shapes[p + "self_attn.k_norm.weight"]
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
     shapes["model.norm.weight"] = (h,)
     if not shape.tie_word_embeddings:
         shapes["lm_head.weight"] = (shape.vocab_size, h)
@@ -272,7 +279,9 @@ def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
 
 def random_tensor(rng: np.random.Generator, name: str, dims: tuple[int, ...]) -> np.ndarray:
     """bf16 bits of a random tensor scaled so activations stay O(1) through the layers."""
-    if len(dims) == 1:  # norms: near 1 so every layer still matters
+    if name.endswith(".bias"):
+        values = 0.1 * rng.standard_normal(dims, dtype=np.float32)
+    elif len(dims) == 1:  # norms: near 1 so every layer still matters
         values = 1.0 + 0.1 * rng.standard_normal(dims, dtype=np.float32)
     elif "embed_tokens" in name:
         values = rng.standard_normal(dims, dtype=np.float32)

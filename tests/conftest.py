@@ -35,6 +35,12 @@ def tiny_untied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen2 (q/k/v biases, no q/k norms): the family the converter also takes."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "tiny-qwen2", seed=3)
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint through the real converter and quantizer: a Q4_K_M GGUF."""
     from converter.pipeline import ConvertOptions, convert

@@ -30,7 +30,8 @@ def test_no_intermediate_left_behind(tiny_gguf: Path) -> None:
     assert sorted(p.name for p in tiny_gguf.parent.iterdir()) == [tiny_gguf.name]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_untied_checkpoint"])
+@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_untied_checkpoint",
+                                     "tiny_qwen2_checkpoint"])
 def test_verified_conversion_passes(fixture: str, request: pytest.FixtureRequest,
                                     tmp_path: Path) -> None:
     folder = request.getfixturevalue(fixture)
