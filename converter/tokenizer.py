@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 
 from converter.errors import ConversionError
-
-log = logging.getLogger(__name__)
 
 # llama.cpp picks its pre-tokenizer regex by this name; Qwen2 and Qwen3 share it.
 QWEN_PRE_TOKENIZER = "qwen2"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from converter.errors import ConversionError
 from converter.qwen import QwenConfig, TensorMapping, add_hyperparameters, plan_tensors, read_config
 from converter.safetensors_reader import SafetensorsCheckpoint
 from converter.tokenizer import add_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 class OutType(str, Enum):

@@ -223,11 +223,7 @@ class Scheduler:
                     self._step()
                 except Exception as e:  # fail the running requests, keep serving the rest
                     log.exception("a decode step failed")
-                    for seq in list(self._active):
-                        seq.slot.cached = []
-                        self.runtime.forget(seq.slot.index)
-                        self._release(seq)
-                        seq.request.emit(ErrorEvent(EngineError(f"engine error: {e}")))
+                    self._fail_active(EngineError(f"engine error: {e}"))
             with self._cond:
                 self._cond.notify_all()  # wake stop() waiting for a drain
         self._fail_all(ServiceUnavailable("the model was unloaded", retry_after=2),
@@ -335,11 +331,15 @@ class Scheduler:
         message = ("the KV cache is full" if status == 1
                    else f"llama_decode failed with status {status}")
         log.error("%s; failing %d requests", message, len(self._active))
+        self._fail_active(ServiceUnavailable(message, retry_after=1))
+
+    def _fail_active(self, error: Exception) -> None:
+        """End every running request with `error`; their slots' cells may be half-written."""
         for seq in list(self._active):
             seq.slot.cached = []
             self.runtime.forget(seq.slot.index)
             self._release(seq)
-            seq.request.emit(ErrorEvent(ServiceUnavailable(message, retry_after=1)))
+            seq.request.emit(ErrorEvent(error))
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         rt = self.runtime
