@@ -36,6 +36,11 @@ class Metrics:
         self.batch_sequences = Histogram("appliance_batch_sequences",
                                          "sequences active per decode step",
                                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.decode_seconds = Counter("appliance_decode_seconds",
+                                      "engine time spent inside llama_decode", registry=r)
+        self.step_seconds = Counter("appliance_engine_step_seconds",
+                                    "engine time in decode steps: llama_decode, sampling, text",
+                                    registry=r)
         self.prefix_hit_tokens = Counter("appliance_prefix_cache_hit_tokens",
                                          "prompt tokens reused from the KV cache", registry=r)
         self.model_load_seconds = Gauge("appliance_model_load_seconds",
@@ -49,9 +54,12 @@ class Metrics:
                                 ["gpu"], registry=r)
 
     # SchedulerObserver
-    def on_step(self, batch_tokens: int, sequences: int) -> None:
+    def on_step(self, batch_tokens: int, sequences: int, decode_s: float,
+                step_s: float) -> None:
         self.batch_tokens.observe(batch_tokens)
         self.batch_sequences.observe(sequences)
+        self.decode_seconds.inc(decode_s)
+        self.step_seconds.inc(step_s)
 
     def on_admit(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None:
         self.queue_wait.observe(queue_wait_s)

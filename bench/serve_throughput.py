@@ -7,8 +7,8 @@
    token through the streaming API, aggregate rates with 4 and 8 concurrent streams, median time
    to first token with 8, the second turn of a 1,000-token chat, a model switch against the raw
    load time, idle CPU with a model loaded;
-3. with --baseline-server: llama-cpp-python's own server (`python -m llama_cpp.server`) with 1
-   and 4 concurrent streams.
+3. with --baseline-server: llama-cpp-python's own server (`python -m llama_cpp.server`), and with
+   --cpp-server PATH: llama.cpp's C++ llama-server; each with 1, 4 and 8 concurrent streams.
 End-of-generation tokens are suppressed (logit_bias) so every stream does the same work.
 Prints one JSON object.
 """
@@ -173,14 +173,19 @@ def stream_once(url: str, body: dict, path: str = "/v1/completions") -> dict:
             "tokens": n, "elapsed_s": time.perf_counter() - started}
 
 
+_rounds = iter(range(1_000_000))
+
+
 def concurrent(url: str, body: dict, n: int, path: str = "/v1/completions") -> dict:
+    """n streams at once. Every prompt is new to the server (a fresh number leads it), so no
+    server answers from a cached prompt."""
     results: list[dict] = [{}] * n
     barrier = threading.Barrier(n)
+    round_no = next(_rounds)
 
     def worker(i: int) -> None:
         barrier.wait()
-        results[i] = stream_once(url, {**body, "prompt": f"{i}: {PROMPT}"} if "prompt" in body
-                                 else body, path)
+        results[i] = stream_once(url, {**body, "prompt": f"{round_no}-{i}: {PROMPT}"}, path)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
@@ -227,25 +232,47 @@ def idle_cpu(pid: int, seconds: float = 10.0) -> float:
     return (sum(process.cpu_times()[:2]) - before) / seconds * 100
 
 
-def baseline_server(model: Path, threads: int, n_tokens: int) -> dict:
-    port = free_port()
+def server_figures(url: str, model: str, n_tokens: int) -> dict:
+    """Single-stream rate and 4- and 8-stream aggregates of any OpenAI-compatible server."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0,
+            "logit_bias": NO_END}
+    stream_once(url, {**body, "max_tokens": 4})  # warm up
+    single = max((stream_once(url, {**body, "prompt": f"[{i}] {PROMPT}"}) for i in range(1, 3)),
+                 key=lambda r: r["decode_tps"])
+    four = concurrent(url, body, 4)
+    eight = concurrent(url, body, 8)
+    return {"single_decode_tps": single["decode_tps"], "aggregate_tps_4": four["aggregate_tps"],
+            "aggregate_tps_8": eight["aggregate_tps"], "median_ttft_4_s": four["median_ttft_s"],
+            "median_ttft_8_s": eight["median_ttft_s"]}
+
+
+def run_server(command: list[str], ready_path: str, port: int, n_tokens: int) -> dict:
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
-         "--n_threads", str(threads), "--n_ctx", "2048", "--interrupt_requests", "False",
-         "--model_alias", "m"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_healthy(url + "/v1/models")
-        body = {"model": "m", "prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0,
-                "logit_bias": NO_END}
-        stream_once(url, {**body, "max_tokens": 4})
-        single = stream_once(url, body)
-        four = concurrent(url, body, 4)
-        return {"single_decode_tps": single["decode_tps"], "aggregate_tps_4": four["aggregate_tps"],
-                "median_ttft_4_s": four["median_ttft_s"]}
+        wait_healthy(url + ready_path)
+        return server_figures(url, "m", n_tokens)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def llama_cpp_python_server(model: Path, threads: int, n_tokens: int) -> dict:
+    """llama-cpp-python's own server: one request at a time."""
+    port = free_port()
+    return run_server([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+                       "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048",
+                       "--interrupt_requests", "False", "--model_alias", "m"],
+                      "/v1/models", port, n_tokens)
+
+
+def cpp_server(binary: Path, model: Path, threads: int, n_tokens: int) -> dict:
+    """llama.cpp's C++ llama-server with the daemon's slots and context per slot."""
+    port = free_port()
+    return run_server([str(binary), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
+                       "-t", str(threads), "-tb", str(threads), "-np", str(PARALLEL),
+                       "-c", str(PARALLEL * CONTEXT), "-a", "m", "--no-webui"],
+                      "/health", port, n_tokens)
 
 
 def main() -> None:
@@ -253,7 +280,10 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--baseline-server", action="store_true")
+    parser.add_argument("--baseline-server", action="store_true",
+                        help="also measure llama-cpp-python's server")
+    parser.add_argument("--cpp-server", type=Path, metavar="LLAMA_SERVER",
+                        help="also measure llama.cpp's llama-server binary")
     args = parser.parse_args()
 
     raw = raw_loop(args.model, args.threads, args.tokens)
@@ -348,10 +378,19 @@ def main() -> None:
         "switch_load_part_s": switch_load_s,
         "idle_cpu_percent": cpu,
     }
+    ours = results["daemon"]
     if args.baseline_server:
-        base = baseline_server(args.model, args.threads, args.tokens)
+        base = llama_cpp_python_server(args.model, args.threads, args.tokens)
         results["llama_cpp_python_server"] = base
-        results["daemon"]["aggregate_4_over_baseline"] = four["aggregate_tps"] / base["aggregate_tps_4"]
+        ours["aggregate_4_over_llama_cpp_python"] = ours["aggregate_tps_4"] / base["aggregate_tps_4"]
+        ours["aggregate_8_over_llama_cpp_python"] = ours["aggregate_tps_8"] / base["aggregate_tps_8"]
+    if args.cpp_server:
+        cpp = cpp_server(args.cpp_server, args.model, args.threads, args.tokens)
+        cpp["ratio_4_over_single"] = cpp["aggregate_tps_4"] / cpp["single_decode_tps"]
+        cpp["ratio_8_over_single"] = cpp["aggregate_tps_8"] / cpp["single_decode_tps"]
+        results["llama_server"] = cpp
+        ours["aggregate_4_over_llama_server"] = ours["aggregate_tps_4"] / cpp["aggregate_tps_4"]
+        ours["aggregate_8_over_llama_server"] = ours["aggregate_tps_8"] / cpp["aggregate_tps_8"]
     print(json.dumps(results, indent=2))
 
 

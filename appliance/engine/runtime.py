@@ -43,6 +43,7 @@ class RuntimeOptions:
     n_threads: int
     flash_attn: bool = True
     n_batch: int = 512
+    unified_kv: bool = False
 
 
 class LlamaRuntime:
@@ -69,7 +70,11 @@ class LlamaRuntime:
         ctx_params.n_seq_max = options.n_seq
         ctx_params.n_threads = options.n_threads
         ctx_params.n_threads_batch = options.n_threads
-        ctx_params.kv_unified = False  # each sequence owns context_per_seq cells
+        # Split (the default): each sequence owns context_per_seq cells and attends to its own
+        # cells only. Unified: one graph for any mix of sequences, but every token attends to
+        # all cells in use, idle slots' cached prefixes too (bench/batch_ceiling.py: 8 streams
+        # decode 14 % slower here).
+        ctx_params.kv_unified = options.unified_kv
         ctx_params.flash_attn_type = FLASH_ATTN_AUTO if options.flash_attn else FLASH_ATTN_DISABLED
         ctx_params.no_perf = False
         self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
@@ -78,7 +83,9 @@ class LlamaRuntime:
             self.model = None
             raise LoadFailed(f"llama.cpp could not create a context of "
                              f"{ctx_params.n_ctx} tokens for {path.name}")
-        self.context_per_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
+        # A unified cache would let one sequence take every cell; the scheduler holds each to
+        # its share so that all slots always fit.
+        self.context_per_seq = min(llama_cpp.llama_n_ctx_seq(self.ctx), options.context_per_seq)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
