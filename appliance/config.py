@@ -69,6 +69,8 @@ class Settings(BaseSettings):
                                  description="how long a switch waits for in-flight requests")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
                          description="CPU threads for decoding")
+    engine_nice: int = Field(5, ge=0, le=19,
+                             description="nice value of the decoding threads (0: normal)")
     gpu: str = Field("auto", description="auto (NVML) or none")
     vram_margin_mib: int = Field(512, ge=0, description="VRAM left free for other programs")
     flash_attn: bool = Field(True, description="flash attention where the build supports it")

@@ -208,7 +208,7 @@ class ModelManager:
                                   architecture=entry.info.architecture)
         thinking = self.settings.model_overrides(entry.id).enable_thinking
         scheduler = Scheduler(runtime, self.settings.parallel, self.settings.max_queue,
-                              self.observer)
+                              self.observer, nice=self.settings.engine_nice)
         return LoadedModel(entry, runtime, scheduler, formatter, plan, 0.0,
                            self.settings.enable_thinking if thinking is None else thinking)
 

@@ -246,33 +246,38 @@ def server_figures(url: str, model: str, n_tokens: int) -> dict:
             "median_ttft_8_s": eight["median_ttft_s"]}
 
 
-def run_server(command: list[str], ready_path: str, port: int, n_tokens: int) -> dict:
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(url + ready_path)
-        return server_figures(url, "m", n_tokens)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+class Server:
+    """Another OpenAI-compatible server as a child process, serving the model as "m"."""
+
+    def __init__(self, command: list[str], port: int, ready_path: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_healthy(self.url + ready_path)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
 
 
-def llama_cpp_python_server(model: Path, threads: int, n_tokens: int) -> dict:
+def llama_cpp_python_server(model: Path, threads: int) -> Server:
     """llama-cpp-python's own server: one request at a time."""
     port = free_port()
-    return run_server([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-                       "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048",
-                       "--interrupt_requests", "False", "--model_alias", "m"],
-                      "/v1/models", port, n_tokens)
+    return Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+                   "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048",
+                   "--interrupt_requests", "False", "--model_alias", "m"], port, "/v1/models")
 
 
-def cpp_server(binary: Path, model: Path, threads: int, n_tokens: int) -> dict:
+def cpp_server(binary: Path, model: Path, threads: int) -> Server:
     """llama.cpp's C++ llama-server with the daemon's slots and context per slot."""
     port = free_port()
-    return run_server([str(binary), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
-                       "-t", str(threads), "-tb", str(threads), "-np", str(PARALLEL),
-                       "-c", str(PARALLEL * CONTEXT), "-a", "m", "--no-webui"],
-                      "/health", port, n_tokens)
+    return Server([str(binary), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
+                   "-t", str(threads), "-tb", str(threads), "-np", str(PARALLEL),
+                   "-c", str(PARALLEL * CONTEXT), "-a", "m", "--no-webui"], port, "/health")
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 def main() -> None:
@@ -283,7 +288,10 @@ def main() -> None:
     parser.add_argument("--baseline-server", action="store_true",
                         help="also measure llama-cpp-python's server")
     parser.add_argument("--cpp-server", type=Path, metavar="LLAMA_SERVER",
-                        help="also measure llama.cpp's llama-server binary")
+                        help="also measure llama.cpp's llama-server binary "
+                             "(bench/build_llama_server.sh builds it)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of 4 and 8 concurrent streams (medians are reported)")
     args = parser.parse_args()
 
     raw = raw_loop(args.model, args.threads, args.tokens)
@@ -328,7 +336,19 @@ def main() -> None:
             first_token_api = statistics.median(one)
             raw["first_token_s"] = statistics.median(raw_firsts)
             added = statistics.median(a - b for a, b in zip(one, raw_firsts, strict=True))
-            four = concurrent(url, body, 4)
+            # 4 and 8 streams, alternating with llama-server (running beside us, idle while
+            # we are measured) round by round, so the machine's drift hits both alike.
+            other = cpp_server(args.cpp_server, args.model, args.threads) \
+                if args.cpp_server else None
+            other_single = None
+            if other:
+                other_body = {**body, "model": "m"}
+                stream_once(other.url, {**other_body, "max_tokens": 4})
+                other_single = max((stream_once(other.url, {**other_body,
+                                                             "prompt": f"[{i}] {PROMPT}"})
+                                    for i in range(1, 3)), key=lambda r: r["decode_tps"])
+            runs: dict[str, dict[int, list[dict]]] = {"daemon": {4: [], 8: []},
+                                                      "llama_server": {4: [], 8: []}}
             # The control API must stay responsive while every slot decodes.
             latencies: list[float] = []
             stop_polling = threading.Event()
@@ -342,11 +362,22 @@ def main() -> None:
                             latencies.append(time.perf_counter() - started)
                         time.sleep(0.1)
 
-            poller = threading.Thread(target=poll)
-            poller.start()
-            eight = concurrent(url, body, 8)
-            stop_polling.set()
-            poller.join()
+            try:
+                for _ in range(args.rounds):
+                    for n in (4, 8):
+                        poller = threading.Thread(target=poll) if n == 8 else None
+                        if poller:
+                            stop_polling.clear()
+                            poller.start()
+                        runs["daemon"][n].append(concurrent(url, body, n))
+                        if poller:
+                            stop_polling.set()
+                            poller.join()
+                        if other:
+                            runs["llama_server"][n].append(concurrent(other.url, other_body, n))
+            finally:
+                if other:
+                    other.stop()
             turns = conversation_turns(url, a, 16)
             cpu = idle_cpu(daemon.process.pid)
             started = time.perf_counter()
@@ -363,11 +394,11 @@ def main() -> None:
         "single_ttft_s": ttft,
         "first_token_request_s": first_token_api,
         "first_token_added_ms": added * 1000,
-        "aggregate_tps_4": four["aggregate_tps"],
-        "aggregate_tps_8": eight["aggregate_tps"],
-        "ratio_4_over_single": four["aggregate_tps"] / best["decode_tps"],
-        "ratio_8_over_single": eight["aggregate_tps"] / best["decode_tps"],
-        "median_ttft_8_s": eight["median_ttft_s"],
+        "aggregate_tps_4": median_of(runs["daemon"][4], "aggregate_tps"),
+        "aggregate_tps_8": median_of(runs["daemon"][8], "aggregate_tps"),
+        "median_ttft_4_s": median_of(runs["daemon"][4], "median_ttft_s"),
+        "median_ttft_8_s": median_of(runs["daemon"][8], "median_ttft_s"),
+        "rounds_aggregate_tps_8": [round(r["aggregate_tps"], 1) for r in runs["daemon"][8]],
         "control_api_under_load_ms": {
             "median": statistics.median(latencies) * 1000,
             "p95": sorted(latencies)[int(len(latencies) * 0.95)] * 1000,
@@ -379,18 +410,32 @@ def main() -> None:
         "idle_cpu_percent": cpu,
     }
     ours = results["daemon"]
+    ours["ratio_4_over_single"] = ours["aggregate_tps_4"] / ours["single_decode_tps"]
+    ours["ratio_8_over_single"] = ours["aggregate_tps_8"] / ours["single_decode_tps"]
+    if other_single:
+        theirs = {"single_decode_tps": other_single["decode_tps"],
+                  "aggregate_tps_4": median_of(runs["llama_server"][4], "aggregate_tps"),
+                  "aggregate_tps_8": median_of(runs["llama_server"][8], "aggregate_tps"),
+                  "median_ttft_4_s": median_of(runs["llama_server"][4], "median_ttft_s"),
+                  "median_ttft_8_s": median_of(runs["llama_server"][8], "median_ttft_s"),
+                  "rounds_aggregate_tps_8": [round(r["aggregate_tps"], 1)
+                                             for r in runs["llama_server"][8]]}
+        theirs["ratio_4_over_single"] = theirs["aggregate_tps_4"] / theirs["single_decode_tps"]
+        theirs["ratio_8_over_single"] = theirs["aggregate_tps_8"] / theirs["single_decode_tps"]
+        results["llama_server"] = theirs
+        for n in (4, 8):  # paired: round k of ours against round k of theirs
+            ratios = [a["aggregate_tps"] / b["aggregate_tps"]
+                      for a, b in zip(runs["daemon"][n], runs["llama_server"][n], strict=True)]
+            ours[f"aggregate_{n}_over_llama_server"] = statistics.median(ratios)
     if args.baseline_server:
-        base = llama_cpp_python_server(args.model, args.threads, args.tokens)
+        server = llama_cpp_python_server(args.model, args.threads)
+        try:
+            base = server_figures(server.url, "m", args.tokens)
+        finally:
+            server.stop()
         results["llama_cpp_python_server"] = base
         ours["aggregate_4_over_llama_cpp_python"] = ours["aggregate_tps_4"] / base["aggregate_tps_4"]
         ours["aggregate_8_over_llama_cpp_python"] = ours["aggregate_tps_8"] / base["aggregate_tps_8"]
-    if args.cpp_server:
-        cpp = cpp_server(args.cpp_server, args.model, args.threads, args.tokens)
-        cpp["ratio_4_over_single"] = cpp["aggregate_tps_4"] / cpp["single_decode_tps"]
-        cpp["ratio_8_over_single"] = cpp["aggregate_tps_8"] / cpp["single_decode_tps"]
-        results["llama_server"] = cpp
-        ours["aggregate_4_over_llama_server"] = ours["aggregate_tps_4"] / cpp["aggregate_tps_4"]
-        ours["aggregate_8_over_llama_server"] = ours["aggregate_tps_8"] / cpp["aggregate_tps_8"]
     print(json.dumps(results, indent=2))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +114,19 @@ class _Sequence:
         return self.prefilled >= len(self.request.prompt_tokens)
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value (Linux: per thread). llama.cpp's worker threads are
+    started from the engine thread and inherit it, so HTTP handling and the user's desktop win
+    the CPU when they need it, and the engine takes the rest."""
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+    except OSError as e:  # not Linux, or a sandbox that forbids it: run at normal priority
+        log.warning("could not lower the engine's priority: %s", e)
+
+
 def id_runs(ids: set[int]) -> int:
     """How many runs of consecutive numbers `ids` makes ({0, 1, 3} makes 2)."""
     return sum(i - 1 not in ids for i in ids)
@@ -149,8 +163,9 @@ class Scheduler:
     """Admits requests into slots and runs the decode loop on its own thread."""
 
     def __init__(self, runtime: LlamaRuntime, n_slots: int, max_queue: int,
-                 observer: SchedulerObserver | None = None) -> None:
+                 observer: SchedulerObserver | None = None, nice: int = 0) -> None:
         self.runtime = runtime
+        self.nice = nice
         self.max_queue = max_queue
         self.observer = observer or _NoObserver()
         self.slots = [Slot(i) for i in range(n_slots)]
@@ -223,6 +238,7 @@ class Scheduler:
     # -- engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_thread_priority(self.nice)
         while True:
             with self._cond:
                 while (not self._stopping and not self._waiting and not self._active

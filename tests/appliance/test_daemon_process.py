@@ -150,3 +150,39 @@ def test_tells_systemd_when_ready(models_dir: Path, tmp_path: Path) -> None:
                 assert "STOPPING=1" in sock.recv(256).decode()
         finally:
             del os.environ["NOTIFY_SOCKET"]
+
+
+def _tasks(pid: int) -> list[tuple[int, int, int]]:
+    """(thread id, nice, CPU ticks) of every thread of a process, from /proc."""
+    rows = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        # After the name: state is field 3, utime 14, stime 15, nice 19 (1-based, man 5 proc).
+        rows.append((int(task.name), int(fields[16]), int(fields[11]) + int(fields[12])))
+    return rows
+
+
+def test_decoding_runs_at_lower_priority_than_http(models_dir: Path, tmp_path: Path) -> None:
+    with run_daemon(models_dir, tmp_path, default_model=MODEL_A, engine_nice="7") as d:
+        client = openai.OpenAI(base_url=d.base_url, api_key="unused", max_retries=0)
+        stream = client.completions.create(model=MODEL_A, prompt="Count:", max_tokens=4000,
+                                           stream=True, extra_body=FOREVER)
+        try:
+            chunks = iter(stream)
+            for _ in zip(range(20), chunks, strict=False):
+                pass
+            before = {tid: ticks for tid, _, ticks in _tasks(d.process.pid)}
+            for _ in zip(range(400), chunks, strict=False):  # decode a while, then look
+                pass
+            tasks = _tasks(d.process.pid)
+        finally:
+            stream.close()
+        main = [nice for tid, nice, _ in tasks if tid == d.process.pid]
+        assert main == [0]  # the event loop answers HTTP at normal priority
+        used = {nice: 0 for _, nice, _ in tasks}
+        for tid, nice, ticks in tasks:
+            used[nice] += ticks - before.get(tid, 0)
+        assert used.get(7, 0) > used[0], tasks  # ... and the decoding threads run niced
