@@ -290,7 +290,7 @@ def main() -> None:
     parser.add_argument("--cpp-server", type=Path, metavar="LLAMA_SERVER",
                         help="also measure llama.cpp's llama-server binary "
                              "(bench/build_llama_server.sh builds it)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of 4 and 8 concurrent streams (medians are reported)")
     args = parser.parse_args()
 
