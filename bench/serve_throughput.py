@@ -148,6 +148,13 @@ def wait_healthy(url: str, timeout: float = 120) -> None:
 
 def stream_once(url: str, body: dict, path: str = "/v1/completions") -> dict:
     """One streaming request: time to first text, decode rate after it, tokens."""
+    try:
+        return _stream_once(url, body, path)
+    except httpx.RemoteProtocolError:  # a pooled connection the server had already closed
+        return _stream_once(url, body, path)
+
+
+def _stream_once(url: str, body: dict, path: str) -> dict:
     started = time.perf_counter()
     first = last = None
     usage = None

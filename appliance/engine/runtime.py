@@ -71,9 +71,10 @@ class LlamaRuntime:
         ctx_params.n_threads = options.n_threads
         ctx_params.n_threads_batch = options.n_threads
         # Split (the default): each sequence owns context_per_seq cells and attends to its own
-        # cells only. Unified: one graph for any mix of sequences, but every token attends to
-        # all cells in use, idle slots' cached prefixes too (bench/batch_ceiling.py: 8 streams
-        # decode 14 % slower here).
+        # cells only, so conversations cached in idle slots cost an active stream nothing; but
+        # llama.cpp runs each run of consecutive sequence ids as its own graph, so the scheduler
+        # keeps busy slots together. Unified: any mix of sequences is one graph, but every
+        # token attends to all cells in use (bench/batch_ceiling.py measures both).
         ctx_params.kv_unified = options.unified_kv
         ctx_params.flash_attn_type = FLASH_ATTN_AUTO if options.flash_attn else FLASH_ATTN_DISABLED
         ctx_params.no_perf = False

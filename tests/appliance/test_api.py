@@ -244,6 +244,9 @@ def test_health_status_and_metrics(daemon: Daemon, client: openai.OpenAI) -> Non
                  "appliance_model_load_seconds", "appliance_batch_tokens_bucket",
                  "appliance_prefix_cache_hit_tokens_total"):
         assert name in metrics
+    decode_s = _metric(metrics, "appliance_decode_seconds_total")
+    step_s = _metric(metrics, "appliance_engine_step_seconds_total")
+    assert 0 < decode_s <= step_s  # llama_decode is one part of every engine step
 
 
 def test_switch_while_streaming(daemon: Daemon, client: openai.OpenAI) -> None:
