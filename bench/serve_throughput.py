@@ -372,19 +372,18 @@ def main() -> None:
             try:
                 for _ in range(args.rounds):
                     for n in (4, 8):
-                        poller = threading.Thread(target=poll) if n == 8 else None
-                        if poller:
-                            stop_polling.clear()
-                            poller.start()
                         runs["daemon"][n].append(concurrent(url, body, n))
-                        if poller:
-                            stop_polling.set()
-                            poller.join()
                         if other:
                             runs["llama_server"][n].append(concurrent(other.url, other_body, n))
             finally:
                 if other:
                     other.stop()
+            # One more round of 8, polled, apart from the compared ones (polling costs CPU).
+            poller = threading.Thread(target=poll)
+            poller.start()
+            concurrent(url, body, 8)
+            stop_polling.set()
+            poller.join()
             turns = conversation_turns(url, a, 16)
             cpu = idle_cpu(daemon.process.pid)
             started = time.perf_counter()
