@@ -327,13 +327,12 @@ class Scheduler:
         budget = rt.options.n_batch - len(generating)
         if generating:
             budget = min(budget, PREFILL_CHUNK_BUSY)
-        chunks: dict[int, list[int]] = {}
+        reads: dict[int, int] = {}  # slot index -> prompt tokens to read in this step
         for seq in self._active:
             if seq.generating or budget <= 0:
                 continue
-            chunk = seq.request.prompt_tokens[seq.prefilled:seq.prefilled + budget]
-            chunks[id(seq)] = chunk
-            budget -= len(chunk)
+            reads[seq.slot.index] = min(budget, len(seq.request.prompt_tokens) - seq.prefilled)
+            budget -= reads[seq.slot.index]
         # The batch goes in slot order: with a split KV cache llama.cpp can put sequences with
         # consecutive ids into one graph only when they come in that order.
         rt.clear_batch()
@@ -346,7 +345,7 @@ class Scheduler:
                 sampled.append(seq)
                 continue
             prompt = seq.request.prompt_tokens
-            for token in chunks.get(id(seq), []):
+            for token in prompt[seq.prefilled:seq.prefilled + reads.get(seq.slot.index, 0)]:
                 last = seq.prefilled == len(prompt) - 1
                 index = rt.add_to_batch(token, len(seq.slot.cached), seq.slot.index, last)
                 seq.slot.cached.append(token)
