@@ -239,13 +239,18 @@ def idle_cpu(pid: int, seconds: float = 10.0) -> float:
     return (sum(process.cpu_times()[:2]) - before) / seconds * 100
 
 
+def singles(url: str, body: dict, tries: int) -> list[dict]:
+    """A warm-up, then `tries` single streams, each prompt with a different first token (no
+    prefix reuse, as in the raw loop)."""
+    stream_once(url, {**body, "max_tokens": 4})
+    return [stream_once(url, {**body, "prompt": f"[{i}] {PROMPT}"}) for i in range(1, tries + 1)]
+
+
 def server_figures(url: str, model: str, n_tokens: int) -> dict:
     """Single-stream rate and 4- and 8-stream aggregates of any OpenAI-compatible server."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0,
             "logit_bias": NO_END}
-    stream_once(url, {**body, "max_tokens": 4})  # warm up
-    single = max((stream_once(url, {**body, "prompt": f"[{i}] {PROMPT}"}) for i in range(1, 3)),
-                 key=lambda r: r["decode_tps"])
+    single = max(singles(url, body, 2), key=lambda r: r["decode_tps"])
     four = concurrent(url, body, 4)
     eight = concurrent(url, body, 8)
     return {"single_decode_tps": single["decode_tps"], "aggregate_tps_4": four["aggregate_tps"],
@@ -318,10 +323,7 @@ def main() -> None:
             httpx.post(f"{url}/api/models/{a}/load", timeout=600)
             body = {"model": a, "prompt": PROMPT, "max_tokens": args.tokens, "temperature": 0,
                     "logit_bias": NO_END}
-            stream_once(url, {**body, "max_tokens": 4})  # warm up
-            # A different first token each time: no prefix reuse, as in the raw loop.
-            single = [stream_once(url, {**body, "prompt": f"[{i}] {PROMPT}"})
-                      for i in range(1, 4)]
+            single = singles(url, body, 3)
             best = max(single, key=lambda r: r["decode_tps"])
             ttft = statistics.median(r["ttft_s"] for r in single)
             # First token through the API without streaming or text decoding in the way: a
@@ -350,10 +352,8 @@ def main() -> None:
             other_single = None
             if other:
                 other_body = {**body, "model": "m"}
-                stream_once(other.url, {**other_body, "max_tokens": 4})
-                other_single = max((stream_once(other.url, {**other_body,
-                                                             "prompt": f"[{i}] {PROMPT}"})
-                                    for i in range(1, 3)), key=lambda r: r["decode_tps"])
+                other_single = max(singles(other.url, other_body, 2),
+                                   key=lambda r: r["decode_tps"])
             runs: dict[str, dict[int, list[dict]]] = {"daemon": {4: [], 8: []},
                                                       "llama_server": {4: [], 8: []}}
             # The control API must stay responsive while every slot decodes.

@@ -137,7 +137,7 @@ def choose_slot(slots: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
 
     The longest reusable prefix wins. Otherwise keep the busy slots in as few runs of
     consecutive ids as we can: with a split KV cache llama.cpp decodes each run as a separate
-    graph (4 scattered sequences cost 1.45x 4 consecutive ones, bench/batch_ceiling.py). Last,
+    graph (4 scattered sequences cost 1.6x 4 consecutive ones, bench/batch_ceiling.py). Last,
     the least recently used slot, which keeps the caches most likely to be wanted again.
     """
     def usable_prefix(slot: Slot) -> int:
