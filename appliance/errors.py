@@ -25,6 +25,12 @@ class InvalidRequest(ApplianceError):
     type = "invalid_request_error"
 
 
+class InvalidValue(InvalidRequest):
+    """A field's value is out of bounds or malformed; `param` names the field."""
+
+    code = "invalid_value"
+
+
 class ContextOverflow(InvalidRequest):
     """The prompt does not fit in the model's context."""
 
