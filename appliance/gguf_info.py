@@ -201,12 +201,50 @@ def _parse(path: Path, size: int, data: mmap.mmap) -> GGUFInfo:
             n *= d
         tensors.append(TensorInfo(name, tuple(reversed(dims)), qtype, offset,
                                   n // block * type_size))
-    alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    _check_types(metadata)
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
     data_start = -(-cur.pos // alignment) * alignment
     end = max((t.offset + t.nbytes for t in tensors), default=0)
     if data_start + end > size:
         raise GGUFError(f"file is truncated: tensor data needs {data_start + end} bytes, "
                         f"the file has {size}")
-    if "general.architecture" not in metadata:
-        raise GGUFError("no general.architecture in the metadata")
     return GGUFInfo(path, size, metadata, lengths, tensors)
+
+
+# Keys whose values we compute with: (suffix after the architecture or full key, upper bound).
+_COUNTS = {"context_length": 2**24, "block_count": 10_000, "embedding_length": 2**20,
+           "feed_forward_length": 2**22, "attention.head_count": 2**14,
+           "attention.head_count_kv": 2**14, "attention.key_length": 2**16,
+           "attention.value_length": 2**16}
+
+
+def _check_types(metadata: dict[str, Any]) -> None:
+    """Every value the daemon computes with has the type and range it must have: a crafted
+    header is refused here, with the key's name, instead of failing later in a request."""
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise GGUFError("general.architecture is missing or not a string")
+    alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if (not _is_int(alignment) or not 1 <= alignment <= 2**16
+            or alignment & (alignment - 1)):
+        raise GGUFError(f"general.alignment is {alignment!r}; it must be a power of two")
+    for suffix, bound in _COUNTS.items():
+        key = f"{arch}.{suffix}"
+        value = metadata.get(key)
+        if key in metadata and (not _is_int(value) or not 0 <= value <= bound):
+            raise GGUFError(f"{key} is {_short(value)}; it must be a whole number up to {bound}")
+    for key in ("general.file_type", "tokenizer.ggml.bos_token_id",
+                "tokenizer.ggml.eos_token_id"):
+        if key in metadata and not _is_int(metadata[key]):
+            raise GGUFError(f"{key} is {_short(metadata[key])}; it must be a whole number")
+    for key in ("tokenizer.chat_template", "general.name"):
+        if key in metadata and not isinstance(metadata[key], str):
+            raise GGUFError(f"{key} is {_short(metadata[key])}; it must be a string")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    return "a list" if value is None else repr(value)[:40]

@@ -76,6 +76,9 @@ class Registry:
                 except GGUFError as e:
                     info, error = None, str(e)
                     log.warning("model %s is unusable: %s", path, error)
+                except Exception as e:  # a crafted file must never stop a scan
+                    info, error = None, f"unreadable header: {e!r}"
+                    log.warning("model %s is unusable: %s", path, error)
                 found[mid] = ModelEntry(mid, path, info, error, signature)
             self._entries = found
             return list(found.values())

@@ -45,6 +45,32 @@ def notify_systemd(message: str) -> None:
         sock.sendall(message.encode())
 
 
+# A decode step running this long means a wedged engine (the slowest plausible step, a 512-token
+# prompt chunk of an 8B model on two CPU cores, takes about half a minute).
+ENGINE_STALL_S = 120.0
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec (from WATCHDOG_USEC), when this process is the one watched."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+async def feed_watchdog(app: object, interval: float) -> None:
+    """Ping systemd while the event loop runs and the engine is healthy; a dead or wedged
+    engine stops the pings, and systemd restarts the daemon."""
+    while True:
+        manager = getattr(app.state, "manager", None)  # type: ignore[attr-defined]
+        if manager is None or manager.engine_healthy(ENGINE_STALL_S):
+            notify_systemd("WATCHDOG=1")
+        else:
+            log.error("engine unhealthy; no longer feeding the systemd watchdog")
+        await asyncio.sleep(interval)
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -58,9 +84,15 @@ class _Server(uvicorn.Server):
         if self.started:
             notify_systemd("READY=1\nSTATUS=serving")
             log.info("serving on http://%s:%d", self.config.host, self.config.port)
+            interval = watchdog_interval()
+            if interval:
+                self._watchdog = asyncio.create_task(feed_watchdog(self.config.app, interval))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         notify_systemd("STOPPING=1")
+        watchdog = getattr(self, "_watchdog", None)
+        if watchdog is not None:
+            watchdog.cancel()
         # Streams get switch_wait_s to finish; then they end with an error event and [DONE],
         # before uvicorn's own (longer) graceful timeout would cut their connections.
         state = self.config.app.state

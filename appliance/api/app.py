@@ -18,9 +18,10 @@ from appliance.api.security import SecurityMiddleware
 from appliance.config import Settings
 from appliance.engine.runtime import LlamaRuntime
 from appliance.gpu import GpuProbe, open_probe
-from appliance.lifecycle import ModelManager, RuntimeFactory
 from appliance.metrics import Metrics
 from appliance.registry import Registry
+from appliance.residency.loader import ModelLoader, RuntimeFactory
+from appliance.residency.manager import ModelManager
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +55,15 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gpu = probe or open_probe(settings.gpu)
+        gpu = probe or await asyncio.to_thread(open_probe, settings.gpu)
         metrics = app.state.metrics
         registry = Registry(settings.models_dir.expanduser(), settings.aliases)
-        registry.scan()
-        manager = ModelManager(settings, registry, gpu, observer=metrics,
-                               runtime_factory=runtime_factory)
+        await asyncio.to_thread(registry.scan)
+        loader = ModelLoader(settings, gpu, observer=metrics, runtime_factory=runtime_factory)
+        manager = ModelManager(settings, registry, loader)
         manager.load_seconds_observed = metrics.model_load_seconds.set
         app.state.registry, app.state.manager, app.state.probe = registry, manager, gpu
-        tasks = [asyncio.create_task(manager.unload_when_idle())]
+        tasks = []
         if settings.default_model:
             tasks.append(asyncio.create_task(_load_default(manager, settings.default_model)))
         try:
@@ -80,15 +81,17 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(control.router)
-    if settings.cors_origins:
-        # An explicit origin list only, and no credentials: a page can call, not impersonate.
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_credentials=False, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     app.add_middleware(SecurityMiddleware, allowed_hosts=set(settings.allowed_hosts)
                        | {settings.host}, api_key=api_key,
-                       max_body_bytes=settings.max_body_bytes)
+                       max_body_bytes=settings.max_body_bytes, cors_origins=settings.cors_origins)
+    if settings.cors_origins:
+        # Outermost: it answers preflights and labels our refusals. An explicit origin list
+        # only, and no credentials: a page can call, not impersonate.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_credentials=False, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key",
+                                          "Anthropic-Version"])
     return app
 
 

@@ -8,9 +8,9 @@ from fastapi import Depends, Request
 
 from appliance.config import Settings
 from appliance.gpu import GpuProbe
-from appliance.lifecycle import ModelManager
 from appliance.metrics import Metrics
 from appliance.registry import Registry
+from appliance.residency.manager import ModelManager
 
 
 def _manager(request: Request) -> ModelManager:

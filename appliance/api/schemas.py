@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from appliance.errors import InvalidValue
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 500
+MAX_TOOLS = 128
+TOKEN_ID = re.compile(r"^-?[0-9]{1,10}$")  # ASCII digits only: "²".isdigit() is True
 
 
 class _Lenient(BaseModel):
     # Clients send fields we do not use (user, metadata, store...): accept and ignore them.
     model_config = ConfigDict(extra="ignore")
+
+
+def unpaired_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate ("\\ud800" in JSON): such a
+    string cannot be encoded to UTF-8, so the tokenizer could never take it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = unpaired_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+class RequestBody(_Lenient):
+    """A whole request body: refuses strings that are not valid Unicode, naming the field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = unpaired_surrogate(data)
+        if where:  # not a ValueError: pydantic would lose the field's name
+            raise InvalidValue(f"{where} contains an unpaired UTF-16 surrogate, which is not "
+                               "valid Unicode", param=where)
+        return data
 
 
 class ContentPart(_Lenient):
@@ -63,7 +102,7 @@ class ResponseFormat(_Lenient):
 
 
 class FunctionDef(_Lenient):
-    name: str
+    name: str = Field(min_length=1, max_length=256)
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
 
@@ -78,22 +117,36 @@ class NamedToolChoice(_Lenient):
     function: dict[str, str]
 
 
-class SamplingFields(_Lenient):
-    model: str | None = None
+class SamplingFields(RequestBody):
+    model: str | None = Field(None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=1_000_000)
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repeat_penalty: float = Field(1.0, gt=0)
-    logit_bias: dict[str, float] | None = None
+    repeat_penalty: float = Field(1.0, gt=0, le=10)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
     n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    # Fields that change what the answer means: refused until supported, never ignored.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    best_of: Any = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> SamplingFields:
+        for name in ("logprobs", "top_logprobs"):
+            if getattr(self, name) not in (None, False, 0):
+                raise InvalidValue(f"{name} is not supported yet", param=name)
+        if self.best_of not in (None, 1):
+            raise InvalidValue("best_of is not supported (one choice per request)",
+                               param="best_of")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -101,16 +154,18 @@ class SamplingFields(_Lenient):
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not TOKEN_ID.match(key):
+                raise ValueError(f"logit_bias keys are token ids, got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError("logit_bias values must be between -100 and 100")
         return value
@@ -120,7 +175,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None  # a shortcut some clients send at the top level
@@ -134,6 +189,16 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str] | list[int]) -> str | list[str] | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], str) and len(value) != 1:
+        if isinstance(value, list) and not value:
+            raise ValueError("the prompt is empty")
+        if isinstance(value, list) and isinstance(value[0], str) and len(value) != 1:
             raise ValueError("only one prompt per request is supported")
         return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.suffix:
+            raise InvalidValue("suffix (fill-in-the-middle) is not supported", param="suffix")
+        if self.echo and isinstance(self.prompt, list) and isinstance(self.prompt[0], int):
+            raise InvalidValue("echo is supported for text prompts only", param="echo")
+        return self

@@ -1,10 +1,22 @@
-"""Safe localhost defaults as one ASGI middleware: Host allowlist (against DNS rebinding),
-bearer key when configured, and a request body limit."""
+"""Safe localhost defaults as one ASGI middleware, in front of everything else (CORS included):
+
+- the Host header must be a loopback name or in `allowed_hosts` (against DNS rebinding);
+- a request that changes state and carries an `Origin` must come from `cors_origins` or from the
+  daemon's own origin: any web page can POST to 127.0.0.1, even with `mode: 'no-cors'`;
+- request bodies to JSON routes must say `application/json` (no form posts from a page);
+- the bearer key (or `x-api-key`, which Anthropic clients send) when one is configured;
+- the body is read here, within `max_body_bytes`, chunked or not, so an oversized body is a 413
+  before any route sees it.
+
+The CORS middleware, when `cors_origins` is set, sits outside this one: it answers preflights
+(which carry no key) and adds its headers to our refusals, so a page sees why it was refused.
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -12,10 +24,8 @@ from appliance.api.errors import error_body
 from appliance.config import LOOPBACK_NAMES
 
 OPEN_PATHS = {"/health"}  # the health check works without a key, for service managers
-
-
-class _TooLarge(Exception):
-    pass
+STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
+GUARDED_PREFIXES = ("/api/", "/v1/")
 
 
 def host_name(header: str) -> str:
@@ -25,64 +35,116 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+def is_json_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/")
+                                           and media.endswith("+json"))
+
+
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, *, allowed_hosts: set[str], api_key: str | None,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, cors_origins: list[str] | None = None) -> None:
         self.app = app
         self.allowed_hosts = {h.lower() for h in allowed_hosts} | LOOPBACK_NAMES
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.cors_origins = {o.rstrip("/").lower() for o in cors_origins or []}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        host = host_name(headers.get("host", "")).lower()
+        host_header = headers.get("host", "")
+        host = host_name(host_header).lower()
         if host not in self.allowed_hosts:
-            await _reject(send, 403, f"host {host or '(none)'!r} is not allowed; add it to "
-                          "allowed_hosts to serve it", "permission_error", "host_not_allowed")
+            await reject(send, 403, f"host {host or '(none)'!r} is not allowed; add it to "
+                         "allowed_hosts to serve it", "permission_error", "host_not_allowed")
             return
-        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
-            given = headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                await _reject(send, 401, "missing or wrong API key (send Authorization: Bearer "
-                              "KEY)", "authentication_error", "invalid_api_key")
+        method, path = scope["method"], scope["path"]
+        origin = headers.get("origin")
+        if origin is not None and not self._origin_allowed(origin, host_header):
+            if method in STATE_CHANGING and path.startswith(GUARDED_PREFIXES):
+                await reject(send, 403, f"requests from the web page at {origin[:100]!r} are "
+                             "not allowed; add its origin to cors_origins to allow it",
+                             "permission_error", "origin_not_allowed")
+                return
+        if self.api_key is not None and path not in OPEN_PATHS:
+            if not self._key_matches(headers):
+                await reject(send, 401, "missing or wrong API key (send Authorization: Bearer "
+                             "KEY)", "authentication_error", "invalid_api_key")
+                return
+        if method not in STATE_CHANGING:
+            await self.app(scope, receive, send)
+            return
+        if path.startswith(GUARDED_PREFIXES) and not is_json_type(headers.get("content-type", "")):
+            length = headers.get("content-length")
+            if length not in (None, "0") or "transfer-encoding" in headers:
+                await reject(send, 415, "request bodies must be JSON (Content-Type: "
+                             "application/json)", "invalid_request_error",
+                             "unsupported_media_type")
                 return
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await _reject(send, 413, f"request body of {length} bytes is over the "
-                          f"{self.max_body_bytes}-byte limit", "invalid_request_error",
-                          "payload_too_large")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await self._too_large(send, length)
             return
-        received = 0
-        started = False
+        body = await self._read_body(receive)
+        if body is None:
+            await self._too_large(send, None)
+            return
+        await self.app(scope, _replay(body, receive), send)
 
-        async def limited_receive() -> Message:
-            nonlocal received
+    def _origin_allowed(self, origin: str, host_header: str) -> bool:
+        normalized = origin.rstrip("/").lower()
+        if normalized in self.cors_origins:
+            return True
+        # The daemon's own pages (/docs) send their own origin.
+        parts = urlsplit(normalized)
+        return parts.scheme in ("http", "https") and parts.netloc == host_header.lower()
+
+    def _key_matches(self, headers: dict[str, str]) -> bool:
+        assert self.api_key is not None
+        given = headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+        return hmac.compare_digest(token.encode(), self.api_key.encode())
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once it passes the limit (the rest is not read)."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                return b"".join(chunks)  # the client left; the route sees a short body
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _reject(send, 413, f"request body is over the {self.max_body_bytes}-byte "
-                              "limit", "invalid_request_error", "payload_too_large")
+    async def _too_large(self, send: Send, length: str | None) -> None:
+        size = f"of {length} bytes " if length and length.isdigit() else ""
+        await reject(send, 413, f"request body {size}is over the {self.max_body_bytes}-byte "
+                     "limit", "invalid_request_error", "payload_too_large")
 
 
-async def _reject(send: Send, status: int, message: str, type_: str, code: str) -> None:
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands out the buffered body once, then waits for the disconnect."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def reject(send: Send, status: int, message: str, type_: str, code: str) -> None:
     body = json.dumps(error_body(message, type_, None, code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),

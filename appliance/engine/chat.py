@@ -3,6 +3,9 @@
 Rendered the way transformers renders it (sandboxed Jinja, trim_blocks, lstrip_blocks,
 `tojson`), so a template behaves as on the hub. A GGUF without a template gets llama.cpp's
 built-in template for its architecture, or ChatML.
+
+The template comes from a file anyone can publish, so rendering is bounded: a deadline checked on
+every call, attribute and item access inside the template, and a cap on the output's size.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import datetime
 import json
+import threading
+import time
 from typing import Any
 
 import jinja2
@@ -18,6 +23,53 @@ import llama_cpp
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appliance.errors import InvalidRequest
+
+RENDER_SECONDS = 2.0
+RENDER_MAX_CHARS = 16 * 2**20  # well past any context: four times the largest request body
+TEMPLATE_MAX_CHARS = 256 * 1024
+
+
+class TemplateTooCostly(InvalidRequest):
+    """Rendering ran past its time or size budget."""
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """A sandbox whose every call and lookup checks the render's deadline (thread-local)."""
+
+    budget = threading.local()
+
+    def _check(self) -> None:
+        deadline = getattr(self.budget, "deadline", None)
+        if deadline is not None and time.monotonic() > deadline:
+            raise TemplateTooCostly(f"the chat template ran past {RENDER_SECONDS:g} s")
+
+    def call(self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self._check()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self._check()
+        return super().getitem(obj, argument)
+
+
+def compile_template(template: str) -> jinja2.Template:
+    """The template compiled in our sandbox; InvalidRequest when it is too large or broken."""
+    if len(template) > TEMPLATE_MAX_CHARS:
+        raise InvalidRequest(f"the chat template has {len(template)} characters (at most "
+                             f"{TEMPLATE_MAX_CHARS})")
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                          extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except (jinja2.TemplateError, RecursionError, MemoryError, ValueError) as e:
+        raise InvalidRequest(f"the chat template does not compile: {e}") from None
 
 
 def _raise(message: str) -> None:
@@ -56,12 +108,7 @@ class ChatFormatter:
         self._builtin: str | None = None
         self._template: jinja2.Template | None = None
         if template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            self._template = env.from_string(template)
+            self._template = compile_template(template)
         else:
             self._builtin = builtin_for(architecture)
 
@@ -76,16 +123,35 @@ class ChatFormatter:
     def render(self, messages: list[dict[str, Any]], *, tools: list[dict] | None = None,
                enable_thinking: bool = True, add_generation_prompt: bool = True) -> str:
         if self._template is not None:
-            try:
-                return self._template.render(
-                    messages=messages, tools=tools or None,
-                    add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
-                    bos_token=self.bos_token, eos_token=self.eos_token)
-            except InvalidRequest:
-                raise
-            except jinja2.TemplateError as e:
-                raise InvalidRequest(f"the model's chat template failed: {e}") from None
+            return self._render_bounded(messages=messages, tools=tools or None,
+                                        add_generation_prompt=add_generation_prompt,
+                                        enable_thinking=enable_thinking,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
         return self._render_builtin(messages, add_generation_prompt)
+
+    def _render_bounded(self, **context: Any) -> str:
+        assert self._template is not None
+        budget = _BoundedSandbox.budget
+        budget.deadline = time.monotonic() + RENDER_SECONDS
+        parts: list[str] = []
+        size = 0
+        try:
+            for part in self._template.generate(**context):
+                size += len(part)
+                if size > RENDER_MAX_CHARS:
+                    raise TemplateTooCostly("the chat template's output is over "
+                                            f"{RENDER_MAX_CHARS} characters")
+                parts.append(part)
+                if time.monotonic() > budget.deadline:
+                    raise TemplateTooCostly(f"the chat template ran past {RENDER_SECONDS:g} s")
+        except InvalidRequest:
+            raise
+        except (jinja2.TemplateError, RecursionError, MemoryError, TypeError, ValueError,
+                AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+            raise InvalidRequest(f"the model's chat template failed: {e}") from None
+        finally:
+            budget.deadline = None
+        return "".join(parts)
 
     def _render_builtin(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         assert self._builtin is not None

@@ -34,10 +34,11 @@ class ToolCall:
 class ChatOutputParser:
     """Feed text pieces in order; get reasoning and content deltas back; tool calls at the end."""
 
-    def __init__(self, *, prompt: str, parse_tools: bool) -> None:
+    def __init__(self, *, prompt: str, parse_tools: bool, forced_tool: bool = False) -> None:
         # Some templates open the thinking block in the prompt itself.
         self._mode = "reasoning" if prompt.rstrip().endswith(THINK_OPEN) else "start"
         self._parse_tools = parse_tools
+        self._forced_tool = forced_tool  # markup from a forced call is never content
         self._buffer = ""
         self._tool_text = ""
         self._strip_leading = False
@@ -119,7 +120,7 @@ class ChatOutputParser:
         elif self._mode != "tools":
             delta.content = tail.lstrip() if self._strip_leading else tail
         calls = parse_tool_calls(self._tool_text) if self._tool_text else []
-        if self._tool_text and not calls:
+        if self._tool_text and not calls and not self._forced_tool:
             delta.content += self._tool_text  # not a real call: give the text back
         return delta, calls
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import llama_cpp
 
+from appliance.engine.sampling import SamplerChain, SamplingParams
 from appliance.errors import LoadFailed
 
 _backend_lock = threading.Lock()
@@ -120,6 +121,16 @@ class LlamaRuntime:
     def token_text(self, token: int) -> str:
         return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
+    def control_texts(self) -> set[str]:
+        """The texts of the control tokens (`<|im_start|>`...): what client text must not forge."""
+        texts = set()
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_is_control(self.vocab, token):
+                text = self.token_text(token)
+                if text:
+                    texts.add(text)
+        return texts
+
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
@@ -128,6 +139,10 @@ class LlamaRuntime:
         return raw.decode("utf-8") if raw else None
 
     # -- decoding --------------------------------------------------------------------------
+
+    def sampler(self, params: SamplingParams) -> SamplerChain:
+        """A sampler chain for one request (the caller closes it)."""
+        return SamplerChain(self, params)
 
     def clear_batch(self) -> None:
         self.batch.n_tokens = 0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import llama_cpp
 
-from appliance.engine.runtime import LlamaRuntime
 from appliance.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from appliance.engine.runtime import LlamaRuntime
 
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per chain
 

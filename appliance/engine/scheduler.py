@@ -46,7 +46,7 @@ class TextEvent:
 
 @dataclass
 class DoneEvent:
-    finish_reason: str  # stop, length, cancelled
+    finish_reason: str  # stop, length; "cancelled" only for a request whose client has left
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -163,8 +163,12 @@ class Scheduler:
     """Admits requests into slots and runs the decode loop on its own thread."""
 
     def __init__(self, runtime: LlamaRuntime, n_slots: int, max_queue: int,
-                 observer: SchedulerObserver | None = None, nice: int = 0) -> None:
+                 observer: SchedulerObserver | None = None, nice: int = 0,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.runtime = runtime
+        self.on_fatal = on_fatal or (lambda _: None)
+        self.fatal: BaseException | None = None  # why the engine thread ended, if it did
+        self._step_started: float | None = None
         self.nice = nice
         self.max_queue = max_queue
         self.observer = observer or _NoObserver()
@@ -173,6 +177,7 @@ class Scheduler:
         self._active: list[_Sequence] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_reason = "the model was unloaded"
         self._abort: Exception | None = None
         self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
         self.prefix_hit_tokens = 0
@@ -189,6 +194,8 @@ class Scheduler:
                 f"the prompt has {len(request.prompt_tokens)} tokens but the model's context "
                 f"is {limit} tokens per request", param="messages")
         with self._cond:
+            if self.fatal is not None:
+                raise EngineError(f"the engine has stopped: {self.fatal!r}")
             if self._stopping:
                 raise ServiceUnavailable("the model is being unloaded", retry_after=2)
             if len(self._waiting) >= self.max_queue + self.free_slots():
@@ -196,6 +203,24 @@ class Scheduler:
                                 f"{len(self._waiting)} requests are waiting", retry_after=2)
             self._waiting.append(request)
             self._cond.notify()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Withdraw a request: a waiting one leaves the queue now, a running one at the next step."""
+        request.cancelled.set()
+        with self._cond:
+            try:
+                self._waiting.remove(request)
+            except ValueError:
+                return
+            self._cond.notify_all()
+
+    def stalled_for(self) -> float:
+        """Seconds the current decode step has run (0 between steps): the watchdog's measure."""
+        started = self._step_started
+        return 0.0 if started is None else time.perf_counter() - started
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.fatal is None
 
     def free_slots(self) -> int:
         return sum(not s.busy for s in self.slots)
@@ -225,12 +250,10 @@ class Scheduler:
             self._abort = error
             self._cond.notify_all()
 
-    def stop(self, drain_s: float = 0.0) -> None:
-        """Let running requests finish for up to `drain_s`, cancel the rest, end the thread."""
-        deadline = time.monotonic() + drain_s
+    def stop(self, reason: str = "the model was unloaded") -> None:
+        """End the thread; requests still waiting or running end with an error saying `reason`."""
         with self._cond:
-            while (self._active or self._waiting) and time.monotonic() < deadline:
-                self._cond.wait(timeout=0.05)
+            self._stop_reason = reason
             self._stopping = True
             self._cond.notify_all()
         self._thread.join()
@@ -238,6 +261,15 @@ class Scheduler:
     # -- engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug past every per-request guard: say so, never hang
+            log.critical("the engine thread stopped", exc_info=True)
+            self.fatal = e
+            self._fail_all(EngineError(f"the engine stopped: {e!r}"))
+            self.on_fatal(e)
+
+    def _loop(self) -> None:
         lower_thread_priority(self.nice)
         while True:
             with self._cond:
@@ -261,27 +293,25 @@ class Scheduler:
                             slot.busy = False
                     request.emit(ErrorEvent(EngineError(f"engine error: {e}")))
             if self._active:
+                self._step_started = time.perf_counter()
                 try:
                     self._step()
                 except Exception as e:  # fail the running requests, keep serving the rest
                     log.exception("a decode step failed")
                     self._fail_active(EngineError(f"engine error: {e}"))
-            with self._cond:
-                self._cond.notify_all()  # wake stop() waiting for a drain
-        self._fail_all(ServiceUnavailable("the model was unloaded", retry_after=2),
-                       cancelled=True)
+                finally:
+                    self._step_started = None
+        # A stream cut short must say so: an error, never a normal finish.
+        self._fail_all(ServiceUnavailable(self._stop_reason, retry_after=2))
 
-    def _fail_all(self, error: Exception, cancelled: bool = False) -> None:
+    def _fail_all(self, error: Exception) -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for request in waiting:
             request.emit(ErrorEvent(error))
         for seq in list(self._active):
-            if cancelled:
-                self._finish(seq, "cancelled")
-            else:
-                self._release(seq)
-                seq.request.emit(ErrorEvent(error))
+            self._release(seq)
+            seq.request.emit(ErrorEvent(error))
 
     def _take_admissible(self) -> list[GenerationRequest]:
         free = self.free_slots()
@@ -301,7 +331,7 @@ class Scheduler:
         slot.cached = slot.cached[:reuse]
         slot.busy = True
         try:
-            chain = SamplerChain(self.runtime, request.sampling)
+            chain = self.runtime.sampler(request.sampling)
         except Exception as e:
             slot.busy = False
             request.emit(ErrorEvent(e if isinstance(e, ApplianceError)

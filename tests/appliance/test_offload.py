@@ -10,9 +10,9 @@ import pytest
 from appliance.config import Settings
 from appliance.gguf_info import read_gguf_info
 from appliance.gpu import GpuMemory
-from appliance.lifecycle import ModelManager
 from appliance.offload import fewer_layers, plan_offload
 from appliance.registry import Registry
+from appliance.residency.loader import ModelLoader
 
 GIB = 2**30
 MIB = 2**20
@@ -109,14 +109,14 @@ def test_retry_schedule_reaches_zero() -> None:
     assert steps[:4] == [37, 28, 21, 16] and steps[-1] == 0
 
 
-def test_manager_plans_from_the_probe(tiny_gguf: Path, tmp_path: Path) -> None:
+def test_loader_plans_from_the_probe(tiny_gguf: Path, tmp_path: Path) -> None:
     import shutil
 
     shutil.copy(tiny_gguf, tmp_path / "m.gguf")
     settings = Settings(models_dir=tmp_path, context_length=2048, parallel=2)
     registry = Registry(tmp_path)
     registry.scan()
-    manager = ModelManager(settings, registry, FakeGpu(24 * GIB, 20 * GIB))
-    manager._gpu_build = True  # as on a CUDA build
-    plan, context = manager.plan_for(registry.resolve("m"))
+    loader = ModelLoader(settings, FakeGpu(24 * GIB, 20 * GIB))
+    loader._gpu_build = True  # as on a CUDA build
+    plan, context = loader.plan_for(registry.resolve("m"))
     assert context == 2048 and plan.n_gpu_layers == 3 and plan.free_vram == 20 * GIB

@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance import __version__
+from appliance.api.core import off_loop
 from appliance.api.deps import ManagerDep, MetricsDep, ProbeDep, RegistryDep
 from appliance.gpu import GpuProbe
-from appliance.lifecycle import ModelManager, ModelState
 from appliance.metrics import Metrics
+from appliance.registry import Registry
+from appliance.residency.manager import ModelManager, ModelState
 
 router = APIRouter()
 
@@ -38,37 +40,45 @@ async def health(manager: ManagerDep) -> JSONResponse:
     loading = manager.state in (ModelState.LOADING, ModelState.UNLOADING)
     body = {"status": "loading" if loading else "ok", "state": status["state"],
             "model": status["model"]["id"] if status["model"] else None}
-    return JSONResponse(body, status_code=503 if loading else 200,
-                        headers={"Retry-After": "1"} if loading else None)
+    if manager.engine_failure:  # until the next load brings a working engine back
+        body.update(status="error", reason=manager.engine_failure)
+    unhealthy = loading or manager.engine_failure is not None
+    return JSONResponse(body, status_code=503 if unhealthy else 200,
+                        headers={"Retry-After": "1"} if unhealthy else None)
 
 
 @router.get("/api/status")
 async def api_status(manager: ManagerDep, probe: ProbeDep) -> dict[str, Any]:
     return {"version": __version__, "pid": os.getpid(), **manager.status(),
-            "memory": memory_status(probe)}
+            "memory": await off_loop(memory_status, probe)}
 
 
-@router.get("/api/models")
-async def api_models(registry: RegistryDep, manager: ManagerDep) -> dict[str, Any]:
-    current = manager.current.entry.id if manager.current else None
+def _describe_models(registry: Registry, current: str | None) -> list[dict[str, Any]]:
     models = []
     for entry in registry.scan():
         item = entry.describe()
         item["aliases"] = registry.aliases_of(entry.id)
         item["loaded"] = entry.id == current
         models.append(item)
-    return {"models": models, "models_dir": str(registry.models_dir)}
+    return models
+
+
+@router.get("/api/models")
+async def api_models(registry: RegistryDep, manager: ManagerDep) -> dict[str, Any]:
+    current = manager.current.id if manager.current else None
+    return {"models": await off_loop(_describe_models, registry, current),
+            "models_dir": str(registry.models_dir)}
 
 
 @router.post("/api/models/{model_id}/load")
 async def api_load(model_id: str, manager: ManagerDep) -> dict[str, Any]:
-    await manager.load(model_id)
+    await manager.load(model_id, explicit=True)
     return manager.status()
 
 
 @router.post("/api/models/{model_id}/unload")
 async def api_unload(model_id: str, manager: ManagerDep) -> dict[str, Any]:
-    if manager.current is not None and model_id.lower() in (manager.current.entry.id, "current"):
+    if manager.current is not None and model_id.lower() in (manager.current.id, "current"):
         await manager.unload()
     return manager.status()
 

@@ -1,16 +1,25 @@
-"""Between HTTP handlers and the engine thread: submit a request, await its events, cancel it
-when the client goes away."""
+"""The dialect-neutral core between HTTP handlers and the engine: prepare a request (template,
+tokens, sampling, grammar: blocking work, run off the event loop), submit it, await its events,
+and cancel it the moment its client goes away, streaming or not.
+
+Every dialect module goes through here; none touches the runtime or the scheduler.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from starlette.types import Receive, Scope, Send
 
 from appliance.api.schemas import ResponseFormat, SamplingFields, Tool
 from appliance.engine.sampling import SamplingParams
@@ -22,13 +31,15 @@ from appliance.engine.scheduler import (
     TextEvent,
 )
 from appliance.errors import InvalidRequest
-from appliance.lifecycle import LoadedModel
 from appliance.metrics import Metrics
+from appliance.residency.model import LoadedModel, Prompt
+
+T = TypeVar("T")
 
 
 def sampling_params(body: SamplingFields, model: LoadedModel, grammar: str | None) -> SamplingParams:
     """The request's sampling, with the model's own recommended defaults (GGUF) for the rest."""
-    meta = model.entry.info.metadata if model.entry.info else {}
+    meta = model.metadata
     defaults = SamplingParams()
 
     def pick(value: float | int | None, key: str, fallback: float | int) -> float | int:
@@ -37,7 +48,7 @@ def sampling_params(body: SamplingFields, model: LoadedModel, grammar: str | Non
         stored = meta.get(f"general.sampling.{key}")
         return stored if isinstance(stored, (int, float)) else fallback
 
-    n_vocab = model.runtime.n_vocab
+    n_vocab = model.n_vocab
     bias = {}
     for key, value in (body.logit_bias or {}).items():
         token = int(key)
@@ -109,10 +120,16 @@ class Generation:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._metrics = metrics
+        self._model = model
         self.started = time.perf_counter()
         self.outcome: Outcome | None = None
         self.request = GenerationRequest(prompt_tokens, sampling, max_tokens, stop, self._emit)
-        model.scheduler.submit(self.request)
+        model.submit(self.request)
+
+    def cancel(self) -> None:
+        """Withdraw the request unless it has finished (idempotent)."""
+        if self.outcome is None:
+            self._model.cancel(self.request)
 
     def _emit(self, event: Event) -> None:  # engine thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
@@ -140,8 +157,7 @@ class Generation:
                 elif isinstance(event, ErrorEvent):
                     raise event.error
         finally:
-            if self.outcome is None:
-                self.request.cancelled.set()  # client gone or error: free the slot
+            self.cancel()  # client gone or error: free the slot, or leave the queue, now
 
     def usage(self) -> dict:
         o = self.outcome
@@ -154,6 +170,64 @@ class Generation:
 
 def max_new_tokens(requested: int | None, prompt_len: int, model: LoadedModel,
                    cap: int | None) -> int:
-    room = model.runtime.context_per_seq - prompt_len - 1
+    room = model.context_per_slot - prompt_len - 1
     limit = requested or cap or room
     return max(1, min(limit, room))
+
+
+async def prepare_chat(model: LoadedModel, messages: list[dict[str, Any]],
+                       tools: list[dict] | None, enable_thinking: bool) -> Prompt:
+    """Render and tokenize in a worker thread: a 1 MB prompt must not stall /health."""
+    return await asyncio.to_thread(model.prepare_chat, messages, tools, enable_thinking)
+
+
+async def prepare_text(model: LoadedModel, text: str) -> Prompt:
+    return await asyncio.to_thread(model.prepare_text, text)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Blocking work (grammar building, header scans) on a worker thread."""
+    return await asyncio.to_thread(fn, *args)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientGone (with `work` cancelled) as soon as the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    # The body was read already; the next message from the server is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class GenerationStream(StreamingResponse):
+    """A streamed answer that releases its model and request however the response ends, even
+    when the client leaves before the body iterator has started."""
+
+    def __init__(self, content: AsyncIterator[bytes], stack: contextlib.AsyncExitStack,
+                 media_type: str) -> None:
+        super().__init__(content, media_type=media_type,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stack = stack
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stack.aclose()

@@ -1,0 +1,195 @@
+"""Turn a model file into a LoadedModel: check it, plan the offload, load (retrying with fewer GPU
+layers when memory runs out), assemble the engine; close everything on any failure.
+
+`preflight` runs before the resident model is evicted, so a file that cannot work (bad header,
+a template that does not compile, a remembered failure) never costs the user the model they had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from appliance.config import Settings
+from appliance.engine.chat import ChatFormatter, compile_template
+from appliance.engine.runtime import LlamaRuntime, RuntimeOptions, gpu_offload_supported
+from appliance.engine.scheduler import Scheduler, SchedulerObserver
+from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable
+from appliance.gpu import GpuProbe
+from appliance.offload import OffloadPlan, fewer_layers, plan_offload
+from appliance.registry import ModelEntry
+from appliance.residency.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+RuntimeFactory = Callable[..., LlamaRuntime]
+T = TypeVar("T")
+
+
+async def in_daemon_thread(fn: Callable[[], T], name: str) -> T:
+    """Run `fn` on a daemon thread: unlike the default executor, a load still running when the
+    daemon is told to stop does not hold the process past its stop timeout."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Callable[[Any], None], Any] = (future.set_result, fn())
+        except BaseException as e:
+            outcome = (future.set_exception, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop has closed: the daemon stopped during the load
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
+
+
+class FailureMemory:
+    """Load failures by file (path, size, mtime): a broken file is not retried on every request,
+    and a replaced file is tried afresh."""
+
+    def __init__(self) -> None:
+        self._failures: dict[tuple[str, int, float], str] = {}
+
+    @staticmethod
+    def _key(entry: ModelEntry) -> tuple[str, int, float]:
+        return (str(entry.path), *entry.signature)
+
+    def remember(self, entry: ModelEntry, reason: str) -> None:
+        self._failures[self._key(entry)] = reason
+
+    def forget(self, entry: ModelEntry) -> None:
+        self._failures.pop(self._key(entry), None)
+
+    def reason(self, entry: ModelEntry) -> str | None:
+        return self._failures.get(self._key(entry))
+
+
+class ModelLoader:
+    """Plans and loads models; knows llama.cpp and the GPU, nothing of requests or states."""
+
+    def __init__(self, settings: Settings, probe: GpuProbe,
+                 observer: SchedulerObserver | None = None,
+                 runtime_factory: RuntimeFactory = LlamaRuntime) -> None:
+        self.settings = settings
+        self.probe = probe
+        self.observer = observer
+        self.runtime_factory = runtime_factory
+        self.failures = FailureMemory()
+        self._gpu_build: bool | None = None
+
+    def gpu_build(self) -> bool:
+        if self._gpu_build is None:
+            self._gpu_build = gpu_offload_supported()
+        return self._gpu_build
+
+    def preflight(self, entry: ModelEntry) -> None:
+        """Raise ModelUnusable if `entry` cannot work, without touching what is loaded."""
+        remembered = self.failures.reason(entry)
+        if remembered:
+            raise ModelUnusable(f"model {entry.id!r} failed to load before: {remembered} "
+                                "(replace the file, or load it explicitly, to try again)",
+                                param="model")
+        assert entry.info is not None
+        template = entry.info.metadata.get("tokenizer.chat_template")
+        if template is not None:
+            try:
+                compile_template(str(template))
+            except InvalidRequest as e:
+                self.failures.remember(entry, e.message)
+                raise ModelUnusable(f"model {entry.id!r} is unusable: {e.message}",
+                                    param="model") from None
+
+    def plan_for(self, entry: ModelEntry) -> tuple[OffloadPlan, int]:
+        """The offload plan for `entry` now, and its context tokens per slot."""
+        assert entry.info is not None
+        overrides = self.settings.model_overrides(entry.id)
+        trained = entry.info.context_length or self.settings.context_length
+        context = min(overrides.context_length or self.settings.context_length, trained)
+        devices = self.probe.devices()
+        best = max(devices, key=lambda d: d.free, default=None)
+        plan = plan_offload(
+            entry.info, n_ctx_total=context * self.settings.parallel,
+            free_vram=best.free if best else 0, device=best.name if best else "cpu",
+            margin=self.settings.vram_margin_mib * 2**20, gpu_build=self.gpu_build(),
+            forced_layers=overrides.gpu_layers)
+        return plan, context
+
+    def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> LoadedModel:
+        """Blocking: the runtime, formatter and engine for `entry`; a failure leaks nothing."""
+        try:
+            plan, context = self.plan_for(entry)
+            runtime, plan = self._open_runtime(entry, plan, context)
+        except (LoadFailed, ModelUnusable) as e:
+            self.failures.remember(entry, e.message)
+            raise
+        except Exception as e:  # a crafted file can upset the planner or llama.cpp's loader
+            self.failures.remember(entry, repr(e))
+            raise LoadFailed(f"loading {entry.id} failed: {e!r}") from e
+        try:
+            return self._assemble(entry, runtime, plan, on_fatal)
+        except BaseException as e:
+            runtime.close()
+            reason = e.message if isinstance(e, InvalidRequest) else repr(e)
+            self.failures.remember(entry, reason)
+            raise ModelUnusable(f"model {entry.id!r} is unusable: {reason}",
+                                param="model") from None
+
+    def _open_runtime(self, entry: ModelEntry, plan: OffloadPlan,
+                      context: int) -> tuple[LlamaRuntime, OffloadPlan]:
+        layers = plan.n_gpu_layers
+        while True:
+            options = RuntimeOptions(n_gpu_layers=layers, context_per_seq=context,
+                                     n_seq=self.settings.parallel, n_threads=self.settings.threads,
+                                     flash_attn=self.settings.flash_attn)
+            try:
+                runtime = self.runtime_factory(entry.path, options)
+                break
+            except LoadFailed:
+                if layers == 0:
+                    raise
+                layers = fewer_layers(layers)
+                log.warning("load of %s failed; retrying with %d GPU layers", entry.id, layers)
+        if layers != plan.n_gpu_layers:
+            plan = OffloadPlan(layers, plan.n_layers, plan.device if layers else "cpu",
+                               f"retried with {layers} GPU layers after a failed load",
+                               plan.free_vram, margin=plan.margin)
+        return runtime, plan
+
+    def _assemble(self, entry: ModelEntry, runtime: LlamaRuntime, plan: OffloadPlan,
+                  on_fatal: Callable[[BaseException], None]) -> LoadedModel:
+        assert entry.info is not None
+        meta = entry.info.metadata
+        template = meta.get("tokenizer.chat_template")
+        formatter = ChatFormatter(template if isinstance(template, str) else None,
+                                  bos_token=runtime.token_text(_special(meta, "bos", runtime))
+                                  if runtime.add_bos else "",
+                                  eos_token=runtime.token_text(_special(meta, "eos", runtime)),
+                                  architecture=entry.info.architecture)
+        control_texts = runtime.control_texts()
+        thinking = self.settings.model_overrides(entry.id).enable_thinking
+        scheduler = Scheduler(runtime, self.settings.parallel, self.settings.max_queue,
+                              self.observer, nice=self.settings.engine_nice, on_fatal=on_fatal)
+        return LoadedModel(entry, runtime, scheduler, formatter, plan,
+                           self.settings.enable_thinking if thinking is None else thinking,
+                           control_texts)
+
+    @staticmethod
+    def close(model: LoadedModel, reason: str) -> None:
+        """Blocking: stop the engine (requests still running end with `reason`), free memory."""
+        model.scheduler.stop(reason)
+        model.runtime.close()
+
+
+def _special(meta: dict[str, Any], kind: str, runtime: LlamaRuntime) -> int:
+    value = meta.get(f"tokenizer.ggml.{kind}_token_id")
+    return value if isinstance(value, int) and 0 <= value < runtime.n_vocab else 0
