@@ -34,15 +34,20 @@ def setup_logging(level: str) -> None:
 
 
 def notify_systemd(message: str) -> None:
-    """sd_notify: tell systemd (Type=notify) we are ready or stopping; no-op elsewhere."""
+    """sd_notify: tell systemd (Type=notify) we are ready, alive or stopping; no-op elsewhere.
+    Never blocks: it runs on the event loop, and a full socket must not stall the daemon."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+        sock.setblocking(False)
+        try:
+            sock.connect(address)
+            sock.send(message.encode())
+        except OSError as e:  # the manager is gone or busy: nothing to tell, nothing to wait for
+            log.debug("sd_notify %r failed: %s", message, e)
 
 
 # A decode step running this long means a wedged engine (the slowest plausible step, a 512-token

@@ -186,3 +186,62 @@ def test_decoding_runs_at_lower_priority_than_http(models_dir: Path, tmp_path: P
         for tid, nice, ticks in tasks:
             used[nice] += ticks - before.get(tid, 0)
         assert used.get(7, 0) > used[0], tasks  # ... and the decoding threads run niced
+
+
+def test_feeds_the_systemd_watchdog(models_dir: Path, tmp_path: Path) -> None:
+    """WatchdogSec: WATCHDOG=1 arrives every WATCHDOG_USEC/2 while the daemon is healthy."""
+    import os
+    import socket
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        os.environ.update(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="200000")
+        try:
+            with run_daemon(models_dir, tmp_path, default_model=MODEL_A):
+                messages = [sock.recv(256).decode() for _ in range(5)]
+        finally:
+            del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+    assert sum("WATCHDOG=1" in m for m in messages) >= 3, messages
+
+
+def test_an_unhealthy_engine_stops_the_watchdog_pings(tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import socket
+    from types import SimpleNamespace
+
+    from appliance.server import feed_watchdog
+
+    class Manager:
+        healthy = True
+
+        def engine_healthy(self, stall_limit_s: float) -> bool:
+            return self.healthy
+
+    manager = Manager()
+    app = SimpleNamespace(state=SimpleNamespace(manager=manager))
+    path = tmp_path / "notify.sock"
+
+    async def pings(healthy: bool) -> int:
+        manager.healthy = healthy
+        task = asyncio.create_task(feed_watchdog(app, 0.01))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        count = 0
+        while True:
+            try:
+                count += b"WATCHDOG=1" in sock.recv(256)
+            except BlockingIOError:
+                return count
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        os.environ["NOTIFY_SOCKET"] = str(path)
+        try:
+            assert asyncio.run(pings(True)) >= 3
+            assert asyncio.run(pings(False)) == 0
+        finally:
+            del os.environ["NOTIFY_SOCKET"]
