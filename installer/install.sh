@@ -84,6 +84,15 @@ prefix=$(cd "$prefix" && pwd)
 [ -d "$config" ] || { make_dir data "$config" && chmod 700 "$config"; }
 venv="$prefix/venv"
 models="$prefix/models"
+# An install from before the manifest: take over what that installer surely made, so an upgrade
+# followed by uninstall.sh still removes the program.
+if [ ! -f "$manifest" ] && [ -f "$config/install.env" ] \
+    && [ "$(. "$config/install.env" && printf '%s' "${PREFIX:-}")" = "$prefix" ]; then
+    [ -d "$venv" ] && note program dir "$venv"
+    [ -d "$state_home/qwen-appliance" ] && note program dir "$state_home/qwen-appliance"
+    note data dir "$config"
+    if [ "$prefix" = "$data_home/qwen-appliance" ]; then note data dir "$prefix"; fi
+fi
 
 # -- what the machine has ------------------------------------------------------------------
 python=${PYTHON:-python3}

@@ -202,3 +202,23 @@ def test_uninstall_without_manifest_keeps_a_foreign_prefix(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert (home / "notes.txt").read_text() == "mine" and (home / "venv").is_dir()
     assert "no manifest" in result.stdout
+
+
+def test_upgrade_of_an_install_without_manifest_adopts_its_program(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    prefix, config = home / ".local/share/qwen-appliance", home / ".config/qwen-appliance"
+    (prefix / "models").mkdir(parents=True)
+    (prefix / "models/mine.gguf").write_bytes(b"GGUF")
+    config.mkdir(parents=True)
+    (config / "install.env").write_text(f"PREFIX={prefix}\n")  # what the old installer left
+    # The old venv; its python fails, so this upgrade stops early, as any failed upgrade may.
+    (prefix / "venv/bin").mkdir(parents=True)
+    (prefix / "venv/bin/python").write_text("#!/bin/sh\nexit 3\n")
+    (prefix / "venv/bin/python").chmod(0o755)
+    upgrade = run("install.sh", home, "--no-start", "--cpu")
+    assert upgrade.returncode != 0
+    kept = run("uninstall.sh", home)
+    assert kept.returncode == 0, kept.stderr
+    assert not (prefix / "venv").exists() and (prefix / "models/mine.gguf").exists()
+    purged = run("uninstall.sh", home, "--purge")
+    assert purged.returncode == 0 and not prefix.exists() and not config.exists()
