@@ -92,8 +92,16 @@ class Load:
         return sum(1 for line in self.lines[i] if line.startswith("data: {"))
 
 
-def check_models_intact(url: str, models_dir: Path, before: dict[str, str]) -> None:
+def catalogue(url: str) -> list[tuple[str, bool, int]]:
+    """Every model the daemon lists: id, usable, file size (the broken one included)."""
+    models = httpx.get(url + "/api/models", timeout=30).json()["models"]
+    return sorted((m["id"], m["usable"], m["file_size"]) for m in models)
+
+
+def check_models_intact(url: str, models_dir: Path, before: dict[str, str],
+                        listed_before: list[tuple[str, bool, int]]) -> None:
     assert digests(models_dir) == before  # nothing on disk was touched by the crash
+    assert catalogue(url) == listed_before
     listed = {m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
     assert {MODEL_A, MODEL_B} <= listed
     for model in (MODEL_A, MODEL_B):  # the second one is loaded just in time
@@ -170,13 +178,15 @@ def test_kill_9_under_load_then_tray_start_restores_service(
 
     assert "started the daemon" in control.start()
     first = wait_for(lambda: serving_pid(url), "the first daemon", log=log)
+    listed_before = catalogue(url)
+    assert {(MODEL_A, True), (MODEL_B, True), ("broken", False)} <= {m[:2] for m in listed_before}
     killed = kill_under_load(url, log)
     assert killed == first
 
     assert "started the daemon" in control.start()  # what the tray's Start menu item runs
     second = wait_for(lambda: serving_pid(url), "the restarted daemon", log=log)
     assert second != first
-    check_models_intact(url, models_dir, before)
+    check_models_intact(url, models_dir, before, listed_before)
     text = log.read_text(errors="replace")
     assert text.count("serving on") == 2 and "Traceback" not in text
 
@@ -216,11 +226,12 @@ def test_kill_9_under_load_systemd_restarts_service(models_dir: Path, tmp_path: 
     try:
         first = wait_for(lambda: serving_pid(url), "the service")
         assert first == main_pid()
+        listed_before = catalogue(url)
         kill_under_load(url, None)
         second = wait_for(lambda: (pid := serving_pid(url)) and pid != first and pid,
                           "systemd to restart the service")
         assert second == main_pid()
-        check_models_intact(url, models_dir, before)
+        check_models_intact(url, models_dir, before, listed_before)
     finally:
         subprocess.run(["systemctl", "--user", "stop", unit], capture_output=True, timeout=90)
         subprocess.run(["systemctl", "--user", "reset-failed", unit], capture_output=True,
