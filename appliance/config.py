@@ -2,22 +2,37 @@
 
 The TOML file is `$XDG_CONFIG_HOME/qwen-appliance/config.toml` (or `APPLIANCE_CONFIG`). Built once
 at start-up and passed to whatever needs it; never a module-level global.
+
+A key the daemon does not know, in the file or in a `[models.ID]` section, is an error naming the
+key (a typo such as `contex_length` would otherwise be ignored in silence). `APPLIANCE_*`
+variables that name no setting are left alone: the installer and the tests use some of their own
+(`APPLIANCE_CONFIG`, `APPLIANCE_WHEELHOUSE`). Any mistake becomes one `SettingsError` line that
+names the file, key or variable.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+if sys.version_info >= (3, 11):
+    from tomllib import TOMLDecodeError
+else:  # pydantic-settings reads TOML with tomli before Python 3.11
+    from tomli import TOMLDecodeError
 
 DEFAULT_PORT = 8471
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -32,18 +47,30 @@ def default_config_file() -> Path:
                 / "config.toml")
 
 
-class ModelOverrides(BaseSettings):
+class SettingsError(ValueError):
+    """A setting the user must fix; one line naming the file, key or variable, with a hint."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class ModelOverrides(BaseModel):
     """Per-model settings, keyed by model id under `[models.ID]` in the TOML file."""
 
-    context_length: int | None = Field(None, description="context tokens per request slot")
+    # A plain model, not BaseSettings: that would read unprefixed CONTEXT_LENGTH=... from the
+    # environment into every model's settings.
+    model_config = ConfigDict(extra="forbid")
+
+    context_length: int | None = Field(None, ge=256, description="context tokens per slot")
     enable_thinking: bool | None = Field(None, description="Qwen3 thinking on by default")
-    gpu_layers: int | None = Field(None, description="force this many layers on the GPU")
+    gpu_layers: int | None = Field(None, ge=0, description="force this many layers on the GPU")
 
 
 class Settings(BaseSettings):
     """Every setting of the daemon; each can be set as APPLIANCE_<NAME> or in config.toml."""
 
-    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="ignore",
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_", extra="forbid",
                                       env_nested_delimiter="__")
 
     host: str = Field("127.0.0.1", description="address to bind; non-loopback needs api_key_file")
@@ -52,14 +79,16 @@ class Settings(BaseSettings):
                              / "models", description="folder scanned for .gguf models")
     default_model: str | None = Field(None, description="model loaded at start-up")
     aliases: dict[str, str] = Field(default_factory=dict, description="extra name → model id")
-    models: dict[str, ModelOverrides] = Field(default_factory=dict,
-                                              description="per-model overrides")
+    models: dict[str, ModelOverrides] = Field(
+        default_factory=dict, description="per-model overrides under [models.ID] (any case)")
     api_key_file: Path | None = Field(None, description="file (mode 0600) holding the bearer key")
     allowed_hosts: list[str] = Field(default_factory=list,
                                      description="Host header names accepted besides loopback")
     cors_origins: list[str] = Field(default_factory=list,
-                                    description="browser origins allowed; empty means CORS off")
-    context_length: int = Field(8192, ge=256, description="default context tokens per request")
+                                    description="browser origins (scheme://host[:port]) allowed; "
+                                    "empty means CORS off")
+    context_length: int = Field(8192, ge=256,
+                                description="context tokens per slot (each of `parallel`)")
     enable_thinking: bool = Field(True, description="Qwen3 thinking default for chat")
     parallel: int = Field(4, ge=1, le=64, description="sequences decoded together (slots)")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond the slots; then 503")
@@ -85,8 +114,7 @@ class Settings(BaseSettings):
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=default_config_file())
-        return init_settings, env_settings, toml
+        return init_settings, env_settings, _toml_source(settings_cls, default_config_file())
 
     @field_validator("log_level")
     @classmethod
@@ -94,6 +122,25 @@ class Settings(BaseSettings):
         if value.lower() not in {"debug", "info", "warning", "error"}:
             raise ValueError("must be debug, info, warning or error")
         return value.lower()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _lower_case_ids(cls, value: Any) -> Any:
+        # Model ids are lower-case file stems; [models."Qwen3-8B-Q4_K_M"] must still apply.
+        if not isinstance(value, dict):
+            return value
+        lowered: dict[str, Any] = {}
+        for key, section in value.items():
+            mid = str(key).lower()
+            if mid in lowered:
+                raise ValueError(f"two sections name model {mid} (ids ignore case): keep one")
+            lowered[mid] = section
+        return lowered
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_only(cls, value: list[str]) -> list[str]:
+        return [cors_origin(origin) for origin in value]
 
     @model_validator(mode="after")
     def _non_loopback_needs_key(self) -> Settings:
@@ -103,7 +150,7 @@ class Settings(BaseSettings):
         return self
 
     def model_overrides(self, model_id: str) -> ModelOverrides:
-        return self.models.get(model_id) or ModelOverrides()
+        return self.models.get(model_id.lower()) or ModelOverrides()
 
     def read_api_key(self) -> str | None:
         """The bearer key, refusing a key file that others can read."""
@@ -116,6 +163,29 @@ class Settings(BaseSettings):
         if not key:
             raise ValueError(f"{path} is empty")
         return key
+
+
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+
+
+def cors_origin(origin: str) -> str:
+    """`origin` as browsers send it (scheme://host[:port]); anything else is refused."""
+    # `*` would let every web page read the API; `null` is what sandboxed frames and file://
+    # pages send, so allowing it allows any page that chooses to be one of those.
+    refusal = (f"CORS origin {origin!r} is not scheme://host[:port] "
+               "(e.g. http://localhost:3000; never *, null, a path or a trailing slash)")
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port  # raises ValueError on a port that is not a number in range
+    except ValueError:
+        raise ValueError(refusal) from None
+    if (not _SCHEME.fullmatch(parts.scheme or "") or not parts.hostname or parts.path
+            or parts.query or parts.fragment or "@" in parts.netloc
+            or origin.strip().endswith(":")):
+        raise ValueError(refusal)
+    host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
+    # Browsers send the scheme and host in lower case; CORSMiddleware compares exactly.
+    return f"{parts.scheme}://{host.lower()}" + (f":{port}" if port is not None else "")
 
 
 def is_loopback(host: str) -> bool:
@@ -138,5 +208,64 @@ def describe_settings() -> str:
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from overrides (CLI flags), the environment and the TOML file."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from overrides (CLI flags), the environment and the TOML file.
+
+    Raises SettingsError (one line, naming where the bad value came from) for any mistake.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        raise _explain(e, given) from None
+
+
+def _toml_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    # A missing file means defaults; anything else that is not a readable file is a mistake
+    # (pydantic-settings would skip a folder in silence).
+    if path.exists() and not path.is_file():
+        raise SettingsError(f"cannot read {path}: not a file", "set APPLIANCE_CONFIG to a file")
+    try:
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    except TOMLDecodeError as e:
+        raise SettingsError(f"{path} is not valid TOML: {e}",
+                            "fix that line, or move the file away to use the defaults") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SettingsError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}",
+                            "make it a readable UTF-8 file, or set APPLIANCE_CONFIG") from None
+
+
+def _explain(error: ValidationError, given: dict[str, Any]) -> SettingsError:
+    """The first validation error as one line saying which file, key or variable to fix."""
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first.get("loc", ()))
+    key = ".".join(loc)
+    where = _origin(loc, given)
+    more = error.error_count() - 1
+    tail = f" (and {more} more)" if more else ""
+    if first["type"] == "extra_forbidden":
+        known = (ModelOverrides.model_fields if loc[:1] == ("models",) and len(loc) == 3
+                 else Settings.model_fields)
+        close = difflib.get_close_matches(loc[-1], list(known), n=1)
+        return SettingsError(f"unknown setting {key} in {where}{tail}",
+                             f"did you mean {close[0]}?" if close
+                             else "`appliance serve --help` lists the settings")
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    if not loc:  # a check across settings; its message names them
+        return SettingsError(f"bad settings: {message}{tail}",
+                             "check APPLIANCE_* variables and " + str(default_config_file()))
+    return SettingsError(f"bad setting {key} in {where}: {message}{tail}",
+                         "`appliance serve --help` lists the settings")
+
+
+def _origin(loc: tuple[str, ...], given: dict[str, Any]) -> str:
+    """Where the value at `loc` came from, in the order the sources win."""
+    if not loc:
+        return "settings"
+    name = loc[0].lower()
+    if name in given:
+        return "the command line"
+    variable = f"APPLIANCE_{name}".upper()
+    for env in os.environ:
+        if env.upper() == variable or env.upper().startswith(variable + "__"):
+            return env
+    return str(default_config_file())

