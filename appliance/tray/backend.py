@@ -1,0 +1,129 @@
+"""Which tray backend `appliance tray` uses, and why, in one line.
+
+GNOME (with its AppIndicator extension) and KDE Plasma show tray icons only as
+StatusNotifierItems over D-Bus; pystray reaches them only through its AppIndicator backend, which
+needs PyGObject and the Ayatana AppIndicator typelib. Everywhere else (or when those are missing)
+the plain X11 tray (XEmbed) is the fallback: an icon and a title, no menu.
+
+`python -m appliance.tray.backend` prints the verdict; installer/tray-deps.sh runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+APPINDICATOR = "appindicator"
+XORG = "xorg"
+WATCHER = "org.kde.StatusNotifierWatcher"  # libayatana-appindicator registers with this name
+TYPELIB_PACKAGE = "gir1.2-ayatanaappindicator3-0.1"
+GNOME_EXTENSION_PACKAGE = "gnome-shell-extension-appindicator"
+DESCRIPTIONS = {
+    APPINDICATOR: "AppIndicator (StatusNotifierItem over D-Bus, with a menu)",
+    XORG: "the plain X11 tray (an icon and a title, no menu; a left click opens the API docs)",
+}
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str  # a pystray backend: "appindicator" or "xorg"
+    reason: str
+    hint: str | None = None  # what to install or enable to get the AppIndicator backend
+
+    def line(self) -> str:
+        """One line for the terminal: the backend, why, and the fix when it is the fallback."""
+        text = f"tray: {DESCRIPTIONS.get(self.name, self.name)}: {self.reason}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+def appindicator_missing() -> str | None:
+    """What the AppIndicator backend lacks in this Python (and how to get it), or None."""
+    if importlib.util.find_spec("gi") is None:
+        return ("PyGObject (gi) is not importable in this Python: run installer/tray-deps.sh "
+                "VENV (it needs the system package python3-gi)")
+    import gi
+
+    try:
+        gi.require_version("Gtk", "3.0")
+    except ValueError:
+        return "the GTK 3 typelib is missing: sudo apt install gir1.2-gtk-3.0"
+    # pystray tries the Ubuntu-only AppIndicator3 first, then Ayatana's.
+    for namespace in ("AppIndicator3", "AyatanaAppIndicator3"):
+        try:
+            gi.require_version(namespace, "0.1")
+            return None
+        except ValueError:
+            continue
+    return f"the AppIndicator typelib is missing: sudo apt install {TYPELIB_PACKAGE}"
+
+
+def watcher_present() -> tuple[bool, str]:
+    """Whether a StatusNotifierWatcher owns its name on the session bus, and if not, why."""
+    import gi
+
+    gi.require_version("Gio", "2.0")
+    from gi.repository import Gio, GLib
+
+    try:
+        bus = Gio.bus_get_sync(Gio.BusType.SESSION, None)
+        reply = bus.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                              "org.freedesktop.DBus", "NameHasOwner",
+                              GLib.Variant("(s)", (WATCHER,)), GLib.VariantType("(b)"),
+                              Gio.DBusCallFlags.NONE, 2000, None)
+    except GLib.Error as e:
+        return False, f"no D-Bus session bus ({e.message})"
+    if reply.unpack()[0]:
+        return True, f"a StatusNotifierWatcher ({WATCHER}) is on the session bus"
+    return False, "no StatusNotifierWatcher on the session bus"
+
+
+def _watcher_hint(environ: Mapping[str, str]) -> str | None:
+    if "GNOME" in environ.get("XDG_CURRENT_DESKTOP", "").upper():
+        return (f"on GNOME: sudo apt install {GNOME_EXTENSION_PACKAGE}, enable it in Extensions, "
+                "log out and in")
+    return None
+
+
+def choose_backend(environ: Mapping[str, str] | None = None) -> BackendChoice:
+    """AppIndicator where a StatusNotifierWatcher is on the session bus and the libraries are
+    there; the X11 tray otherwise. PYSTRAY_BACKEND, when set, wins."""
+    environ = os.environ if environ is None else environ
+    forced = environ.get("PYSTRAY_BACKEND")
+    if forced:
+        return BackendChoice(forced, f"PYSTRAY_BACKEND={forced} is set")
+    missing = appindicator_missing()
+    if missing:
+        return BackendChoice(XORG, "the AppIndicator backend cannot run", missing)
+    present, why = watcher_present()
+    if present:
+        return BackendChoice(APPINDICATOR, why)
+    return BackendChoice(XORG, why, _watcher_hint(environ))
+
+
+def icon_class(name: str) -> Any:
+    """The pystray Icon class of a backend (ours for AppIndicator, with in-place relabelling)."""
+    # pystray picks a backend when it is first imported: make that the chosen one, so the X11
+    # fallback does not load GTK for nothing.
+    os.environ["PYSTRAY_BACKEND"] = name
+    if name == APPINDICATOR:
+        from appliance.tray.indicator import IndicatorIcon
+
+        return IndicatorIcon
+    import importlib
+
+    return importlib.import_module(f"pystray._{name}").Icon
+
+
+def main() -> int:
+    """Print the verdict; exit 0 when the AppIndicator backend's libraries are all there."""
+    choice = choose_backend()
+    print(choice.line())
+    return 0 if appindicator_missing() is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
