@@ -63,17 +63,14 @@ def appindicator_missing() -> str | None:
 
 def watcher_present() -> tuple[bool, str]:
     """Whether a StatusNotifierWatcher owns its name on the session bus, and if not, why."""
-    import gi
+    from appliance.tray.dbus import gio, session_bus
 
-    gi.require_version("Gio", "2.0")
-    from gi.repository import Gio, GLib
-
+    Gio, GLib = gio()
     try:
-        bus = Gio.bus_get_sync(Gio.BusType.SESSION, None)
-        reply = bus.call_sync("org.freedesktop.DBus", "/org/freedesktop/DBus",
-                              "org.freedesktop.DBus", "NameHasOwner",
-                              GLib.Variant("(s)", (WATCHER,)), GLib.VariantType("(b)"),
-                              Gio.DBusCallFlags.NONE, 2000, None)
+        reply = session_bus().call_sync(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "NameHasOwner", GLib.Variant("(s)", (WATCHER,)), GLib.VariantType("(b)"),
+            Gio.DBusCallFlags.NONE, 2000, None)
     except GLib.Error as e:
         return False, f"no D-Bus session bus ({e.message})"
     if reply.unpack()[0]:

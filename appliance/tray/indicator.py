@@ -12,11 +12,14 @@ Importing this module initialises GTK: import it only once the AppIndicator back
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
-from gi.repository import GLib
-from pystray._appindicator import Icon
-from pystray._util.gtk import mainloop
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ImportWarning)  # PyGObject < 3.44's importer (see dbus.py)
+    from gi.repository import GLib
+    from pystray._appindicator import Icon
+    from pystray._util.gtk import mainloop
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,9 @@ class DesktopNotifier:
         self._queue.put(None)
 
     def _run(self) -> None:
-        from gi.repository import Gio, GLib
+        from appliance.tray.dbus import gio
+
+        Gio, GLib = gio()
 
         while (message := self._queue.get()) is not None:
             summary, body = message
@@ -71,13 +73,11 @@ def make_notifier() -> Notifier:
     """A desktop notifier when PyGObject and a session bus are there, else the log."""
     if importlib.util.find_spec("gi") is None:
         return LogNotifier()
-    import gi
+    from appliance.tray.dbus import gio, session_bus
 
-    gi.require_version("Gio", "2.0")
-    from gi.repository import Gio, GLib
-
+    _, GLib = gio()
     try:
-        return DesktopNotifier(Gio.bus_get_sync(Gio.BusType.SESSION, None))
+        return DesktopNotifier(session_bus())
     except GLib.Error as e:
         log.info("no session bus for notifications (%s): they go to the log", e.message)
         return LogNotifier()

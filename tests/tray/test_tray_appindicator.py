@@ -140,14 +140,16 @@ def test_tray_registers_and_its_menu_drives_the_daemon(desktop: Desktop, tray) -
 
     # A load that fails: one notification with the reason, however many polls see the failure.
     panel.click(item, menu.find("Switch model").find(BAD_MODEL))
-    wait_for(lambda: (s := status(daemon.url)) and s["state"] == "failed", 60, "the load to fail")
-    wait_for(lambda: "Error" in panel.prop(item, "Title"), 10, "the title to show the error")
+    failure = wait_for(lambda: (s := status(daemon.url)) and s["state"] == "failed"
+                       and s["failure"], 60, "the load to fail")
+    wait_for(lambda: f"{BAD_MODEL} (error)" in panel.prop(item, "Title"), 10,
+             "the title to show the error")
     menu = menu_when(lambda m: m.labels()[0].startswith("Error"), "the menu's error line")
     panel.click(item, menu.find("Switch model").find(MODEL_A))
     wait_for(lambda: notifications.matching(f"{MODEL_A} is ready"), 60, "A's ready notification")
     failed = notifications.matching("failed")
     assert len(failed) == 1, failed
-    assert BAD_MODEL in failed[0].summary and failed[0].body
+    assert BAD_MODEL in failed[0].summary and failure in failed[0].body, failed  # the reason
     assert all(n.app_name == "Qwen Appliance" for n in notifications.received)
 
     # Stop daemon: the daemon exits, the icon turns grey, and that is no news.
