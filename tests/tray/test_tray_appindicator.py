@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.appliance.conftest import Daemon, run_daemon
+from tests.appliance.conftest import FOREVER, Daemon, run_daemon
 from tests.conftest import MODEL_A, MODEL_B, REPO
 from tests.tray.conftest import Desktop, wait_for
 
@@ -130,6 +130,18 @@ def test_tray_registers_and_its_menu_drives_the_daemon(desktop: Desktop, tray) -
     for label in ("Unload model", "Stop daemon", "Open models folder", "Open logs", "Quit tray"):
         assert menu.find(label).enabled, label
     assert not menu.find("Start daemon").enabled
+
+    # Busy and back: the state line changes in place (the same items: no new layout), the
+    # memory line too, while a stream runs.
+    ids = [c.id for c in menu.children]
+    body = {"model": MODEL_A, "prompt": "x", "max_tokens": 4000, "stream": True, **FOREVER}
+    with httpx.stream("POST", daemon.url + "/v1/completions", json=body, timeout=60) as running:
+        lines = running.iter_lines()  # keep the iterator: dropping it closes the stream
+        next(lines)
+        busy = menu_when(lambda m: m.labels()[0].startswith("Busy, "), "the busy line")
+        assert [c.id for c in busy.children] == ids
+    menu = menu_when(lambda m: m.labels()[0] == "Ready", "the ready line again")
+    assert [c.id for c in menu.children] == ids
 
     # Switch model ▸ B, clicked the way a panel clicks: the daemon loads B.
     panel.click(item, models[MODEL_B])
