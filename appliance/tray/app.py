@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import queue
 import subprocess
-import sys
 import threading
 import webbrowser
 from collections.abc import Callable
@@ -216,14 +215,13 @@ class TrayApp:
     # -- lifetime --------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Create the icon and run its loop (returns on Quit)."""
+        """Create the icon and run its loop (returns on Quit); without an icon factory, choose
+        the backend (appliance.tray.backend.open_backend) first."""
         factory = self._icon_factory
         if factory is None:
-            from appliance.tray.backend import choose_backend, icon_class
+            from appliance.tray.backend import open_backend
 
-            choice = choose_backend()
-            print(choice.line(), file=sys.stderr, flush=True)
-            factory = icon_class(choice.name)
+            factory = open_backend()  # says which backend and why; raises TrayUnavailable
         snapshot = self.snapshot
         spec = menu_spec(snapshot)
         self._shown_spec, self._shown_title = spec, title(snapshot)
