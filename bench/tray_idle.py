@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--note", help="conditions worth keeping with the figures")
     args = parser.parse_args()
     out = args.out or REPO / f"bench/results/tray_idle-{args.backend}.json"
     port = free_port()
@@ -164,6 +165,8 @@ def main() -> None:
 
     figures: dict[str, Any] = {"backend": args.backend, "seconds": args.seconds,
                                "cpu_count": os.cpu_count(), "model": args.model}
+    if args.note:
+        figures["note"] = args.note
     with xvfb() as display, session_bus(folder) as bus:
         # The tray reaches the daemon through the clock's proxy.
         env = {**serve_env, "APPLIANCE_PORT": str(clock.port), "DISPLAY": display,
