@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -20,6 +21,10 @@ from typing import Any, TextIO
 APPINDICATOR = "appindicator"
 XORG = "xorg"
 WATCHER = "org.kde.StatusNotifierWatcher"  # libayatana-appindicator registers with this name
+# At login the autostarted tray can come up before GNOME Shell's extension or Plasma's panel own
+# the watcher name; a tray that fell back to X11 then would stay without a menu all session.
+WATCHER_WAIT_S = 10.0
+WATCHER_POLL_S = 0.2
 TYPELIB_PACKAGE = "gir1.2-ayatanaappindicator3-0.1"
 GNOME_EXTENSION_PACKAGE = "gnome-shell-extension-appindicator"
 DESCRIPTIONS = {
@@ -61,21 +66,27 @@ def appindicator_missing() -> str | None:
     return f"the AppIndicator typelib is missing: sudo apt install {TYPELIB_PACKAGE}"
 
 
-def watcher_present() -> tuple[bool, str]:
-    """Whether a StatusNotifierWatcher owns its name on the session bus, and if not, why."""
+def watcher_present(wait_s: float = 0.0) -> tuple[bool | None, str]:
+    """Whether a StatusNotifierWatcher owns its name on the session bus (None: no bus to ask),
+    and why; waits up to `wait_s` for one to appear."""
     from appliance.tray.dbus import gio, session_bus
 
     Gio, GLib = gio()
+    deadline = time.monotonic() + wait_s
     try:
-        reply = session_bus().call_sync(
-            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-            "NameHasOwner", GLib.Variant("(s)", (WATCHER,)), GLib.VariantType("(b)"),
-            Gio.DBusCallFlags.NONE, 2000, None)
+        bus = session_bus()
+        while True:
+            reply = bus.call_sync(
+                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                "NameHasOwner", GLib.Variant("(s)", (WATCHER,)), GLib.VariantType("(b)"),
+                Gio.DBusCallFlags.NONE, 2000, None)
+            if reply.unpack()[0]:
+                return True, f"a StatusNotifierWatcher ({WATCHER}) is on the session bus"
+            if time.monotonic() >= deadline:
+                return False, "no StatusNotifierWatcher on the session bus"
+            time.sleep(WATCHER_POLL_S)
     except GLib.Error as e:
-        return False, f"no D-Bus session bus ({e.message})"
-    if reply.unpack()[0]:
-        return True, f"a StatusNotifierWatcher ({WATCHER}) is on the session bus"
-    return False, "no StatusNotifierWatcher on the session bus"
+        return None, f"no D-Bus session bus ({e.message})"
 
 
 def _watcher_hint(environ: Mapping[str, str]) -> str | None:
@@ -85,20 +96,28 @@ def _watcher_hint(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def choose_backend(environ: Mapping[str, str] | None = None) -> BackendChoice:
+def choose_backend(environ: Mapping[str, str] | None = None,
+                   wait_s: float | None = None) -> BackendChoice:
     """AppIndicator where a StatusNotifierWatcher is on the session bus and the libraries are
-    there; the X11 tray otherwise. PYSTRAY_BACKEND, when set, wins."""
+    there; the X11 tray otherwise. PYSTRAY_BACKEND, when set, wins.
+
+    In a desktop session (XDG_CURRENT_DESKTOP set) the tray may start at login before the panel
+    has its watcher up: there it waits up to WATCHER_WAIT_S for one, unless `wait_s` says
+    otherwise.
+    """
     environ = os.environ if environ is None else environ
+    if wait_s is None:
+        wait_s = WATCHER_WAIT_S if environ.get("XDG_CURRENT_DESKTOP") else 0.0
     forced = environ.get("PYSTRAY_BACKEND")
     if forced:
         return BackendChoice(forced, f"PYSTRAY_BACKEND={forced} is set")
     missing = appindicator_missing()
     if missing:
         return BackendChoice(XORG, "the AppIndicator backend cannot run", missing)
-    present, why = watcher_present()
+    present, why = watcher_present(wait_s)
     if present:
         return BackendChoice(APPINDICATOR, why)
-    return BackendChoice(XORG, why, _watcher_hint(environ))
+    return BackendChoice(XORG, why, None if present is None else _watcher_hint(environ))
 
 
 class TrayUnavailable(Exception):
@@ -135,7 +154,7 @@ def open_backend(out: TextIO | None = None) -> Any:
 
 def main() -> int:
     """Print the verdict; exit 0 when the AppIndicator backend's libraries are all there."""
-    choice = choose_backend()
+    choice = choose_backend(wait_s=0.0)
     print(choice.line())
     return 0 if appindicator_missing() is None else 1
 

@@ -23,7 +23,7 @@ from jeepney import (
     new_method_call,
     new_method_return,
 )
-from jeepney.bus_messages import message_bus
+from jeepney.bus_messages import Monitoring, message_bus
 from jeepney.io.blocking import DBusConnection, open_dbus_connection
 
 WATCHER = "org.kde.StatusNotifierWatcher"
@@ -65,6 +65,33 @@ def session_bus(folder: Path) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+class CallMonitor:
+    """Sees method calls on the bus as they pass (dbus-daemon's monitoring interface)."""
+
+    def __init__(self, address: str, member: str) -> None:
+        self.conn = open_dbus_connection(address)
+        rule = f"type='method_call',member='{member}'"
+        reply = self.conn.send_and_get_reply(Monitoring().BecomeMonitor([rule]), timeout=5)
+        assert reply.header.message_type is MessageType.method_return, reply.body
+
+    def wait(self, first_arg: str, timeout: float) -> None:
+        """Return once a watched call with this first argument has passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no call with {first_arg!r} in {timeout} s")
+            try:
+                msg = self.conn.receive(timeout=left)
+            except TimeoutError:
+                continue
+            if msg.body and msg.body[0] == first_arg:
+                return
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 Handler = Callable[[Message], tuple[str | None, tuple[Any, ...]]]

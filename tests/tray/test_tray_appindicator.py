@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.appliance.conftest import FOREVER, Daemon, run_daemon
+from tests.appliance.conftest import FOREVER, Daemon, free_port, run_daemon
 from tests.conftest import MODEL_A, MODEL_B, REPO
 from tests.tray.conftest import Desktop, wait_for
 
@@ -193,6 +193,37 @@ def test_tray_registers_and_its_menu_drives_the_daemon(desktop: Desktop, tray) -
     panel.click(item, panel.menu(item).find("Quit tray"))
     assert process.wait(timeout=15) == 0
     wait_for(lambda: not panel.name_has_owner(item.bus_name), 5, "the item to leave the bus")
+
+
+def test_at_login_the_tray_waits_for_the_panels_watcher(
+        desktop: Desktop, tmp_path: Path, appindicator_python: str) -> None:
+    """The autostarted tray can come up before the panel: it must not settle for X11 then."""
+    from tests.tray.desktop_bus import WATCHER, CallMonitor, Watcher
+
+    desktop.watcher.close()  # the panel is not up yet
+    wait_for(lambda: not desktop.panel.name_has_owner(WATCHER), 5, "the watcher to leave")
+    monitor = CallMonitor(desktop.bus, "NameHasOwner")
+    env = {**desktop.env(), "XDG_CURRENT_DESKTOP": "KDE", "APPLIANCE_PORT": str(free_port()),
+           "APPLIANCE_CONFIG": str(tmp_path / "absent.toml")}
+    stderr = tmp_path / "tray.err"
+    with stderr.open("wb") as err:
+        tray = subprocess.Popen([appindicator_python, "-m", "appliance.cli", "tray"], env=env,
+                                stdout=err, stderr=subprocess.STDOUT, cwd=REPO)
+    watcher = None
+    try:
+        monitor.wait(WATCHER, 30)  # the tray has asked for the watcher, and found none
+        watcher = Watcher(desktop.bus)  # now the panel comes up
+        watcher.start()
+        item = wait_for(lambda: watcher.items and watcher.items[-1], 30,
+                        "the item to register with the late watcher")
+        assert "daemon not running" in desktop.panel.prop(item, "Title")
+        assert "AppIndicator" in stderr.read_text().splitlines()[0]
+    finally:
+        tray.terminate()
+        tray.wait(timeout=30)
+        monitor.close()
+        if watcher is not None:
+            watcher.close()
 
 
 def test_without_a_watcher_the_tray_says_it_falls_back_to_x11(

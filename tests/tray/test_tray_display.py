@@ -181,3 +181,26 @@ def test_an_unexpected_error_in_an_action_is_logged_and_actions_go_on(
             runner.join(timeout=10)
             app._icon = None
             gc.collect()
+
+
+def test_a_display_the_backend_cannot_open_is_one_line() -> None:
+    """What `appliance tray` turns into its one-line error (exit 2) instead of a traceback."""
+    code = ("from appliance.tray.backend import TrayUnavailable, open_backend\n"
+            "try:\n    open_backend()\n"
+            "except TrayUnavailable as e:\n    print(e)\n    raise SystemExit(3)\n")
+    env = {**os.environ, "DISPLAY": ":1999", "PYSTRAY_BACKEND": "xorg"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=REPO, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("tray: the plain X11 tray") and "PYSTRAY_BACKEND" in result.stderr
+    [line] = result.stdout.splitlines()
+    assert line.startswith("cannot open the display for the xorg tray: ")
+
+
+def test_logs_are_the_spawned_daemons_log_without_systemd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    control = DaemonControl()
+    if control.uses_systemd():
+        pytest.skip("a systemd user unit is installed here: the logs are in the journal")
+    assert control.log_file() == tmp_path / "qwen-appliance/daemon.log"
