@@ -59,14 +59,18 @@ class Desktop:
     watcher: Watcher
     notifications: NotificationServer
     panel: Panel
+    runtime_dir: Path
 
     def env(self) -> dict[str, str]:
         """A child's environment in this desktop and no other."""
         env = {k: v for k, v in os.environ.items()
                if k not in ("WAYLAND_DISPLAY", "XDG_CURRENT_DESKTOP", "PYSTRAY_BACKEND")}
-        # No accessibility bus, no dconf: GTK would look for both on the session bus.
+        # No accessibility bus, no dconf: GTK would look for both on the session bus. A runtime
+        # folder of its own: `systemctl --user` must not find this machine's user manager, or
+        # the tray's Start/Stop would drive a real appliance.service.
         return {**env, "DISPLAY": self.display, "DBUS_SESSION_BUS_ADDRESS": self.bus,
-                "NO_AT_BRIDGE": "1", "GSETTINGS_BACKEND": "memory"}
+                "XDG_RUNTIME_DIR": str(self.runtime_dir), "NO_AT_BRIDGE": "1",
+                "GSETTINGS_BACKEND": "memory"}
 
 
 def desktop_missing() -> str | None:
@@ -88,15 +92,16 @@ def desktop(tmp_path: Path) -> Iterator[Desktop]:
         pytest.skip(missing)
     from tests.tray.desktop_bus import NotificationServer, Panel, Watcher, session_bus
 
-    folder = tmp_path / "bus"
+    folder, runtime = tmp_path / "bus", tmp_path / "runtime"
     folder.mkdir()
+    runtime.mkdir(mode=0o700)
     with xvfb() as display, session_bus(folder) as bus:
         watcher, notifications = Watcher(bus), NotificationServer(bus)
         watcher.start()
         notifications.start()
         panel = Panel(bus)
         try:
-            yield Desktop(display, bus, watcher, notifications, panel)
+            yield Desktop(display, bus, watcher, notifications, panel, runtime)
         finally:
             panel.close()
             watcher.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.tray.notify import LogNotifier
 from appliance.tray.service import DaemonControl
 from tests.appliance.conftest import run_daemon
 from tests.conftest import MODEL_A, MODEL_B, REPO
@@ -101,7 +102,7 @@ def test_tray_docks_switches_and_shows_the_daemon_stopping(
 
     with run_daemon(models_dir, tmp_path, default_model=MODEL_A) as daemon:
         client = DaemonClient(daemon.url)
-        app = TrayApp(client, DaemonControl(), poll_s=0.5)
+        app = TrayApp(client, DaemonControl(), poll_s=0.5, notifier=LogNotifier())
         runner = threading.Thread(target=app.run, daemon=True)
         runner.start()
         try:
@@ -161,7 +162,7 @@ def test_an_unexpected_error_in_an_action_is_logged_and_actions_go_on(
 
     with run_daemon(models_dir, tmp_path, default_model=MODEL_A) as daemon:
         client = DaemonClient(daemon.url)
-        app = TrayApp(client, BrokenControl(), poll_s=0.5)
+        app = TrayApp(client, BrokenControl(), poll_s=0.5, notifier=LogNotifier())
         runner = threading.Thread(target=app.run, daemon=True)
         runner.start()
         try:
