@@ -10,6 +10,7 @@ the plain X11 tray (XEmbed) is the fallback: an icon and a title, no menu.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -136,8 +137,6 @@ def icon_class(name: str) -> Any:
         from appliance.tray.indicator import IndicatorIcon
 
         return IndicatorIcon
-    import importlib
-
     return importlib.import_module(f"pystray._{name}").Icon
 
 
