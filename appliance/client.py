@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -68,7 +69,9 @@ class DaemonClient:
         return self._call("GET", "/api/models")
 
     def load(self, model_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/api/models/{model_id}/load", timeout=600)
+        # Quoted: an id comes from a file name, which may hold spaces or other URL characters.
+        path = f"/api/models/{urllib.parse.quote(model_id, safe='')}/load"
+        return self._call("POST", path, timeout=600)
 
     def unload(self) -> dict[str, Any]:
         return self._call("POST", "/api/unload", timeout=120)

@@ -189,6 +189,7 @@ note program file "$config_home/autostart/qwen-appliance-tray.desktop"
 mkdir -p "$unit_dir" "$config_home/autostart"
 sed "s|@VENV@|$venv|g" "$repo/systemd/appliance.service.in" > "$unit_dir/appliance.service"
 sed "s|@VENV@|$venv|g" "$repo/installer/appliance-tray.desktop.in" > "$config_home/autostart/qwen-appliance-tray.desktop"
+"$repo/installer/tray-deps.sh" "$venv" || true  # the tray's menu on GNOME/KDE: see the script
 
 if [ -n "${XDG_CURRENT_DESKTOP:-}" ] && ! "$venv/bin/python" -c "import gi; gi.require_version('AyatanaAppIndicator3', '0.1')" 2>/dev/null; then
     if pkg-config --exists gobject-introspection-1.0 cairo 2>/dev/null && "${pip[@]}" install PyGObject 2>/dev/null \

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from appliance.tray.snapshot import Snapshot, TrayState, memory_line
 
@@ -13,41 +13,65 @@ class Item:
     action: str | None = None  # name of a TrayActions method; None for a status line
     arg: str | None = None
     enabled: bool = True
-    checked: bool = False
+    checked: bool | None = None  # None: not a check item
     radio: bool = False
     default: bool = False  # what a left click does (the only action on plain X trays)
     submenu: tuple[Item, ...] | None = None
+    live: bool = False  # a status line whose text changes in place, without a new menu
 
 
 SEPARATOR = Item("-")
 
 
+def state_line(s: Snapshot) -> str:
+    if s.state is TrayState.STOPPED:
+        return "Daemon not running"
+    if s.state is TrayState.ERROR and s.message:
+        return f"Error: {s.message[:80]}"
+    if s.state is TrayState.LOADING:
+        return f"Loading {s.model or 'a model'}…"
+    if s.state is TrayState.BUSY:
+        return f"Busy, {s.tokens_per_s:.1f} tok/s"
+    if s.state is TrayState.IDLE:
+        return "Running, no model loaded"
+    return "Ready"
+
+
+def resident(s: Snapshot) -> str | None:
+    """The model that is loaded and serving, if any (a loading or failed one is not)."""
+    return s.model if s.state in (TrayState.READY, TrayState.BUSY) else None
+
+
 def menu_spec(s: Snapshot) -> tuple[Item, ...]:
     running = s.running
     loading = s.state is TrayState.LOADING
-    if running:
-        status = f"{s.model or 'No model loaded'}: {s.state.value}"
-        if s.state is TrayState.ERROR and s.message:
-            status = f"Error: {s.message[:80]}"
-    else:
-        status = "Daemon not running"
+    model = resident(s)
     models = tuple(
         Item(m.id if m.usable else f"{m.id} (unusable: {(m.reason or '')[:60]})",
              "switch", m.id, enabled=running and m.usable and not loading,
              checked=m.loaded, radio=True)
         for m in s.models)
     return (
-        Item(status, enabled=False),
-        Item(memory_line(s) if running else "Start it to serve models", enabled=False),
+        Item(state_line(s), enabled=False, live=True),
+        Item(memory_line(s) if running else "Start it to serve models", enabled=False, live=True),
+        Item(model, enabled=False, checked=True) if model else
+        Item("No model loaded", enabled=False),
+        SEPARATOR,
+        Item("Switch model", submenu=models or (Item("No models found", enabled=False),),
+             enabled=running),
+        Item("Unload model", "unload", enabled=bool(model)),
         SEPARATOR,
         Item("Start daemon", "start", enabled=not running, default=not running),
         Item("Stop daemon", "stop", enabled=running),
-        Item("Models", submenu=models or (Item("No models found", enabled=False),),
-             enabled=running),
-        Item("Unload model", "unload", enabled=running and bool(s.model) and not loading),
         SEPARATOR,
-        Item("Open API docs", "open_docs", enabled=running, default=running),
         Item("Open models folder", "open_models_folder"),
+        Item("Open logs", "open_logs"),
+        Item("Open API docs", "open_docs", enabled=running, default=running),
         SEPARATOR,
         Item("Quit tray", "quit"),
     )
+
+
+def structure(spec: tuple[Item, ...]) -> tuple[Item, ...]:
+    """The menu without the text of its live lines: a change here needs a new menu."""
+    return tuple(replace(item, label="") if item.live else item for item in spec)

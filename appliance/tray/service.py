@@ -41,6 +41,17 @@ class DaemonControl:
                              stdin=subprocess.DEVNULL, start_new_session=True)
         return f"started the daemon (log: {log})"
 
+    def log_file(self) -> Path:
+        """A file with the daemon's recent log: the journal's tail, or the log we spawn into."""
+        if not self.uses_systemd():
+            return _state_dir() / "daemon.log"
+        path = _state_dir() / "journal.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as out:
+            subprocess.run(["journalctl", "--user", "-u", UNIT, "-n", "2000", "--no-pager"],
+                           stdout=out, stderr=subprocess.STDOUT, timeout=30)
+        return path
+
     def stop(self, pid: int | None) -> str:
         if self.uses_systemd():
             subprocess.run(["systemctl", "--user", "stop", UNIT], check=True, timeout=60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.tray.icon import STATE_COLOURS, render_icon
-from appliance.tray.menu import SEPARATOR, menu_spec
+from appliance.tray.menu import SEPARATOR, menu_spec, structure
 from appliance.tray.snapshot import GIB, ModelChoice, Snapshot, TrayState, from_api, stopped, title
 
 MODELS = (ModelChoice("qwen3-8b", True, True), ModelChoice("qwen3-4b", True, False),
@@ -53,16 +53,22 @@ def test_daemon_down() -> None:
     assert menu["Daemon not running"].enabled is False
     assert menu["Start daemon"].enabled and menu["Start daemon"].default
     assert not menu["Stop daemon"].enabled and not menu["Unload model"].enabled
-    assert not menu["Models"].enabled and not menu["Open API docs"].enabled
+    assert not menu["Switch model"].enabled and not menu["Open API docs"].enabled
+    assert menu["No model loaded"].checked is None
+    assert menu["Open logs"].enabled and menu["Open models folder"].enabled
     assert menu["Quit tray"].enabled
 
 
 def test_ready_on_gpu() -> None:
     s = gpu_snapshot()
     assert "VRAM 12.0 / 24.0 GiB (daemon 6.0)" in title(s)
-    menu = items(menu_spec(s))
+    spec = menu_spec(s)
+    assert [i.label for i in spec[:3]] == ["Ready", "VRAM 12.0 / 24.0 GiB (daemon 6.0)", "qwen3-8b"]
+    assert spec[2].checked is True and not spec[2].enabled and not spec[2].radio  # the tick
+    menu = items(spec)
     assert not menu["Start daemon"].enabled and menu["Stop daemon"].enabled
-    models = {m.label: m for m in menu["Models"].submenu}
+    assert menu["Unload model"].enabled
+    models = {m.label: m for m in menu["Switch model"].submenu}
     assert models["qwen3-8b"].checked and models["qwen3-8b"].radio
     assert models["qwen3-4b"].enabled and not models["qwen3-4b"].checked
     assert models["qwen3-4b"].action == "switch" and models["qwen3-4b"].arg == "qwen3-4b"
@@ -72,12 +78,27 @@ def test_ready_on_gpu() -> None:
 
 def test_busy_shows_speed() -> None:
     assert "31.5 tok/s" in title(gpu_snapshot(TrayState.BUSY))
+    assert menu_spec(gpu_snapshot(TrayState.BUSY))[0].label == "Busy, 31.5 tok/s"
+
+
+def test_status_lines_change_in_place_and_state_changes_rebuild() -> None:
+    """Memory and speed change the live lines only; a new state or model is a new menu."""
+    ready, busier = gpu_snapshot(used=12), gpu_snapshot(used=13)
+    assert menu_spec(ready) != menu_spec(busier)
+    assert structure(menu_spec(ready)) == structure(menu_spec(busier))
+    assert structure(menu_spec(ready)) == structure(menu_spec(gpu_snapshot(TrayState.BUSY)))
+    assert structure(menu_spec(ready)) != structure(menu_spec(gpu_snapshot(TrayState.LOADING)))
+    other = Snapshot(TrayState.READY, "qwen3-4b", True, 12 * GIB, 24 * GIB, 6 * GIB,
+                     models=MODELS)
+    assert structure(menu_spec(ready)) != structure(menu_spec(other))
 
 
 def test_loading_disables_switching() -> None:
-    menu = items(menu_spec(gpu_snapshot(TrayState.LOADING)))
-    assert all(not m.enabled for m in menu["Models"].submenu)
-    assert not menu["Unload model"].enabled
+    spec = menu_spec(gpu_snapshot(TrayState.LOADING))
+    assert spec[0].label == "Loading qwen3-8b…"
+    menu = items(spec)
+    assert all(not m.enabled for m in menu["Switch model"].submenu)
+    assert not menu["Unload model"].enabled and "No model loaded" in menu
 
 
 def test_failed_model_is_shown() -> None:
@@ -94,7 +115,7 @@ def test_cpu_only_shows_ram() -> None:
     s = from_api(status, {"models": []})
     assert not s.gpu and s.fill == 0.25
     assert "CPU only, RAM 4.0 / 16.0 GiB (daemon 1.0)" in title(s)
-    assert items(menu_spec(s))["Models"].submenu[0].label == "No models found"
+    assert items(menu_spec(s))["Switch model"].submenu[0].label == "No models found"
 
 
 def test_from_api_states() -> None:
