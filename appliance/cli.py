@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +15,10 @@ from converter.errors import ConversionError
 class UserError(Exception):
     """A mistake the user can fix; printed as one line with a hint, exit code 1."""
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", code: int = 1) -> None:
         super().__init__(message)
         self.hint = hint
+        self.code = code
 
 
 def fail(message: str, hint: str = "", code: int = 1) -> int:
@@ -63,20 +65,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):
-    from pydantic import ValidationError
-
-    from appliance.config import load_settings
+    from appliance.config import SettingsError, load_settings
 
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "models_dir")}
     if getattr(args, "model", None):
         overrides["default_model"] = args.model
     try:
         return load_settings(**overrides)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-        raise UserError(f"bad setting {where}: {first.get('msg')}",
-                        "check APPLIANCE_* variables and config.toml") from None
+    except SettingsError as e:
+        # EX_CONFIG: the units' RestartPreventExitStatus=78, so systemd does not retry a typo.
+        raise UserError(str(e), e.hint, code=os.EX_CONFIG) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -137,7 +135,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         mark = "*" if m["loaded"] else " "
         if m["usable"]:
             print(f"{mark} {m['id']:<32} {m['architecture']:<8} {m['quantization']:<8} "
-                  f"ctx {m['context_length']:<6} {m['file_size'] / 2**30:.2f} GiB")
+                  f"ctx {m['trained_context_length']:<6} {m['file_size'] / 2**30:.2f} GiB")
         else:
             print(f"  {m['id']:<32} unusable: {m['error']}")
     return 0
@@ -156,20 +154,17 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 
 def cmd_tray(args: argparse.Namespace) -> int:
-    import os
-
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         return fail("no graphical display: DISPLAY and WAYLAND_DISPLAY are unset",
                     "run the tray inside your desktop session", code=2)
-    try:
-        import pystray  # noqa: F401  (picks its backend and opens the display on import)
-    except Exception as e:
-        return fail(f"cannot open the display for a tray icon: {e}".splitlines()[0],
-                    "check DISPLAY, or install the AppIndicator packages (see README)", code=2)
     from appliance.tray.app import TrayApp
+    from appliance.tray.backend import TrayUnavailable
     from appliance.tray.service import DaemonControl
 
-    TrayApp(_client(args), DaemonControl()).run()
+    try:  # chooses the backend (AppIndicator or X11) and says which and why in one line
+        TrayApp(_client(args), DaemonControl()).run()
+    except TrayUnavailable as e:
+        return fail(str(e), "check DISPLAY, or run installer/tray-deps.sh (see README)", code=2)
     return 0
 
 
@@ -186,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", type=Path, required=True, help="output .gguf file")
     convert.add_argument("--quant", default="Q4_K_M",
                          help="Q4_K_M (default), Q4_0, Q5_K_M, Q6_K, Q8_0, F16 or BF16")
-    convert.add_argument("--outtype", default="auto", choices=[t.value for t in _outtypes()],
+    convert.add_argument("--outtype", default="auto", choices=["auto", "f32", "bf16", "f16"],
                          help="storage of the unquantized intermediate (auto: bf16 for bf16 "
                               "sources, else f32)")
     convert.add_argument("--revision", help="hub branch, tag or commit")
@@ -243,12 +238,6 @@ def _address_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port (default 8471)")
 
 
-def _outtypes() -> list:
-    from converter.writer import OutType
-
-    return list(OutType)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -263,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             print(e.report.render())
         return fail(str(e), e.hint)
     except UserError as e:
-        return fail(str(e), e.hint)
+        return fail(str(e), e.hint, e.code)
     except Exception as e:
         from appliance.client import DaemonError, DaemonUnavailable
 

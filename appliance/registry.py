@@ -40,7 +40,7 @@ class ModelEntry:
                 "name": self.info.metadata.get("general.name"),
                 "parameters": self.info.parameter_count,
                 "quantization": self.info.quantization,
-                "context_length": self.info.context_length,
+                "trained_context_length": self.info.context_length,
                 "layers": self.info.n_layers,
                 "chat_template": self.info.has_chat_template,
             })

@@ -191,16 +191,6 @@ sed "s|@VENV@|$venv|g" "$repo/systemd/appliance.service.in" > "$unit_dir/applian
 sed "s|@VENV@|$venv|g" "$repo/installer/appliance-tray.desktop.in" > "$config_home/autostart/qwen-appliance-tray.desktop"
 "$repo/installer/tray-deps.sh" "$venv" || true  # the tray's menu on GNOME/KDE: see the script
 
-if [ -n "${XDG_CURRENT_DESKTOP:-}" ] && ! "$venv/bin/python" -c "import gi; gi.require_version('AyatanaAppIndicator3', '0.1')" 2>/dev/null; then
-    if pkg-config --exists gobject-introspection-1.0 cairo 2>/dev/null && "${pip[@]}" install PyGObject 2>/dev/null \
-        && "$venv/bin/python" -c "import gi; gi.require_version('AyatanaAppIndicator3', '0.1')" 2>/dev/null; then
-        say "tray: AppIndicator support installed"
-    else
-        say "tray: for a menu on GNOME/KDE install: sudo apt install gir1.2-ayatanaappindicator3-0.1 libgirepository1.0-dev libcairo2-dev pkg-config"
-        say "      then run this installer again (without them the tray uses the plain X11 tray)"
-    fi
-fi
-
 port=$(sed -n 's/^APPLIANCE_PORT=//p' "$config/environment" | tail -n1)
 url="http://127.0.0.1:${port:-8471}"
 if systemctl --user show-environment >/dev/null 2>&1; then

@@ -39,7 +39,7 @@ def gpu_offload_supported() -> bool:
 @dataclass(frozen=True)
 class RuntimeOptions:
     n_gpu_layers: int
-    context_per_seq: int
+    context_per_slot: int
     n_seq: int
     n_threads: int
     flash_attn: bool = True
@@ -65,13 +65,13 @@ class LlamaRuntime:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
 
         ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = options.context_per_seq * options.n_seq
+        ctx_params.n_ctx = options.context_per_slot * options.n_seq
         ctx_params.n_batch = options.n_batch
         ctx_params.n_ubatch = options.n_batch
         ctx_params.n_seq_max = options.n_seq
         ctx_params.n_threads = options.n_threads
         ctx_params.n_threads_batch = options.n_threads
-        # Split (the default): each sequence owns context_per_seq cells and attends to its own
+        # Split (the default): each sequence owns context_per_slot cells and attends to its own
         # cells only, so conversations cached in idle slots cost an active stream nothing; but
         # llama.cpp runs each run of consecutive sequence ids as its own graph, so the scheduler
         # keeps busy slots together. Unified: any mix of sequences is one graph, but every
@@ -87,7 +87,7 @@ class LlamaRuntime:
                              f"{ctx_params.n_ctx} tokens for {path.name}")
         # A unified cache would let one sequence take every cell; the scheduler holds each to
         # its share so that all slots always fit.
-        self.context_per_seq = min(llama_cpp.llama_n_ctx_seq(self.ctx), options.context_per_seq)
+        self.context_per_slot = min(llama_cpp.llama_n_ctx_seq(self.ctx), options.context_per_slot)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)

@@ -188,7 +188,7 @@ class Scheduler:
     # -- called from any thread -----------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
-        limit = self.runtime.context_per_seq
+        limit = self.runtime.context_per_slot
         if len(request.prompt_tokens) >= limit:
             raise ContextOverflow(
                 f"the prompt has {len(request.prompt_tokens)} tokens but the model's context "
@@ -426,7 +426,7 @@ class Scheduler:
             seq.request.emit(TextEvent(text))
         if seq.stopper.stopped:
             self._finish(seq, "stop")
-        elif seq.generated >= seq.request.max_tokens or len(seq.slot.cached) + 1 >= rt.context_per_seq:
+        elif seq.generated >= seq.request.max_tokens or len(seq.slot.cached) + 1 >= rt.context_per_slot:
             self._finish(seq, "length")
         else:
             seq.last_token = token

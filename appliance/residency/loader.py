@@ -148,7 +148,7 @@ class ModelLoader:
                       context: int) -> tuple[LlamaRuntime, OffloadPlan]:
         layers = plan.n_gpu_layers
         while True:
-            options = RuntimeOptions(n_gpu_layers=layers, context_per_seq=context,
+            options = RuntimeOptions(n_gpu_layers=layers, context_per_slot=context,
                                      n_seq=self.settings.parallel, n_threads=self.settings.threads,
                                      flash_attn=self.settings.flash_attn)
             try:

@@ -48,7 +48,7 @@ class LoadedModel:
 
     @property
     def context_per_slot(self) -> int:
-        return self.runtime.context_per_seq
+        return self.runtime.context_per_slot
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class FakeRuntime:
                  on_decode: Callable[[FakeRuntime], int] | None = None) -> None:
         self.path = path
         self.options = options
-        self.context_per_seq = options.context_per_seq
+        self.context_per_slot = options.context_per_slot
         self.batch = FakeBatch()
         self.closed = False
         self.on_decode = on_decode

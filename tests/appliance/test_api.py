@@ -301,7 +301,7 @@ def test_control_api_models(daemon: Daemon) -> None:
         models = {m["id"]: m for m in http.get("/api/models").json()["models"]}
     a = models[MODEL_A]
     assert a["architecture"] == "qwen3" and a["quantization"] == "Q4_K_M"
-    assert a["context_length"] == 40960 and a["chat_template"] is True
+    assert a["trained_context_length"] == 40960 and a["chat_template"] is True
     assert models[MODEL_B]["quantization"] == "Q8_0"
     assert models["broken"]["usable"] is False and "truncated" in models["broken"]["error"]
 

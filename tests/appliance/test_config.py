@@ -129,9 +129,6 @@ def test_command_line_values_are_named_as_such(write_config: WriteConfig) -> Non
     assert "command line" in str(error_of(port=0))
 
 
-# Remove the mark with that change: strict, so the test fails the day it starts to pass.
-@pytest.mark.xfail(strict=True, reason="needs appliance/cli.py to turn SettingsError into a "
-                   "one-line UserError with exit code 78 (see the wt-settings report)")
 def test_cli_reports_a_broken_config_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text("[models.tiny\ncontext_length = 1\n")

@@ -44,7 +44,7 @@ def test_world_readable_key_file_is_refused(models_dir: Path, tmp_path: Path) ->
 
 def test_non_loopback_bind_needs_a_key(tmp_path: Path) -> None:
     result = run_cli("serve", "--host", "0.0.0.0", env={"APPLIANCE_CONFIG": str(tmp_path / "x")})
-    assert result.returncode == 1
+    assert result.returncode == 78  # EX_CONFIG: systemd does not restart a settings mistake
     assert "api_key_file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 

@@ -22,7 +22,7 @@ from appliance.errors import EngineError, QueueFull, ServiceUnavailable
 from tests.appliance.fakes import FakeRuntime
 
 # A context no fake stream fills: they run until finished or cut.
-OPTIONS = RuntimeOptions(n_gpu_layers=0, context_per_seq=2**24, n_seq=2, n_threads=1)
+OPTIONS = RuntimeOptions(n_gpu_layers=0, context_per_slot=2**24, n_seq=2, n_threads=1)
 
 
 class Events:
