@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
-from appliance.api.errors import install_error_handlers
+from appliance.api.errors import ErrorShapes, install_error_handlers
 from appliance.api.routes import control, openai
 from appliance.api.security import SecurityMiddleware
 from appliance.config import Settings
@@ -78,13 +78,15 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
     app = FastAPI(title="Qwen Appliance", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
-    install_error_handlers(app)
+    shapes = ErrorShapes()  # dialects add their own error shapes for their paths
+    install_error_handlers(app, shapes)
     app.include_router(openai.router)
     app.include_router(control.router)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     app.add_middleware(SecurityMiddleware, allowed_hosts=set(settings.allowed_hosts)
                        | {settings.host}, api_key=api_key,
-                       max_body_bytes=settings.max_body_bytes, cors_origins=settings.cors_origins)
+                       max_body_bytes=settings.max_body_bytes, cors_origins=settings.cors_origins,
+                       shapes=shapes)
     if settings.cors_origins:
         # Outermost: it answers preflights and labels our refusals. An explicit origin list
         # only, and no credentials: a page can call, not impersonate.

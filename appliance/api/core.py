@@ -14,14 +14,14 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from starlette.types import Receive, Scope, Send
 
-from appliance.api.schemas import ResponseFormat, SamplingFields, Tool
+from appliance.api.schemas import ResponseFormat, Tool
 from appliance.engine.sampling import SamplingParams
 from appliance.engine.scheduler import (
     DoneEvent,
@@ -37,7 +37,22 @@ from appliance.residency.model import LoadedModel, Prompt
 T = TypeVar("T")
 
 
-def sampling_params(body: SamplingFields, model: LoadedModel, grammar: str | None) -> SamplingParams:
+class SamplingInput(Protocol):
+    """What a dialect hands over for sampling (OpenAI's SamplingFields is one); None = default."""
+
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    repeat_penalty: float
+    logit_bias: dict[str, float] | None
+
+
+def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None
+                    ) -> SamplingParams:
     """The request's sampling, with the model's own recommended defaults (GGUF) for the rest."""
     meta = model.metadata
     defaults = SamplingParams()

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.api.errors import error_body
+from appliance.api.errors import ErrorShapes
 from appliance.config import LOOPBACK_NAMES
 
 OPEN_PATHS = {"/health"}  # the health check works without a key, for service managers
@@ -43,8 +43,10 @@ def is_json_type(content_type: str) -> bool:
 
 class SecurityMiddleware:
     def __init__(self, app: ASGIApp, *, allowed_hosts: set[str], api_key: str | None,
-                 max_body_bytes: int, cors_origins: list[str] | None = None) -> None:
+                 max_body_bytes: int, cors_origins: list[str] | None = None,
+                 shapes: ErrorShapes | None = None) -> None:
         self.app = app
+        self.shapes = shapes or ErrorShapes()
         self.allowed_hosts = {h.lower() for h in allowed_hosts} | LOOPBACK_NAMES
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
@@ -58,21 +60,24 @@ class SecurityMiddleware:
         host_header = headers.get("host", "")
         host = host_name(host_header).lower()
         if host not in self.allowed_hosts:
-            await reject(send, 403, f"host {host or '(none)'!r} is not allowed; add it to "
-                         "allowed_hosts to serve it", "permission_error", "host_not_allowed")
+            await self._reject(scope, send, 403, f"host {host or '(none)'!r} is not allowed; "
+                               "add it to allowed_hosts to serve it", "permission_error",
+                               "host_not_allowed")
             return
         method, path = scope["method"], scope["path"]
         origin = headers.get("origin")
         if origin is not None and not self._origin_allowed(origin, host_header):
             if method in STATE_CHANGING and path.startswith(GUARDED_PREFIXES):
-                await reject(send, 403, f"requests from the web page at {origin[:100]!r} are "
-                             "not allowed; add its origin to cors_origins to allow it",
-                             "permission_error", "origin_not_allowed")
+                await self._reject(scope, send, 403, f"requests from the web page at "
+                                   f"{origin[:100]!r} are not allowed; add its origin to "
+                                   "cors_origins to allow it", "permission_error",
+                                   "origin_not_allowed")
                 return
         if self.api_key is not None and path not in OPEN_PATHS:
             if not self._key_matches(headers):
-                await reject(send, 401, "missing or wrong API key (send Authorization: Bearer "
-                             "KEY)", "authentication_error", "invalid_api_key")
+                await self._reject(scope, send, 401, "missing or wrong API key (send "
+                                   "Authorization: Bearer KEY)", "authentication_error",
+                                   "invalid_api_key")
                 return
         if method not in STATE_CHANGING:
             await self.app(scope, receive, send)
@@ -80,17 +85,17 @@ class SecurityMiddleware:
         if path.startswith(GUARDED_PREFIXES) and not is_json_type(headers.get("content-type", "")):
             length = headers.get("content-length")
             if length not in (None, "0") or "transfer-encoding" in headers:
-                await reject(send, 415, "request bodies must be JSON (Content-Type: "
-                             "application/json)", "invalid_request_error",
-                             "unsupported_media_type")
+                await self._reject(scope, send, 415, "request bodies must be JSON "
+                                   "(Content-Type: application/json)", "invalid_request_error",
+                                   "unsupported_media_type")
                 return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await self._too_large(send, length)
+            await self._too_large(scope, send, length)
             return
         body = await self._read_body(receive)
         if body is None:
-            await self._too_large(send, None)
+            await self._too_large(scope, send, None)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -124,10 +129,16 @@ class SecurityMiddleware:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _too_large(self, send: Send, length: str | None) -> None:
+    async def _reject(self, scope: Scope, send: Send, status: int, message: str, type_: str,
+                      code: str) -> None:
+        body = self.shapes.body(scope["path"], status, message, type_, None, code)
+        await reject(send, status, body)
+
+    async def _too_large(self, scope: Scope, send: Send, length: str | None) -> None:
         size = f"of {length} bytes " if length and length.isdigit() else ""
-        await reject(send, 413, f"request body {size}is over the {self.max_body_bytes}-byte "
-                     "limit", "invalid_request_error", "payload_too_large")
+        await self._reject(scope, send, 413, f"request body {size}is over the "
+                           f"{self.max_body_bytes}-byte limit", "invalid_request_error",
+                           "payload_too_large")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -144,8 +155,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def reject(send: Send, status: int, message: str, type_: str, code: str) -> None:
-    body = json.dumps(error_body(message, type_, None, code)).encode()
+async def reject(send: Send, status: int, body_json: dict) -> None:
+    body = json.dumps(body_json).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
