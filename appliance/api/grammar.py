@@ -286,7 +286,7 @@ class _Converter:
             if key in schema:
                 return self.union(schema, key, path, depth, refs)
         if "allOf" in schema:
-            return self.visit(self.merge_all_of(schema, path, depth), path, depth + 1, refs)
+            return self.visit(self.merge_all_of(schema, path), path, depth + 1, refs)
         if "const" in schema:
             return self.rules.add("const", _json_literal(schema["const"]) + " space")
         if "enum" in schema:
@@ -374,7 +374,7 @@ class _Converter:
             self._memo[key] = self.visit(target, where, depth + 1, (*refs, ref))
         return self._memo[key]
 
-    def merge_all_of(self, schema: dict, path: tuple, depth: int) -> dict:
+    def merge_all_of(self, schema: dict, path: tuple) -> dict:
         """allOf of object schemas, merged into one object schema."""
         parts = schema["allOf"]
         if not isinstance(parts, list) or not parts:
@@ -550,7 +550,7 @@ class _Converter:
         if required:
             body = ' "," space '.join(required)
             body += "".join(f' ("," space {kv})?' for kv in optional)
-            return f'"{{" space {body} {extras} "}}" space'.replace("  ", " ")
+            return " ".join(p for p in ('"{" space', body, extras, '"}" space') if p)
         # Nothing required: any optional member may come first, each later one after a comma.
         firsts, tail = [], extras
         for kv in reversed(optional):
@@ -595,7 +595,7 @@ class _Converter:
             else:
                 body = f"{item} {self.repeat(more, max(lo - 1, 0), hi - 1)}".strip()
                 body = body if lo else f"({body})?"
-        return self.rules.add("array", f'"[" space {body} "]" space'.replace("  ", " "))
+        return self.rules.add("array", " ".join(p for p in ('"[" space', body, '"]" space') if p))
 
     def free_value(self, depth: int) -> str:
         """Any JSON value, its containers unrolled by depth so that nesting ends."""

@@ -120,6 +120,11 @@ OPENAI_EXAMPLES = {
             "additionalProperties": False, "required": ["next", "value"]}},
         "additionalProperties": False, "required": ["linked_list"]},
         {"linked_list": {"value": 1, "next": {"value": -2.5, "next": None}}}),
+    "odd_keys": ({"type": "object", "properties": {
+        "a  b": {"type": "boolean"}, "quote\"back\\slash": {"const": "line\nbreak"},
+        "ключ": {"enum": ["значение", "🙂", None, 1.5, {"x": [1]}]}},
+        "required": ["a  b", "quote\"back\\slash", "ключ"]},
+        {"a  b": False, "quote\"back\\slash": "line\nbreak", "ключ": "🙂"}),
     "bounds": ({"type": "object", "properties": {
         "age": {"type": "integer", "minimum": 0, "maximum": 150},
         "ratio": {"type": "number", "minimum": 0, "maximum": 1},
