@@ -17,8 +17,14 @@ output it allows is valid JSON that matches the schema:
   without a bound get a default one, and whitespace is at most a newline and 20 blanks, so a model
   that never chooses to stop (a random-weight one does not) still ends.
 
-A schema past a bound, or using a keyword we cannot enforce, is refused with `InvalidValue`
-(400) naming the field, e.g. `response_format.json_schema.schema.properties.name.maxLength`.
+A schema past a bound, or using a keyword we cannot enforce (`pattern`, `not`, `uniqueItems`...),
+is refused with `InvalidValue` (400) naming the field, e.g.
+`response_format.json_schema.schema.properties.name.maxLength`.
+
+The grammar allows a subset of what the schema allows, never more, except where noted: members
+come in schema order, required ones first; `oneOf` is taken as `anyOf`; a number with bounds is
+written as whole units or a fraction of one whole unit inside them (`0.25` in [0, 1], not `2.5e-1`);
+keys of `additionalProperties` members are not kept apart from the declared ones (the one gap).
 """
 
 from __future__ import annotations
