@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,10 +16,8 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from starlette.types import Receive, Scope, Send
 
-from appliance.api.schemas import ResponseFormat, Tool
 from appliance.engine.sampling import SamplingParams
 from appliance.engine.scheduler import (
     DoneEvent,
@@ -83,40 +79,6 @@ def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None
         logit_bias=bias,
         grammar=grammar,
     )
-
-
-def response_grammar(fmt: ResponseFormat | None) -> str | None:
-    """GBNF that forces the output into the requested JSON shape."""
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return JSON_GBNF
-    if fmt.json_schema is None:
-        raise InvalidRequest("response_format json_schema needs a json_schema object",
-                             param="response_format.json_schema")
-    return _schema_grammar(fmt.json_schema.schema_ or {"type": "object"}, "response_format")
-
-
-def _schema_grammar(schema: dict, param: str) -> str:
-    try:
-        return json_schema_to_gbnf(json.dumps(schema))
-    except Exception as e:  # the converter raises plain exceptions on schemas it cannot express
-        raise InvalidRequest(f"unsupported JSON schema: {e}", param=param) from None
-
-
-def tool_call_grammar(tools: list[Tool], name: str | None) -> str:
-    """GBNF for one `<tool_call>{json}</tool_call>` calling `name` (or any of the tools)."""
-    chosen = [t for t in tools if name is None or t.function.name == name]
-    if not chosen:
-        raise InvalidRequest(f"tool_choice names {name!r}, which is not in tools",
-                             param="tool_choice")
-    schema = {"anyOf": [{"type": "object",
-                         "properties": {"name": {"const": t.function.name},
-                                        "arguments": t.function.parameters},
-                         "required": ["name", "arguments"]} for t in chosen]}
-    body = _schema_grammar(schema, "tools")
-    body = re.sub(r"^root\s*::=", "call ::=", body, count=1, flags=re.MULTILINE)
-    return 'root ::= "<tool_call>\\n" call "\\n</tool_call>"\n' + body
 
 
 @dataclass

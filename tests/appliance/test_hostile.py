@@ -219,18 +219,9 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
 ]
 
 
-# Until the bounded grammar module lands these still crash llama.cpp's parser (and the module's
-# daemon with it).
-GRAMMAR_PROBES = {"maxLength 100000", "minItems 1e8", "forced tool with huge maxLength",
-                  "named tool with minItems 1e8", "schema nested 1000 deep", "recursive $ref"}
-GRAMMAR_BOUNDED = False
-
-
 @pytest.mark.parametrize("name,method,path,kwargs,expected", PROBES, ids=[p[0] for p in PROBES])
 def test_probe_gets_a_clear_4xx(target: Daemon, name: str, method: str, path: str,
                                 kwargs: dict[str, Any], expected: set[int]) -> None:
-    if name in GRAMMAR_PROBES and not GRAMMAR_BOUNDED:
-        pytest.skip("needs the bounded grammar module")
     with httpx.Client(base_url=target.url, timeout=60) as http:
         r = http.request(method, path, **kwargs)
     assert r.status_code in expected, (r.status_code, r.text[:300])
@@ -241,8 +232,6 @@ def test_probe_gets_a_clear_4xx(target: Daemon, name: str, method: str, path: st
 
 
 def test_errors_name_the_field(target: Daemon) -> None:
-    if not GRAMMAR_BOUNDED:
-        pytest.skip("needs the bounded grammar module")
     with httpx.Client(base_url=target.url, timeout=60) as http:
         too_long = http.post("/v1/chat/completions", json=chat(response_format=schema_format(
             {"type": "object", "properties": {"s": {"type": "string", "maxLength": 100000}}})))

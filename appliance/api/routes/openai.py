@@ -20,13 +20,12 @@ from appliance.api.core import (
     off_loop,
     prepare_chat,
     prepare_text,
-    response_grammar,
     sampling_params,
-    tool_call_grammar,
     until_disconnect,
 )
 from appliance.api.deps import ManagerDep, MetricsDep, RegistryDep, SettingsDep
 from appliance.api.errors import error_body
+from appliance.api.grammar import response_grammar, tool_call_grammar
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest
 from appliance.engine.output import ChatOutputParser, ToolCall
 from appliance.errors import ApplianceError, InvalidRequest
