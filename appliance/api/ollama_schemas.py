@@ -30,12 +30,12 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-def keep_alive_seconds(value: str | float | int | None) -> float | None:
+def keep_alive_seconds(value: Any) -> float | None:
     """Ollama's keep_alive as seconds: "5m", "1h30m", "300", 300; negative: forever (-1.0);
     None: the configured default. Raises ValueError for anything else."""
     if value is None:
         return None
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError("keep_alive is a duration such as \"5m\" or a number of seconds")
     if isinstance(value, (int, float)):
         seconds = float(value)
