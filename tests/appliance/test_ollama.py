@@ -6,6 +6,7 @@ import concurrent.futures
 import datetime
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from appliance.api.routes.ollama import ERROR_PREFIXES
 from appliance.engine.output import ChatOutputParser
-from tests.appliance.conftest import Daemon, run_daemon
+from tests.appliance.conftest import Daemon, free_port, run_daemon
 from tests.conftest import MODEL_A, MODEL_B
 
 T = TypeVar("T")
@@ -314,6 +315,43 @@ def test_ollama_paths_answer_errors_in_ollamas_shape(target: Daemon) -> None:
     assert validation.status_code == 400 and "messages" in validation.json()["error"]
     assert isinstance(control.json()["error"], dict)
     assert "/api/chat" in ERROR_PREFIXES and "/api/status" not in ERROR_PREFIXES
+
+
+# -- the opt-in second port ---------------------------------------------------------------------
+
+
+def test_ollama_port_serves_the_same_app(models_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with run_daemon(models_dir, tmp_path, ollama_port=str(port)) as daemon:
+        with ollama.Client(host=f"http://127.0.0.1:{port}", timeout=60) as second:
+            assert f"{MODEL_A}:latest" in {m.model for m in second.list().models}
+            r = second.generate(model=MODEL_A, prompt="x", raw=True, options={"num_predict": 1})
+            assert r.done
+        with daemon.http() as http:  # the main port, with the same resident model
+            assert http.get("/api/status").json()["model"]["id"] == MODEL_A
+        assert f"also serving on http://127.0.0.1:{port}" in daemon.log()
+
+
+def test_ollama_port_must_differ_from_port(monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    from appliance.config import SettingsError, load_settings
+
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "absent.toml"))
+    assert load_settings(port=9000, ollama_port=11434).ollama_port == 11434
+    with pytest.raises(SettingsError, match="ollama_port"):
+        load_settings(port=9000, ollama_port=9000)
+
+
+def test_ollama_port_in_use_leaves_the_main_port_serving(models_dir: Path,
+                                                        tmp_path: Path) -> None:
+    with socket.socket() as taken:  # as a running Ollama would hold 11434
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with run_daemon(models_dir, tmp_path, ollama_port=str(port)) as daemon:
+            with daemon.http() as http:
+                assert http.get("/api/tags").status_code == 200
+            assert f"cannot also serve on port {port} (ollama_port)" in daemon.log()
 
 
 # -- residency: load, unload, keep_alive ------------------------------------------------------
