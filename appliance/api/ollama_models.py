@@ -181,7 +181,7 @@ def show(entry: ModelEntry, digests: FileDigests) -> dict[str, Any]:
     info: dict[str, Any] = {k: v for k, v in meta.items()
                             if _json_safe(v) and k != "tokenizer.chat_template"}
     info.setdefault("general.parameter_count", entry.info.parameter_count)
-    parameters = "\n".join(f"{key.removeprefix('general.sampling.')} {value}"
+    parameters = "\n".join(_parameter(key.removeprefix("general.sampling."), value)
                            for key, value in info.items()
                            if key.startswith("general.sampling."))
     return {
@@ -199,3 +199,9 @@ def show(entry: ModelEntry, digests: FileDigests) -> dict[str, Any]:
 
 def _json_safe(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and not math.isfinite(value))
+
+
+def _parameter(name: str, value: Any) -> str:
+    """A Modelfile PARAMETER line: Ollama's names, float32 noise rounded (0.6, not 0.60000002)."""
+    name = {"temp": "temperature"}.get(name, name)
+    return f"{name} {value:.6g}" if isinstance(value, float) else f"{name} {value}"

@@ -55,7 +55,7 @@ class ModelManager:
         self._idle = asyncio.Condition()
         self._keep_alive: asyncio.TimerHandle | None = None
         self._expires_at: float | None = None  # wall clock of the armed timer; inf: stays
-        self._idle_timeout: float | None = None  # the last timeout chosen; None: stays
+        self._idle_timeout: float | None = None  # idle seconds before unloading; None: never
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()  # held so they are not collected mid-run
 
@@ -66,9 +66,9 @@ class ModelManager:
                   ) -> AsyncIterator[LoadedModel]:
         """The model a request named (loading or switching to it first), held while in use.
 
-        `keep_alive_s` is this request's idle timeout for the model once it is idle (the last
-        request to finish sets it, as in Ollama): 0 unloads it right after, a negative value
-        keeps it loaded, None means the configured `keep_alive_s`.
+        `keep_alive_s` is how long the model stays once idle, from this request on (the latest
+        request to start sets it, as in Ollama): 0 unloads it when the requests holding it end,
+        a negative value keeps it loaded, None means the configured `keep_alive_s`.
         """
         while True:
             await self._settled.wait()
@@ -78,6 +78,7 @@ class ModelManager:
                 break
             await self.load(wanted.id)
         model.in_flight += 1
+        self._idle_timeout = self._timeout(keep_alive_s)
         self._cancel_keep_alive()
         try:
             yield model
@@ -87,7 +88,7 @@ class ModelManager:
             if model.in_flight == 0:
                 async with self._idle:
                     self._idle.notify_all()
-                self._arm_keep_alive(model, keep_alive_s)
+                self._arm_keep_alive(model)
 
     def _resolve_name(self, name: str | None) -> ModelEntry:
         if name:
@@ -132,6 +133,7 @@ class ModelManager:
                 self.current, self.engine_failure = model, None
                 self.load_seconds_observed(model.load_seconds)
                 self.state, self.target = ModelState.READY, None
+                self._idle_timeout = self._timeout(None)
                 self._arm_keep_alive(model)
                 log.info("model %s ready in %.2f s (%s)", entry.id, model.load_seconds,
                          model.plan.reason)
@@ -173,9 +175,9 @@ class ModelManager:
             return self.settings.keep_alive_s if self.settings.keep_alive_s > 0 else None
         return None if keep_alive_s < 0 or math.isinf(keep_alive_s) else keep_alive_s
 
-    def _arm_keep_alive(self, model: LoadedModel, keep_alive_s: float | None = None) -> None:
+    def _arm_keep_alive(self, model: LoadedModel) -> None:
         self._cancel_keep_alive()
-        timeout = self._idle_timeout = self._timeout(keep_alive_s)
+        timeout = self._idle_timeout
         if model.in_flight:
             return
         if timeout is None:
