@@ -75,6 +75,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind; non-loopback needs api_key_file")
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, description="TCP port of the API")
+    ollama_port: int | None = Field(None, ge=1, le=65535,
+                                    description="also serve on this port (11434 for apps that "
+                                    "only know Ollama's address); off when unset")
     models_dir: Path = Field(default_factory=lambda: xdg_dir("XDG_DATA_HOME", ".local/share")
                              / "models", description="folder scanned for .gguf models")
     default_model: str | None = Field(None, description="model loaded at start-up")
@@ -141,6 +144,13 @@ class Settings(BaseSettings):
     @classmethod
     def _origins_only(cls, value: list[str]) -> list[str]:
         return [cors_origin(origin) for origin in value]
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> Settings:
+        if self.ollama_port == self.port:
+            raise ValueError(f"ollama_port and port are both {self.port}: unset ollama_port, or "
+                             "give it another port (Ollama's is 11434)")
+        return self
 
     @model_validator(mode="after")
     def _non_loopback_needs_key(self) -> Settings:

@@ -77,6 +77,10 @@ async def feed_watchdog(app: object, interval: float) -> None:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, extra_port: int | None = None) -> None:
+        super().__init__(config)
+        self.extra_port = extra_port  # ollama_port: the same app on a second port
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         # uvicorn re-raises SIGTERM after a graceful shutdown; a clean stop should exit 0.
@@ -87,11 +91,33 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
+            await self._listen_too()
             notify_systemd("READY=1\nSTATUS=serving")
             log.info("serving on http://%s:%d", self.config.host, self.config.port)
             interval = watchdog_interval()
             if interval:
                 self._watchdog = asyncio.create_task(feed_watchdog(self.config.app, interval))
+
+    async def _listen_too(self) -> None:
+        """Accept connections on `extra_port` as well; a port in use is logged, not fatal: the
+        main port, the tray and the CLI keep working (Ollama itself may hold 11434)."""
+        if self.extra_port is None:
+            return
+        config, loop = self.config, asyncio.get_running_loop()
+
+        def protocol() -> asyncio.Protocol:  # what uvicorn's startup makes for its own port
+            return config.http_protocol_class(config=config, server_state=self.server_state,
+                                              app_state=self.lifespan.state, _loop=loop)
+
+        try:
+            server = await loop.create_server(protocol, host=config.host, port=self.extra_port,
+                                              backlog=config.backlog)
+        except OSError as e:
+            log.error("cannot also serve on port %d (ollama_port): %s; is Ollama running "
+                      "there?", self.extra_port, e.strerror or e)
+            return
+        self.servers.append(server)  # closed with the others on shutdown
+        log.info("also serving on http://%s:%d (ollama_port)", config.host, self.extra_port)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         notify_systemd("STOPPING=1")
@@ -113,6 +139,6 @@ def serve(settings: Settings) -> int:
                             access_log=settings.log_level == "debug", use_colors=False,
                             timeout_graceful_shutdown=int(settings.switch_wait_s) + 5,
                             server_header=False)
-    server = _Server(config)
+    server = _Server(config, extra_port=settings.ollama_port)
     asyncio.run(server.serve())
     return 0 if server.started else 1

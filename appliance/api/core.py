@@ -99,6 +99,8 @@ class Generation:
         self._metrics = metrics
         self._model = model
         self.started = time.perf_counter()
+        self.first_text_at: float | None = None  # perf_counter of the first text, and the end:
+        self.finished_at: float | None = None  # Ollama reports the durations they delimit
         self.outcome: Outcome | None = None
         self.request = GenerationRequest(prompt_tokens, sampling, max_tokens, stop, self._emit)
         model.submit(self.request)
@@ -120,12 +122,14 @@ class Generation:
                 if isinstance(event, TextEvent):
                     now = time.perf_counter()
                     if last is None:
+                        self.first_text_at = now
                         self._metrics.ttft.observe(now - self.started)
                     else:
                         self._metrics.inter_token.observe(now - last)
                     last = now
                     yield event.text
                 elif isinstance(event, DoneEvent):
+                    self.finished_at = time.perf_counter()
                     self.outcome = Outcome(event.finish_reason, event.prompt_tokens,
                                            event.completion_tokens, event.cached_tokens)
                     self._metrics.prompt_tokens.inc(event.prompt_tokens)

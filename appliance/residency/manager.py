@@ -4,8 +4,8 @@ One model is resident at a time. A request names a model and gets it just in tim
 first checks the new file (preflight), then lets requests on the old model finish for up to
 `switch_wait_s` (woken by a condition, not by polling), ends the rest with an error, and loads
 the new one. Idle models leave after `keep_alive_s` (a timer, re-armed when the last request
-ends). If the engine thread dies, the model is dropped, /health says why, and the next request
-loads it afresh.
+ends; a request may set its own, as Ollama's `keep_alive` does). If the engine thread dies, the
+model is dropped, /health says why, and the next request loads it afresh.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from enum import Enum
@@ -53,14 +54,22 @@ class ModelManager:
         self._settled.set()
         self._idle = asyncio.Condition()
         self._keep_alive: asyncio.TimerHandle | None = None
+        self._expires_at: float | None = None  # wall clock of the armed timer; inf: stays
+        self._idle_timeout: float | None = None  # idle seconds before unloading; None: never
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()  # held so they are not collected mid-run
 
     # -- requests --------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str | None) -> AsyncIterator[LoadedModel]:
-        """The model a request named (loading or switching to it first), held while in use."""
+    async def use(self, name: str | None, keep_alive_s: float | None = None
+                  ) -> AsyncIterator[LoadedModel]:
+        """The model a request named (loading or switching to it first), held while in use.
+
+        `keep_alive_s` is how long the model stays once idle, from this request on (the latest
+        request to start sets it, as in Ollama): 0 unloads it when the requests holding it end,
+        a negative value keeps it loaded, None means the configured `keep_alive_s`.
+        """
         while True:
             await self._settled.wait()
             wanted = await asyncio.to_thread(self._resolve_name, name)
@@ -69,6 +78,7 @@ class ModelManager:
                 break
             await self.load(wanted.id)
         model.in_flight += 1
+        self._idle_timeout = self._timeout(keep_alive_s)
         self._cancel_keep_alive()
         try:
             yield model
@@ -123,6 +133,7 @@ class ModelManager:
                 self.current, self.engine_failure = model, None
                 self.load_seconds_observed(model.load_seconds)
                 self.state, self.target = ModelState.READY, None
+                self._idle_timeout = self._timeout(None)
                 self._arm_keep_alive(model)
                 log.info("model %s ready in %.2f s (%s)", entry.id, model.load_seconds,
                          model.plan.reason)
@@ -158,22 +169,45 @@ class ModelManager:
 
     # -- keep-alive ------------------------------------------------------------------------
 
+    def _timeout(self, keep_alive_s: float | None) -> float | None:
+        """Seconds idle before unloading; None: never (a negative request, or setting 0)."""
+        if keep_alive_s is None:
+            return self.settings.keep_alive_s if self.settings.keep_alive_s > 0 else None
+        return None if keep_alive_s < 0 or math.isinf(keep_alive_s) else keep_alive_s
+
     def _arm_keep_alive(self, model: LoadedModel) -> None:
         self._cancel_keep_alive()
-        if self.settings.keep_alive_s > 0 and model.in_flight == 0:
-            self._keep_alive = self._loop.call_later(self.settings.keep_alive_s,
-                                                     self._keep_alive_expired, model)
+        timeout = self._idle_timeout
+        if model.in_flight:
+            return
+        if timeout is None:
+            self._expires_at = math.inf
+            return
+        self._expires_at = time.time() + timeout
+        self._keep_alive = self._loop.call_later(timeout, self._keep_alive_expired, model,
+                                                 timeout)
 
     def _cancel_keep_alive(self) -> None:
+        self._expires_at = None
         if self._keep_alive is not None:
             self._keep_alive.cancel()
             self._keep_alive = None
 
-    def _keep_alive_expired(self, model: LoadedModel) -> None:
+    def _keep_alive_expired(self, model: LoadedModel, timeout: float) -> None:
         self._keep_alive = None
         if self.current is model and model.in_flight == 0 and self.state is ModelState.READY:
-            log.info("unloading %s after %.0f s idle", model.id, self.settings.keep_alive_s)
+            log.info("unloading %s after %.0f s idle", model.id, timeout)
             self._background(self.unload("the model was unloaded after being idle"))
+
+    def expires_at(self) -> float | None:
+        """When the resident model will be unloaded (wall clock; inf: it stays), None when no
+        model is resident. A model in use counts its timeout from now."""
+        if self.current is None or self.state is not ModelState.READY:
+            return None
+        if self._expires_at is not None:
+            return self._expires_at
+        timeout = self._idle_timeout
+        return math.inf if timeout is None else time.time() + timeout
 
     # -- engine failure --------------------------------------------------------------------
 
