@@ -3,7 +3,8 @@
 - the Host header must be a loopback name or in `allowed_hosts` (against DNS rebinding);
 - a request that changes state and carries an `Origin` must come from `cors_origins` or from the
   daemon's own origin: any web page can POST to 127.0.0.1, even with `mode: 'no-cors'`;
-- request bodies to JSON routes must say `application/json` (no form posts from a page);
+- request bodies to JSON routes must say `application/json` (no form posts from a page); only
+  under `/api/` a request with no `Origin` (so from no browser) may use curl's default form type;
 - the bearer key (or `x-api-key`, which Anthropic clients send) when one is configured;
 - the body is read here, within `max_body_bytes`, chunked or not, so an oversized body is a 413
   before any route sees it.
@@ -26,6 +27,7 @@ from appliance.config import LOOPBACK_NAMES
 OPEN_PATHS = {"/health"}  # the health check works without a key, for service managers
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 GUARDED_PREFIXES = ("/api/", "/v1/")
+CURL_DEFAULT_TYPES = {"", "application/x-www-form-urlencoded"}
 
 
 def host_name(header: str) -> str:
@@ -82,7 +84,14 @@ class SecurityMiddleware:
         if method not in STATE_CHANGING:
             await self.app(scope, receive, send)
             return
-        if path.startswith(GUARDED_PREFIXES) and not is_json_type(headers.get("content-type", "")):
+        content_type = headers.get("content-type", "")
+        if (origin is None and path.startswith("/api/")
+                and content_type.split(";")[0].strip().lower() in CURL_DEFAULT_TYPES):
+            # `curl -d` (Ollama's documented way) sends a form type; a request without Origin
+            # comes from no browser, so its JSON body is read as JSON.
+            scope = _with_json_type(scope)
+            content_type = "application/json"
+        if path.startswith(GUARDED_PREFIXES) and not is_json_type(content_type):
             length = headers.get("content-length")
             if length not in (None, "0") or "transfer-encoding" in headers:
                 await self._reject(scope, send, 415, "request bodies must be JSON "
@@ -139,6 +148,11 @@ class SecurityMiddleware:
         await self._reject(scope, send, 413, f"request body {size}is over the "
                            f"{self.max_body_bytes}-byte limit", "invalid_request_error",
                            "payload_too_large")
+
+
+def _with_json_type(scope: Scope) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

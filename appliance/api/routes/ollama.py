@@ -28,12 +28,12 @@ from appliance.api.core import (
     off_loop,
     prepare_chat,
     prepare_text,
-    response_grammar,
     sampling_params,
     until_disconnect,
 )
 from appliance.api.deps import ManagerDep, MetricsDep, ProbeDep, RegistryDep, SettingsDep
 from appliance.api.errors import ErrorShapes, error_response
+from appliance.api.grammar import response_grammar, schema_grammar
 from appliance.api.ollama_models import FileDigests, iso_time, ollama_name, resolve, show, tag_entries
 from appliance.api.ollama_models import details as model_details
 from appliance.api.ollama_schemas import ChatRequest, GenerateRequest, Message, ModelRequest, Options
@@ -197,8 +197,9 @@ def _grammar(fmt: str | dict[str, Any] | None) -> str | None:
         return None
     if fmt == "json":
         return response_grammar(ResponseFormat(type="json_object"))
-    return response_grammar(ResponseFormat.model_validate(
-        {"type": "json_schema", "json_schema": {"schema": fmt}}))
+    if not isinstance(fmt, dict):
+        raise InvalidValue('format is "json" or a JSON schema object', param="format")
+    return schema_grammar(fmt, "format")
 
 
 def _token_limit(options: Options, prompt_len: int, model: LoadedModel,
