@@ -24,10 +24,13 @@ import pytest
 from appliance.engine.scheduler import GenerationRequest
 from converter.synthetic import CHAT_TEMPLATE
 from tests.appliance.conftest import Daemon, run_daemon
-from tests.conftest import MODEL_A
+from tests.conftest import MODEL_B
 
+# The untied model: the tied one only repeats the prompt's last newline in a chat.
+MODEL = MODEL_B
 THINKER = "tiny-qwen3-thinker"
-GREEDY = {"temperature": 0.0}
+# Anthropic's newest clients have no sampling arguments; older ones do: the body takes them.
+GREEDY: dict[str, Any] = {"extra_body": {"temperature": 0.0}}
 HELLO = [{"role": "user", "content": "Hello!"}]
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "input_schema": {"type": "object", "properties": {
@@ -46,9 +49,9 @@ def thinking_template() -> str:
 @pytest.fixture(scope="module")
 def anthropic_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("anthropic-models")
-    (folder / f"{MODEL_A}.gguf").symlink_to(models_dir / f"{MODEL_A}.gguf")
+    (folder / f"{MODEL}.gguf").symlink_to(models_dir / f"{MODEL}.gguf")
     subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata",
-                    str(models_dir / f"{MODEL_A}.gguf"), str(folder / f"{THINKER}.gguf"),
+                    str(models_dir / f"{MODEL}.gguf"), str(folder / f"{THINKER}.gguf"),
                     "--chat-template", thinking_template(), "--force"],
                    check=True, capture_output=True)
     return folder
@@ -58,7 +61,7 @@ def anthropic_models(models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 def target(anthropic_models: Path, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Daemon]:
     with run_daemon(anthropic_models, tmp_path_factory.mktemp("anthropic"),
-                    default_model=MODEL_A, parallel="4", switch_wait_s="1") as daemon:
+                    default_model=MODEL, parallel="4", switch_wait_s="1") as daemon:
         yield daemon
 
 
@@ -70,7 +73,7 @@ def claude(target: Daemon) -> Iterator[anthropic.Anthropic]:
 
 
 def count(claude: anthropic.Anthropic, **fields: Any) -> int:
-    return claude.messages.count_tokens(**{"model": MODEL_A, "messages": HELLO, **fields}
+    return claude.messages.count_tokens(**{"model": MODEL, "messages": HELLO, **fields}
                                         ).input_tokens
 
 
@@ -95,9 +98,9 @@ def raw_events(target: Daemon, body: dict[str, Any]) -> list[tuple[str, dict[str
 
 
 def test_create(claude: anthropic.Anthropic) -> None:
-    m = claude.messages.create(model=MODEL_A, max_tokens=12, system="Be brief.", messages=HELLO,
+    m = claude.messages.create(model=MODEL, max_tokens=12, system="Be brief.", messages=HELLO,
                                metadata={"user_id": "u1"}, **GREEDY)
-    assert m.type == "message" and m.role == "assistant" and m.model == MODEL_A
+    assert m.type == "message" and m.role == "assistant" and m.model == MODEL
     assert m.id.startswith("msg_")
     assert [b.type for b in m.content] == ["text"] and m.content[0].text
     assert m.stop_reason == "max_tokens" and m.stop_sequence is None
@@ -113,8 +116,8 @@ def test_system_as_text_blocks_equals_system_string(claude: anthropic.Anthropic)
 
 
 def test_stream_matches_create(claude: anthropic.Anthropic) -> None:
-    whole = claude.messages.create(model=MODEL_A, max_tokens=16, messages=HELLO, **GREEDY)
-    with claude.messages.stream(model=MODEL_A, max_tokens=16, messages=HELLO, **GREEDY) as s:
+    whole = claude.messages.create(model=MODEL, max_tokens=16, messages=HELLO, **GREEDY)
+    with claude.messages.stream(model=MODEL, max_tokens=16, messages=HELLO, **GREEDY) as s:
         streamed = "".join(s.text_stream)
         final = s.get_final_message()
     assert streamed == whole.content[0].text == final.content[0].text
@@ -122,8 +125,8 @@ def test_stream_matches_create(claude: anthropic.Anthropic) -> None:
 
 
 def test_stream_event_sequence(target: Daemon) -> None:
-    events = raw_events(target, {"model": MODEL_A, "max_tokens": 8, "messages": HELLO,
-                                 **GREEDY})
+    events = raw_events(target, {"model": MODEL, "max_tokens": 8, "messages": HELLO,
+                                 "temperature": 0.0})
     names = [name for name, _ in events]
     assert names[:3] == ["message_start", "content_block_start", "ping"]
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
@@ -137,16 +140,16 @@ def test_stream_event_sequence(target: Daemon) -> None:
 
 
 def test_stop_sequences(claude: anthropic.Anthropic) -> None:
-    full = claude.messages.create(model=MODEL_A, max_tokens=24, messages=HELLO, **GREEDY)
+    full = claude.messages.create(model=MODEL, max_tokens=24, messages=HELLO, **GREEDY)
     text = full.content[0].text
     stop = text.strip()[3:6]
     assert len(stop) == 3, text
-    cut = claude.messages.create(model=MODEL_A, max_tokens=24, messages=HELLO,
+    cut = claude.messages.create(model=MODEL, max_tokens=24, messages=HELLO,
                                  stop_sequences=["never-seen", stop], **GREEDY)
     assert cut.content[0].text == text[:text.index(stop)]
     assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
     assert cut.usage.output_tokens < 24
-    with claude.messages.stream(model=MODEL_A, max_tokens=24, messages=HELLO,
+    with claude.messages.stream(model=MODEL, max_tokens=24, messages=HELLO,
                                 stop_sequences=[stop], **GREEDY) as s:
         final = s.get_final_message()
     assert final.content[0].text == cut.content[0].text
@@ -163,9 +166,9 @@ def test_count_tokens_sees_tools_and_thinking(claude: anthropic.Anthropic) -> No
 
 def test_the_prefix_cache_shows_as_cache_read(claude: anthropic.Anthropic) -> None:
     system = "You are a careful assistant who answers in full sentences. " * 20
-    first = claude.messages.create(model=MODEL_A, max_tokens=2, system=system,
+    first = claude.messages.create(model=MODEL, max_tokens=2, system=system,
                                    messages=HELLO, **GREEDY)
-    again = claude.messages.create(model=MODEL_A, max_tokens=2, system=system,
+    again = claude.messages.create(model=MODEL, max_tokens=2, system=system,
                                    messages=[{"role": "user", "content": "Hello again!"}],
                                    **GREEDY)
     assert again.usage.cache_read_input_tokens > 200
@@ -221,9 +224,9 @@ def test_the_thinking_budget_closes_thinking_and_the_answer_follows(
 
 def test_forced_tool_streams_a_tool_use_block(claude: anthropic.Anthropic) -> None:
     ask = [{"role": "user", "content": "Weather in Paris?"}]
-    with claude.messages.stream(model=MODEL_A, max_tokens=100, messages=ask, tools=[WEATHER],
+    with claude.messages.stream(model=MODEL, max_tokens=100, messages=ask, tools=[WEATHER],
                                 tool_choice={"type": "tool", "name": "get_weather"},
-                                temperature=0.5) as s:
+                                extra_body={"temperature": 0.5}) as s:
         deltas = [e.delta for e in s if e.type == "content_block_delta"]
         final = s.get_final_message()
     assert [d.type for d in deltas] == ["input_json_delta"]  # the whole input, once parsed
@@ -233,7 +236,7 @@ def test_forced_tool_streams_a_tool_use_block(claude: anthropic.Anthropic) -> No
     assert call.id.startswith("toolu_")
     assert isinstance(call.input, dict) and call.input["city"] in ("Paris", "Oslo")
     # The call and its result go back through the template for the next turn.
-    follow = claude.messages.create(model=MODEL_A, max_tokens=4, tools=[WEATHER], **GREEDY,
+    follow = claude.messages.create(model=MODEL, max_tokens=4, tools=[WEATHER], **GREEDY,
                                     messages=[*ask, {"role": "assistant",
                                                      "content": [call.model_dump()]},
                                               {"role": "user", "content": [
@@ -246,8 +249,8 @@ def test_forced_tool_streams_a_tool_use_block(claude: anthropic.Anthropic) -> No
 
 
 def test_tool_choice_any_creates_a_tool_use(claude: anthropic.Anthropic) -> None:
-    m = claude.messages.create(model=MODEL_A, max_tokens=100, tools=[WEATHER],
-                               tool_choice={"type": "any"}, temperature=0.5,
+    m = claude.messages.create(model=MODEL, max_tokens=100, tools=[WEATHER],
+                               tool_choice={"type": "any"}, extra_body={"temperature": 0.5},
                                messages=[{"role": "user", "content": "Weather in Oslo?"}])
     assert m.stop_reason == "tool_use"
     assert [b.type for b in m.content] == ["tool_use"]
@@ -256,7 +259,7 @@ def test_tool_choice_any_creates_a_tool_use(claude: anthropic.Anthropic) -> None
 
 def test_tool_choice_none_leaves_the_tools_out(claude: anthropic.Anthropic) -> None:
     assert count(claude, tools=[WEATHER], tool_choice={"type": "none"}) == count(claude)
-    m = claude.messages.create(model=MODEL_A, max_tokens=4, tools=[WEATHER], messages=HELLO,
+    m = claude.messages.create(model=MODEL, max_tokens=4, tools=[WEATHER], messages=HELLO,
                                tool_choice={"type": "none"}, **GREEDY)
     assert m.stop_reason == "max_tokens" and m.content[0].type == "text"
 
@@ -273,12 +276,12 @@ def test_unknown_model_is_not_found(claude: anthropic.Anthropic) -> None:
 
 
 def test_bad_params_are_bad_requests(claude: anthropic.Anthropic) -> None:
-    for fields in ({"temperature": 1.5}, {"max_tokens": 0},
+    for fields in ({"extra_body": {"temperature": 1.5}}, {"max_tokens": 0},
                    {"messages": [{"role": "user", "content": [
                        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                     "data": "iVBORw0KGgo="}}]}]}):
         with pytest.raises(anthropic.BadRequestError) as e:
-            claude.messages.create(**{"model": MODEL_A, "max_tokens": 4, "messages": HELLO,
+            claude.messages.create(**{"model": MODEL, "max_tokens": 4, "messages": HELLO,
                                       **fields})
         assert e.value.body["error"]["type"] == "invalid_request_error"
         assert e.value.body["error"]["message"]
@@ -291,7 +294,7 @@ def test_a_stream_cut_by_an_error_ends_with_an_error_event(claude: anthropic.Ant
 
     def read() -> None:
         try:
-            with claude.messages.stream(model=MODEL_A, max_tokens=4000, messages=HELLO) as s:
+            with claude.messages.stream(model=MODEL, max_tokens=4000, messages=HELLO) as s:
                 for text in s.text_stream:
                     seen.append(text)
         except anthropic.APIStatusError as e:
@@ -316,8 +319,8 @@ def test_the_api_key_arrives_as_x_api_key(models_dir: Path, tmp_path: Path) -> N
     key.chmod(0o600)
     with run_daemon(models_dir, tmp_path, api_key_file=str(key)) as daemon:
         with anthropic.Anthropic(base_url=daemon.url, api_key="sekrit", max_retries=0) as ok:
-            assert ok.messages.count_tokens(model=MODEL_A, messages=HELLO).input_tokens > 0
+            assert ok.messages.count_tokens(model=MODEL, messages=HELLO).input_tokens > 0
         with anthropic.Anthropic(base_url=daemon.url, api_key="wrong", max_retries=0) as bad:
             with pytest.raises(anthropic.AuthenticationError) as e:
-                bad.messages.create(model=MODEL_A, max_tokens=4, messages=HELLO)
+                bad.messages.create(model=MODEL, max_tokens=4, messages=HELLO)
     assert e.value.body["error"]["type"] == "authentication_error"
