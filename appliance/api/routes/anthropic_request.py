@@ -30,6 +30,14 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def text_or_blocks(value: Any) -> Any:
+    """Checked before the union, whose own error would blame only its first branch."""
+    if value is not None and not isinstance(value, str) and not (
+            isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+        raise ValueError("expected a string or a list of content blocks (objects with a type)")
+    return value
+
+
 # -- content blocks ----------------------------------------------------------------------------
 
 
@@ -50,6 +58,8 @@ class ToolResultBlock(_Lenient):
     tool_use_id: str = Field(max_length=256)
     content: str | list[dict[str, Any]] | None = None
     is_error: bool = False
+
+    _content = field_validator("content", mode="before")(text_or_blocks)
 
 
 class ThinkingBlock(_Lenient):
@@ -101,6 +111,8 @@ def joined_text(content: str | list[dict[str, Any]] | None, where: str) -> str:
 class Message(_Lenient):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
+
+    _content = field_validator("content", mode="before")(text_or_blocks)
 
 
 class ToolDefinition(_Lenient):
@@ -169,6 +181,8 @@ class Conversation(RequestBody):
     # Options that would change the answer and that we cannot honour: refused, never ignored.
     container: Any = None
     mcp_servers: Any = None
+
+    _system = field_validator("system", mode="before")(text_or_blocks)
 
     @model_validator(mode="after")
     def _supported(self) -> Conversation:
