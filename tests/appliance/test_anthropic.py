@@ -264,6 +264,19 @@ def test_tool_choice_none_leaves_the_tools_out(claude: anthropic.Anthropic) -> N
     assert m.stop_reason == "max_tokens" and m.content[0].type == "text"
 
 
+def test_structured_output_parses(claude: anthropic.Anthropic) -> None:
+    schema = {"type": "object", "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no"]}, "confident": {"type": "boolean"}},
+        "required": ["answer", "confident"], "additionalProperties": False}
+    m = claude.messages.create(model=MODEL, max_tokens=60, extra_body={"temperature": 0.5},
+                               output_config={"format": {"type": "json_schema",
+                                                         "schema": schema}},
+                               messages=[{"role": "user", "content": "Is water wet?"}])
+    data = json.loads(m.content[0].text)
+    assert data["answer"] in ("yes", "no") and isinstance(data["confident"], bool)
+    assert m.stop_reason == "end_turn"
+
+
 # -- errors ---------------------------------------------------------------------------------------
 
 

@@ -184,8 +184,22 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
         **forced({"type": "object"}), "thinking": {"type": "enabled", "budget_tokens": 1024}}},
      {400}),
     # options that would change the answer
-    ("structured output", "POST", MESSAGES, {"json": msg(output_config={"format": {
-        "type": "json_schema", "schema": {"type": "object"}}})}, {400}),
+    ("structured output with a string schema", "POST", MESSAGES, {"json": msg(output_config={
+        "format": {"type": "json_schema", "schema": "{}"}})}, {400}),
+    ("structured output without a schema", "POST", MESSAGES, {"json": msg(output_config={
+        "format": {"type": "json_schema"}})}, {400}),
+    ("structured output of an unknown type", "POST", MESSAGES, {"json": msg(output_config={
+        "format": {"type": "yaml", "schema": {}}})}, {400}),
+    ("structured output with thinking", "POST", MESSAGES, {"json": msg(
+        output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}},
+        thinking={"type": "enabled", "budget_tokens": 1024})}, {400}),
+    ("structured output with a forced tool", "POST", MESSAGES, {"json": {
+        **forced({"type": "object"}),
+        "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}},
+     {400}),
+    ("structured output with maxLength 100000", "POST", MESSAGES, {"json": msg(output_config={
+        "format": {"type": "json_schema", "schema": {"type": "string", "maxLength": 100000}}})},
+     {400}),
     ("mcp servers", "POST", MESSAGES,
      {"json": msg(mcp_servers=[{"type": "url", "url": "http://evil.example"}])}, {400}),
     ("container", "POST", MESSAGES, {"json": msg(container="c1")}, {400}),
@@ -239,7 +253,8 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
 ]
 
 GRAMMAR_PROBES = {"forced tool with maxLength 100000", "forced tool with minItems 1e8",
-                  "forced tool nested 1000 deep", "forced tool with a recursive $ref"}
+                  "forced tool nested 1000 deep", "forced tool with a recursive $ref",
+                  "structured output with maxLength 100000"}
 
 
 @pytest.mark.parametrize("name,method,path,kwargs,expected", PROBES, ids=[p[0] for p in PROBES])

@@ -27,6 +27,7 @@ from appliance.api.core import (
     max_new_tokens,
     off_loop,
     prepare_chat,
+    response_grammar,
     sampling_params,
     start_generation,
     tool_call_grammar,
@@ -92,6 +93,8 @@ async def create_message(body: MessagesRequest, request: Request, manager: Manag
     grammar = None
     if tools and forced is not None:
         grammar = await off_loop(tool_call_grammar, tools, forced or None)
+    elif body.output_format is not None:
+        grammar = await off_loop(response_grammar, body.output_format)
     stack = contextlib.AsyncExitStack()
     model = await stack.enter_async_context(manager.use(body.model))
     try:
@@ -106,9 +109,9 @@ async def create_message(body: MessagesRequest, request: Request, manager: Manag
         raise
     answer = _Answer(generation, ChatOutputParser(prompt=prompt.text,
                                                   parse_tools=tools is not None,
-                                                  forced_tool=grammar is not None),
+                                                  forced_tool=forced is not None),
                      AnswerStops(generation, body.stop_sequences or []),
-                     one_call=body.one_call or grammar is not None,
+                     one_call=body.one_call or forced is not None,
                      show_thinking=not (body.thinking and body.thinking.display == "omitted"))
     meta = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
             "model": model.id}

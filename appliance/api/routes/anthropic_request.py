@@ -12,7 +12,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.api.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TOOLS, FunctionDef, RequestBody, Tool
+from appliance.api.schemas import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOOLS,
+    FunctionDef,
+    RequestBody,
+    ResponseFormat,
+    Tool,
+)
 from appliance.errors import InvalidValue
 
 MAX_MESSAGES = 10_000
@@ -162,9 +170,14 @@ class ThinkingConfig(_Lenient):
         return self
 
 
+class OutputFormat(_Lenient):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
 class OutputConfig(_Lenient):
     effort: str | None = None  # a hint about thinking depth; Qwen3 has no such knob
-    format: dict[str, Any] | None = None
+    format: OutputFormat | None = None
 
 
 class Conversation(RequestBody):
@@ -189,9 +202,13 @@ class Conversation(RequestBody):
         for name in ("container", "mcp_servers"):
             if getattr(self, name):
                 raise InvalidValue(f"{name} is not supported", param=name)
-        if self.output_config and self.output_config.format:
-            raise InvalidValue("output_config.format (structured output) is not supported yet",
-                               param="output_config.format")
+        if self.output_format is not None and self.thinking_on:
+            # The grammar shapes the answer from its first token: no room to think first.
+            raise InvalidValue("thinking may not be enabled with output_config.format",
+                               param="thinking")
+        if self.output_format is not None and self.forced_tool is not None:
+            raise InvalidValue("output_config.format and a forced tool_choice exclude each "
+                               "other", param="output_config.format")
         if self.tools:
             names = [t.name for t in self.tools]
             if len(set(names)) != len(names):
@@ -216,6 +233,15 @@ class Conversation(RequestBody):
     @property
     def thinking_budget(self) -> int | None:
         return self.thinking.budget_tokens if self.thinking_on and self.thinking else None
+
+    @property
+    def output_format(self) -> ResponseFormat | None:
+        """Structured output as the OpenAI-style format core builds a grammar from."""
+        fmt = self.output_config.format if self.output_config else None
+        if fmt is None:
+            return None
+        return ResponseFormat.model_validate({"type": "json_schema",
+                                              "json_schema": {"schema": fmt.schema_}})
 
     @property
     def offered_tools(self) -> list[Tool] | None:
