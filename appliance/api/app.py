@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.api.errors import ErrorShapes, install_error_handlers
-from appliance.api.routes import control, ollama, openai
+from appliance.api.routes import anthropic, control, ollama, openai
 from appliance.api.security import SecurityMiddleware
 from appliance.config import Settings
 from appliance.engine.runtime import LlamaRuntime
@@ -80,9 +80,11 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
     app.state.metrics = Metrics()
     shapes = ErrorShapes()  # dialects add their own error shapes for their paths
     ollama.register_error_shape(shapes)
+    shapes.add(anthropic.PREFIX, anthropic.anthropic_shape)
     install_error_handlers(app, shapes)
     app.include_router(openai.router)
     app.include_router(ollama.router)
+    app.include_router(anthropic.router)
     app.include_router(control.router)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     app.add_middleware(SecurityMiddleware, allowed_hosts=set(settings.allowed_hosts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from appliance.engine.scheduler import (
     GenerationRequest,
     TextEvent,
 )
+from appliance.engine.text import StopMatcher
 from appliance.errors import InvalidRequest
 from appliance.metrics import Metrics
 from appliance.residency.model import LoadedModel, Prompt
@@ -212,3 +214,51 @@ class GenerationStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._stack.aclose()
+
+
+# -- pieces a dialect may need beyond OpenAI's ------------------------------------------------
+
+
+ENGINE_THINKING_BUDGET = "thinking_budget" in {f.name for f in dataclasses.fields(GenerationRequest)}
+
+
+def start_generation(model: LoadedModel, prompt_tokens: list[int], sampling: SamplingParams,
+                     max_tokens: int, stop: list[str], metrics: Metrics, *,
+                     thinking_budget: int | None = None) -> Generation:
+    """A Generation whose thinking the engine closes after `thinking_budget` tokens; an engine
+    without that support bounds the thinking by `max_tokens` only."""
+    if thinking_budget is not None and ENGINE_THINKING_BUDGET:
+        return Generation(model, prompt_tokens, sampling, max_tokens, stop, metrics,
+                          thinking_budget=thinking_budget)  # type: ignore[call-arg]
+    return Generation(model, prompt_tokens, sampling, max_tokens, stop, metrics)
+
+
+class AnswerStops:
+    """Stop strings matched here rather than in the engine, over the text the dialect chooses
+    (the answer, not the thinking), so it can say which one matched (Anthropic's
+    `stop_sequence`). At a match the request is cancelled: the engine stops within a step and
+    still reports its token counts, which the caller reads by draining `texts()` to the end."""
+
+    def __init__(self, generation: Generation, stops: list[str]) -> None:
+        self._generation = generation
+        self._matcher = StopMatcher(stops)
+        self.matched: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._matcher.stopped
+
+    def feed(self, text: str) -> str:
+        """What of `text` may be shown now (nothing once a stop string has appeared)."""
+        if self._matcher.stopped:
+            return ""
+        seen = self._matcher.pending + text
+        out = self._matcher.feed(text)
+        if self._matcher.stopped:
+            at = {stop: seen.find(stop) for stop in self._matcher.stops if stop in seen}
+            self.matched = min(at, key=lambda stop: at[stop])
+            self._generation.cancel()
+        return out
+
+    def flush(self) -> str:
+        return self._matcher.flush()
