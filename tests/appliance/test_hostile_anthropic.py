@@ -17,7 +17,7 @@ import pytest
 
 from appliance.api.routes.anthropic import ERROR_TYPES
 from tests.appliance.conftest import Daemon, run_daemon
-from tests.appliance.test_hostile import wait_idle
+from tests.appliance.test_hostile import deep_body, wait_idle
 from tests.conftest import MODEL_B
 
 MODEL = MODEL_B  # the untied model writes text, not newlines, so it runs until stopped
