@@ -51,8 +51,8 @@ class SamplingInput(Protocol):
     logit_bias: dict[str, float] | None
 
 
-def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None
-                    ) -> SamplingParams:
+def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None,
+                    grammar_after_think: bool = False) -> SamplingParams:
     """The request's sampling, with the model's own recommended defaults (GGUF) for the rest."""
     meta = model.metadata
     defaults = SamplingParams()
@@ -82,6 +82,7 @@ def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None
         repeat_penalty=body.repeat_penalty,
         logit_bias=bias,
         grammar=grammar,
+        grammar_after_think=grammar_after_think,  # thinking first, then the shaped answer
     )
 
 
@@ -131,14 +132,22 @@ class Generation:
     """One request in the engine, seen from the event loop."""
 
     def __init__(self, model: LoadedModel, prompt_tokens: list[int], sampling: SamplingParams,
-                 max_tokens: int, stop: list[str], metrics: Metrics) -> None:
+                 max_tokens: int, stop: list[str], metrics: Metrics,
+                 thinking_budget: int | None = None, *, n: int = 1,
+                 logprobs: int | None = None, open_thinking: bool = False) -> None:
+        """`thinking_budget`: thinking tokens before the engine closes `<think>` itself; `n`
+        choices; `logprobs`: report each token's and the k likeliest; `open_thinking`: the
+        prompt gets "<think>\n" (the model thinks before a grammar-shaped answer)."""
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._metrics = metrics
         self._model = model
         self.started = time.perf_counter()
         self.outcome: Outcome | None = None
-        self.request = GenerationRequest(prompt_tokens, sampling, max_tokens, stop, self._emit)
+        self.finish_reasons: dict[int, str] = {}  # per choice, once each has finished
+        self.request = GenerationRequest(prompt_tokens, sampling, max_tokens, stop, self._emit,
+                                         thinking_budget=thinking_budget, n=n,
+                                         logprobs=logprobs, open_thinking=open_thinking)
         model.submit(self.request)
 
     def cancel(self) -> None:
@@ -151,7 +160,15 @@ class Generation:
 
     async def texts(self) -> AsyncIterator[str]:
         """Generated text pieces as they come; sets `outcome` at the end. Cancels on exit."""
+        async for piece in self.pieces():
+            if piece.text:
+                yield piece.text
+
+    async def pieces(self) -> AsyncIterator[TextEvent]:
+        """Every choice's text (with logprobs when asked) as it comes; sets `outcome` once all
+        choices have finished (the first choice's finish, completion tokens summed)."""
         last = None
+        completion = 0
         try:
             while True:
                 event = await self._queue.get()
@@ -162,12 +179,16 @@ class Generation:
                     else:
                         self._metrics.inter_token.observe(now - last)
                     last = now
-                    yield event.text
+                    yield event
                 elif isinstance(event, DoneEvent):
-                    self.outcome = Outcome(event.finish_reason, event.prompt_tokens,
-                                           event.completion_tokens, event.cached_tokens)
+                    self.finish_reasons[event.index] = event.finish_reason
+                    completion += event.completion_tokens
+                    if len(self.finish_reasons) < self.request.n:
+                        continue
+                    self.outcome = Outcome(self.finish_reasons[0], event.prompt_tokens,
+                                           completion, event.cached_tokens)
                     self._metrics.prompt_tokens.inc(event.prompt_tokens)
-                    self._metrics.completion_tokens.inc(event.completion_tokens)
+                    self._metrics.completion_tokens.inc(completion)
                     return
                 elif isinstance(event, ErrorEvent):
                     raise event.error
