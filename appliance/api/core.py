@@ -267,3 +267,9 @@ class GenerationStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._stack.aclose()
+
+
+def grammar_waits_for_thinking(model: LoadedModel) -> bool:
+    """Whether a grammar can leave the thinking free and shape only what follows `</think>`:
+    the template thinks and `<think>`, `</think>` are single tokens (Qwen3)."""
+    return model.formatter.supports_thinking and model.runtime.think is not None

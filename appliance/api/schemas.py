@@ -198,6 +198,8 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # For a prompt that opens <think> itself: thinking tokens before the engine closes it.
+    thinking_budget: int | None = Field(None, ge=1, le=2**31 - 1)
 
     @field_validator("prompt")
     @classmethod

@@ -495,15 +495,15 @@ class Scheduler:
         seq.feed = [token]
         think = rt.think
         if think is not None and not seq.stopper.stopped:  # type: ignore[union-attr]
-            if token == think.open:
-                seq.thinking = True
-            elif token == think.close:
+            if token == think.close:
                 seq.thinking = False
             elif seq.thinking:
                 seq.thought += 1
                 budget = seq.request.thinking_budget
                 if budget is not None and seq.thought >= max(budget, 1):
                     self._close_thinking(seq)
+            elif token == think.open:
+                seq.thinking = True
         assert seq.stopper is not None
         if seq.stopper.stopped:
             self._finish(seq, "stop")
