@@ -160,9 +160,12 @@ class Generation:
 
     async def texts(self) -> AsyncIterator[str]:
         """Generated text pieces as they come; sets `outcome` at the end. Cancels on exit."""
-        async for piece in self.pieces():
-            if piece.text:
-                yield piece.text
+        try:
+            async for piece in self.pieces():
+                if piece.text:
+                    yield piece.text
+        finally:
+            self.cancel()  # closed early: `pieces` may not be finalized until collected
 
     async def pieces(self) -> AsyncIterator[TextEvent]:
         """Every choice's text (with logprobs when asked) as it comes; sets `outcome` once all
