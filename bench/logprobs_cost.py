@@ -2,11 +2,14 @@
 
     python bench/logprobs_cost.py MODEL.gguf [--threads 2] [--tokens 64] [--rounds 7]
 
-One daemon (`appliance serve`, one slot) serves alternating rounds: each round streams one chat
-completion without logprobs and one with `logprobs: true, top_logprobs: 5`, in alternating order,
-each from a fresh prompt. On a shared machine the figure is the median over rounds of each
-round's ratio. End-of-generation tokens are suppressed so every stream does the same work. Also
-times the engine's log-softmax over the model's vocabulary in process. Prints one JSON object.
+One daemon (`appliance serve`, one slot) serves alternating rounds: each round streams one
+completion without logprobs and one with the five likeliest tokens at each position
+(`logprobs: 5`, the completions name for chat's `top_logprobs: 5`: the same engine work), in
+alternating order, each from a fresh prompt. Completions, not chat: a random-weight model's chat
+answer can be all whitespace, which the chat parser holds back, so its stream would show no
+decode rate. On a shared machine the figure is the median over rounds of each round's ratio.
+End-of-generation tokens are suppressed so every stream does the same work. Also times the
+engine's log-softmax over the model's vocabulary in process. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -79,14 +82,12 @@ def main() -> None:
         process, url = daemon(models, args.threads, 1024)
         try:
             base = {"model": model_id, "max_tokens": args.tokens, "temperature": 0.0,
-                    "logit_bias": NO_END, "chat_template_kwargs": {"enable_thinking": False}}
-            with_lp = {**base, "logprobs": True, "top_logprobs": 5}
+                    "logit_bias": NO_END}
+            with_lp = {**base, "logprobs": 5}
 
             def run(body: dict, i: int, kind: str) -> dict:
-                content = f"Round {i} ({kind}). Write a long story about a lighthouse keeper."
-                return stream_once(url, {**body, "messages": [{"role": "user",
-                                                               "content": content}]},
-                                   "/v1/chat/completions")
+                prompt = f"Round {i} ({kind}). Write a long story about a lighthouse keeper."
+                return stream_once(url, {**body, "prompt": prompt})
 
             run(base, -1, "warm")
             rounds = []
