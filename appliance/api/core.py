@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -49,8 +48,8 @@ class SamplingInput(Protocol):
     logit_bias: dict[str, float] | None
 
 
-def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None
-                    ) -> SamplingParams:
+def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None,
+                    grammar_after_think: bool = False) -> SamplingParams:
     """The request's sampling, with the model's own recommended defaults (GGUF) for the rest."""
     meta = model.metadata
     defaults = SamplingParams()
@@ -80,6 +79,7 @@ def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None
         repeat_penalty=body.repeat_penalty,
         logit_bias=bias,
         grammar=grammar,
+        grammar_after_think=grammar_after_think,  # thinking first, then the shaped answer
     )
 
 
@@ -95,7 +95,12 @@ class Generation:
     """One request in the engine, seen from the event loop."""
 
     def __init__(self, model: LoadedModel, prompt_tokens: list[int], sampling: SamplingParams,
-                 max_tokens: int, stop: list[str], metrics: Metrics) -> None:
+                 max_tokens: int, stop: list[str], metrics: Metrics,
+                 thinking_budget: int | None = None, *, n: int = 1,
+                 logprobs: int | None = None, open_thinking: bool = False) -> None:
+        """`thinking_budget`: thinking tokens before the engine closes `<think>` itself; `n`
+        choices; `logprobs`: report each token's and the k likeliest; `open_thinking`: the
+        prompt gets "<think>\n" (the model thinks before a grammar-shaped answer)."""
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._metrics = metrics
@@ -104,7 +109,10 @@ class Generation:
         self.first_text_at: float | None = None  # perf_counter of the first text, and the end:
         self.finished_at: float | None = None  # Ollama reports the durations they delimit
         self.outcome: Outcome | None = None
-        self.request = GenerationRequest(prompt_tokens, sampling, max_tokens, stop, self._emit)
+        self.finish_reasons: dict[int, str] = {}  # per choice, once each has finished
+        self.request = GenerationRequest(prompt_tokens, sampling, max_tokens, stop, self._emit,
+                                         thinking_budget=thinking_budget, n=n,
+                                         logprobs=logprobs, open_thinking=open_thinking)
         model.submit(self.request)
 
     def cancel(self) -> None:
@@ -117,7 +125,18 @@ class Generation:
 
     async def texts(self) -> AsyncIterator[str]:
         """Generated text pieces as they come; sets `outcome` at the end. Cancels on exit."""
+        try:
+            async for piece in self.pieces():
+                if piece.text:
+                    yield piece.text
+        finally:
+            self.cancel()  # closed early: `pieces` may not be finalized until collected
+
+    async def pieces(self) -> AsyncIterator[TextEvent]:
+        """Every choice's text (with logprobs when asked) as it comes; sets `outcome` once all
+        choices have finished (the first choice's finish, completion tokens summed)."""
         last = None
+        completion = 0
         try:
             while True:
                 event = await self._queue.get()
@@ -129,13 +148,17 @@ class Generation:
                     else:
                         self._metrics.inter_token.observe(now - last)
                     last = now
-                    yield event.text
+                    yield event
                 elif isinstance(event, DoneEvent):
                     self.finished_at = time.perf_counter()
-                    self.outcome = Outcome(event.finish_reason, event.prompt_tokens,
-                                           event.completion_tokens, event.cached_tokens)
+                    self.finish_reasons[event.index] = event.finish_reason
+                    completion += event.completion_tokens
+                    if len(self.finish_reasons) < self.request.n:
+                        continue
+                    self.outcome = Outcome(self.finish_reasons[0], event.prompt_tokens,
+                                           completion, event.cached_tokens)
                     self._metrics.prompt_tokens.inc(event.prompt_tokens)
-                    self._metrics.completion_tokens.inc(event.completion_tokens)
+                    self._metrics.completion_tokens.inc(completion)
                     return
                 elif isinstance(event, ErrorEvent):
                     raise event.error
@@ -219,18 +242,12 @@ class GenerationStream(StreamingResponse):
 # -- pieces a dialect may need beyond OpenAI's ------------------------------------------------
 
 
-ENGINE_THINKING_BUDGET = "thinking_budget" in {f.name for f in dataclasses.fields(GenerationRequest)}
-
-
 def start_generation(model: LoadedModel, prompt_tokens: list[int], sampling: SamplingParams,
                      max_tokens: int, stop: list[str], metrics: Metrics, *,
                      thinking_budget: int | None = None) -> Generation:
-    """A Generation whose thinking the engine closes after `thinking_budget` tokens; an engine
-    without that support bounds the thinking by `max_tokens` only."""
-    if thinking_budget is not None and ENGINE_THINKING_BUDGET:
-        return Generation(model, prompt_tokens, sampling, max_tokens, stop, metrics,
-                          thinking_budget=thinking_budget)  # type: ignore[call-arg]
-    return Generation(model, prompt_tokens, sampling, max_tokens, stop, metrics)
+    """A Generation whose thinking the engine closes after `thinking_budget` tokens."""
+    return Generation(model, prompt_tokens, sampling, max_tokens, stop, metrics,
+                      thinking_budget=thinking_budget)
 
 
 class AnswerStops:
@@ -262,3 +279,9 @@ class AnswerStops:
 
     def flush(self) -> str:
         return self._matcher.flush()
+
+
+def grammar_waits_for_thinking(model: LoadedModel) -> bool:
+    """Whether a grammar can leave the thinking free and shape only what follows `</think>`:
+    the template thinks and `<think>`, `</think>` are single tokens (Qwen3)."""
+    return model.formatter.supports_thinking and model.runtime.think is not None

@@ -12,6 +12,8 @@ from appliance.errors import InvalidValue
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 500
 MAX_TOOLS = 128
+MAX_CHOICES = 4
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 TOKEN_ID = re.compile(r"^-?[0-9]{1,10}$")  # ASCII digits only: "²".isdigit() is True
 
 
@@ -132,17 +134,13 @@ class SamplingFields(RequestBody):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repeat_penalty: float = Field(1.0, gt=0, le=10)
     logit_bias: dict[str, float] | None = Field(None, max_length=1024)
-    n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    # Each choice takes a slot of its own (they share the prompt's KV cells).
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     # Fields that change what the answer means: refused until supported, never ignored.
-    logprobs: Any = None
-    top_logprobs: Any = None
     best_of: Any = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> SamplingFields:
-        for name in ("logprobs", "top_logprobs"):
-            if getattr(self, name) not in (None, False, 0):
-                raise InvalidValue(f"{name} is not supported yet", param=name)
         if self.best_of not in (None, 1):
             raise InvalidValue("best_of is not supported (one choice per request)",
                                param="best_of")
@@ -179,12 +177,29 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     enable_thinking: bool | None = None  # a shortcut some clients send at the top level
+    # Thinking tokens before the engine closes </think> itself (Qwen's own API has this field).
+    thinking_budget: int | None = Field(None, ge=1, le=2**31 - 1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidValue("top_logprobs needs logprobs: true", param="top_logprobs")
+        return self
+
+    def logprobs_top(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and the k likeliest tokens."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # For a prompt that opens <think> itself: thinking tokens before the engine closes it.
+    thinking_budget: int | None = Field(None, ge=1, le=2**31 - 1)
 
     @field_validator("prompt")
     @classmethod
@@ -201,4 +216,7 @@ class CompletionRequest(SamplingFields):
             raise InvalidValue("suffix (fill-in-the-middle) is not supported", param="suffix")
         if self.echo and isinstance(self.prompt, list) and isinstance(self.prompt[0], int):
             raise InvalidValue("echo is supported for text prompts only", param="echo")
+        if self.echo and self.logprobs is not None:
+            raise InvalidValue("logprobs of the prompt (echo with logprobs) are not supported",
+                               param="logprobs")
         return self

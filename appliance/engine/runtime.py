@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from appliance.engine.sampling import SamplerChain, SamplingParams
 from appliance.errors import LoadFailed
@@ -34,6 +36,16 @@ def gpu_offload_supported() -> bool:
     """Whether this llama.cpp build can put layers on a GPU (a CUDA build)."""
     ensure_backend()
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class ThinkMarkup:
+    """Qwen3's thinking tags as single tokens, and the token runs the engine appends itself."""
+
+    open: int  # <think>
+    close: int  # </think>
+    open_run: list[int]  # "<think>\n": opens thinking in a prompt
+    close_run: list[int]  # "\n</think>\n\n": closes it when the budget is spent
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,7 @@ class LlamaRuntime:
         self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
         self._piece = ctypes.create_string_buffer(256)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.think = think_markup(self.tokenize)
 
     # -- tokens ----------------------------------------------------------------------------
 
@@ -167,6 +180,18 @@ class LlamaRuntime:
         """Drop a sequence's KV cells from `from_pos` on."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq, from_pos, -1)
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Give `dst` the KV cells of `src` (a prompt read once for several choices). With a split
+        cache llama.cpp copies the stream's buffer at the start of the next decode, before that
+        batch writes anything; `dst`'s own cells are dropped."""
+        llama_cpp.llama_memory_seq_rm(self.memory, dst, 0, -1)
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, 0, -1)
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """The raw logits at `batch_index` of the last decode (a view: read before the next)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, batch_index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
     def close(self) -> None:
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
@@ -177,3 +202,14 @@ class LlamaRuntime:
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+
+
+def think_markup(tokenize: Callable[..., list[int]]) -> ThinkMarkup | None:
+    """The thinking tags of this vocabulary, or None when they are not single tokens."""
+    open_ = tokenize("<think>", add_special=False, parse_special=True)
+    close = tokenize("</think>", add_special=False, parse_special=True)
+    if len(open_) != 1 or len(close) != 1:
+        return None
+    return ThinkMarkup(open_[0], close[0],
+                       tokenize("<think>\n", add_special=False, parse_special=True),
+                       tokenize("\n</think>\n\n", add_special=False, parse_special=True))

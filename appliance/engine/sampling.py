@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,15 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF, root rule "root"
+    # The grammar shapes only the answer after the model's own `</think>` (lazy: thinking is free).
+    grammar_after_think: bool = False
+
+
+def after_think(grammar: str) -> str:
+    """`grammar` preceded by `</think>` and the blank line after it: a lazy grammar triggered by
+    the `</think>` token starts by accepting that token's text."""
+    body = re.sub(r"^root\s*::=", "answer ::=", grammar, count=1, flags=re.MULTILINE)
+    return 'root ::= "</think>" [ \\n]{0,4} answer\n' + body
 
 
 class SamplerChain:
@@ -39,8 +50,7 @@ class SamplerChain:
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         try:
             if params.grammar:
-                grammar = llama_cpp.llama_sampler_init_grammar(
-                    runtime.vocab, params.grammar.encode(), b"root")
+                grammar = self._grammar(runtime, params)
                 if not grammar:
                     raise InvalidRequest("the grammar for response_format could not be parsed",
                                          param="response_format")
@@ -72,6 +82,26 @@ class SamplerChain:
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _grammar(runtime: LlamaRuntime, params: SamplingParams) -> ctypes.c_void_p:
+        assert params.grammar
+        if not params.grammar_after_think:
+            return llama_cpp.llama_sampler_init_grammar(runtime.vocab, params.grammar.encode(),
+                                                        b"root")
+        if runtime.think is None:
+            raise InvalidRequest("this model has no </think> token, so a grammar cannot wait "
+                                 "for the end of thinking: turn thinking off",
+                                 param="chat_template_kwargs.enable_thinking")
+        # A trigger token, not a pattern: llama.cpp matches patterns with std::regex against all
+        # the text so far, at every token, which grows with the thinking.
+        triggers = (llama_cpp.llama_token * 1)(runtime.think.close)
+        return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            runtime.vocab, after_think(params.grammar).encode(), b"root", None, 0, triggers, 1)
+
+    def accept(self, token: int) -> None:
+        """Record a token the engine put in the sequence itself (penalties and grammar see it)."""
+        llama_cpp.llama_sampler_accept(self.ptr, token)
 
     def sample(self, runtime: LlamaRuntime, batch_index: int) -> int:
         """Pick the next token from the logits at `batch_index` (and accept it into the chain)."""

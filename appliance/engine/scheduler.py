@@ -5,6 +5,10 @@ a chunk of any prompt being read into a single `llama_decode` batch, then sample
 with its own sampler chain. New requests join at the next step; a finished or cancelled one
 frees its slot at once. A slot keeps its KV cells after a request, so the next request that
 shares a prefix with them (same system prompt, next turn of a chat) only reads the rest.
+
+A request for `n` choices takes `n` slots at once: the first reads the prompt, the others get a
+copy of its KV cells and sample from the same logits, each with its own sampler. A request may
+also carry a thinking budget: once its thinking reaches it, the engine appends `</think>` itself.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from appliance.engine.logprobs import Alternative, TokenLogprob, log_softmax_at
 from appliance.engine.runtime import LlamaRuntime
 from appliance.engine.sampling import SamplerChain, SamplingParams
+from appliance.engine.slots import Slot, choose_slot
 from appliance.engine.text import Detokenizer, StopMatcher
 from appliance.errors import (
     ApplianceError,
     ContextOverflow,
     EngineError,
+    InvalidValue,
     QueueFull,
     ServiceUnavailable,
 )
@@ -34,14 +41,15 @@ log = logging.getLogger(__name__)
 # While other sequences are generating, read at most this many prompt tokens per step, so their
 # inter-token latency stays bounded while a long prompt arrives.
 PREFILL_CHUNK_BUSY = 128
-# Reusing a few cached tokens saves almost nothing and leaves an odd-sized prompt batch, which
-# llama.cpp's repacked CPU matmuls handle more slowly than a whole one: reuse from this many on.
-MIN_PREFIX_REUSE = 32
 
 
 @dataclass
 class TextEvent:
     text: str
+    index: int = 0  # which choice
+    # The tokens behind this text (when the request asked for logprobs); a token whose text is
+    # held back (a partial character, a possible stop string) comes with the text it releases.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -50,6 +58,7 @@ class DoneEvent:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    index: int = 0  # which choice: a request for n choices gets n of these
 
 
 @dataclass
@@ -69,6 +78,12 @@ class GenerationRequest:
     emit: Callable[[Event], None]  # called on the engine thread
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
+    # Thinking tokens (inside <think>, opened by the prompt or the model) before the engine
+    # closes the block itself with "\n</think>\n\n"; None: no limit.
+    thinking_budget: int | None = None
+    n: int = 1  # choices, each in its own slot, sharing the prompt's KV cells
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest
+    open_thinking: bool = False  # append "<think>\n" to the prompt (the model must think)
 
 
 class SchedulerObserver(Protocol):
@@ -89,29 +104,27 @@ class _NoObserver:
 
 
 @dataclass
-class Slot:
-    index: int
-    cached: list[int] = field(default_factory=list)  # tokens whose KV cells the slot holds
-    last_used: float = 0.0
-    busy: bool = False
-
-
-@dataclass
 class _Sequence:
     request: GenerationRequest
     slot: Slot
     chain: SamplerChain
     prefilled: int
     cached_tokens: int
+    index: int = 0
     detok: Detokenizer = field(default_factory=Detokenizer)
     stopper: StopMatcher | None = None
     generated: int = 0
-    last_token: int = -1
+    feed: list[int] = field(default_factory=list)  # tokens for the next step (usually one)
     batch_index: int = -1
+    followers: list[_Sequence] = field(default_factory=list)  # siblings waiting for the prompt
+    following: bool = False  # a sibling: gets the first choice's KV cells, reads nothing
+    thinking: bool = False
+    thought: int = 0
+    held: list[TokenLogprob] = field(default_factory=list)  # logprobs whose text is held back
 
     @property
     def generating(self) -> bool:
-        return self.prefilled >= len(self.request.prompt_tokens)
+        return not self.following and self.prefilled >= len(self.request.prompt_tokens)
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -125,38 +138,6 @@ def lower_thread_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
     except OSError as e:  # not Linux, or a sandbox that forbids it: run at normal priority
         log.warning("could not lower the engine's priority: %s", e)
-
-
-def id_runs(ids: set[int]) -> int:
-    """How many runs of consecutive numbers `ids` makes ({0, 1, 3} makes 2)."""
-    return sum(i - 1 not in ids for i in ids)
-
-
-def choose_slot(slots: list[Slot], prompt: list[int]) -> tuple[Slot, int]:
-    """The free slot for `prompt`, and how many of its cached tokens the prompt can reuse.
-
-    The longest reusable prefix wins. Otherwise keep the busy slots in as few runs of
-    consecutive ids as we can: with a split KV cache llama.cpp decodes each run as a separate
-    graph (4 scattered sequences cost 1.6x 4 consecutive ones, bench/batch_ceiling.py). Last,
-    the least recently used slot, which keeps the caches most likely to be wanted again.
-    """
-    def usable_prefix(slot: Slot) -> int:
-        # Keep at least one prompt token to read, so the step yields logits to sample from.
-        n = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
-        return n if n >= MIN_PREFIX_REUSE else 0
-
-    busy = {s.index for s in slots if s.busy}
-    free = [s for s in slots if not s.busy]
-    slot = max(free, key=lambda s: (usable_prefix(s), -id_runs(busy | {s.index}), -s.last_used))
-    return slot, usable_prefix(slot)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Scheduler:
@@ -188,6 +169,12 @@ class Scheduler:
     # -- called from any thread -----------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> None:
+        if request.n > len(self.slots):
+            raise InvalidValue(f"n={request.n} needs {request.n} slots at once and this daemon "
+                               f"runs {len(self.slots)} (the parallel setting)", param="n")
+        think = self.runtime.think
+        if request.open_thinking and think is not None:
+            request.prompt_tokens = [*request.prompt_tokens, *think.open_run]
         limit = self.runtime.context_per_slot
         if len(request.prompt_tokens) >= limit:
             raise ContextOverflow(
@@ -314,11 +301,13 @@ class Scheduler:
             seq.request.emit(ErrorEvent(error))
 
     def _take_admissible(self) -> list[GenerationRequest]:
+        # First come, first served: a request for n choices waits for n free slots, and those
+        # behind it wait too, so it is never starved by smaller ones.
         free = self.free_slots()
         taken = []
-        while self._waiting and free > 0:
+        while self._waiting and free >= self._waiting[0].n:
+            free -= self._waiting[0].n
             taken.append(self._waiting.popleft())
-            free -= 1
         return taken
 
     def _admit(self, request: GenerationRequest) -> None:
@@ -330,36 +319,62 @@ class Scheduler:
         self.runtime.forget(slot.index, reuse)
         slot.cached = slot.cached[:reuse]
         slot.busy = True
+        slots = [slot]
+        for _ in range(request.n - 1):
+            sibling, _ = choose_slot(self.slots, [])
+            sibling.busy = True
+            sibling.cached = []  # the first choice's cells replace these
+            slots.append(sibling)
+        chains: list[SamplerChain] = []
         try:
-            chain = self.runtime.sampler(request.sampling)
+            for i in range(request.n):
+                chains.append(self.runtime.sampler(_choice_sampling(request.sampling, i)))
         except Exception as e:
-            slot.busy = False
+            for chain in chains:
+                chain.close()
+            for taken in slots:
+                taken.busy = False
             request.emit(ErrorEvent(e if isinstance(e, ApplianceError)
                                     else EngineError(f"engine error: {e}")))
             if not isinstance(e, ApplianceError):
                 log.exception("building a sampler chain failed")
             return
-        seq = _Sequence(request, slot, chain, prefilled=reuse, cached_tokens=reuse,
-                        stopper=StopMatcher(request.stop))
-        self._active.append(seq)
+        thinking = self._prompt_opens_thinking(prompt)
+        seqs = [_Sequence(request, taken, chain, prefilled=reuse, cached_tokens=reuse, index=i,
+                          stopper=StopMatcher(request.stop), following=i > 0, thinking=thinking)
+                for i, (taken, chain) in enumerate(zip(slots, chains, strict=True))]
+        seqs[0].followers = seqs[1:]
+        self._active.extend(seqs)
         self.prefix_hit_tokens += reuse
         self.observer.on_admit(time.perf_counter() - request.submitted_at, len(prompt), reuse)
+
+    def _prompt_opens_thinking(self, prompt: list[int]) -> bool:
+        """Whether the prompt leaves a <think> block open (its last thinking tag opens one)."""
+        think = self.runtime.think
+        if think is None:
+            return False
+        for token in reversed(prompt):
+            if token == think.open:
+                return True
+            if token == think.close:
+                return False
+        return False
 
     def _step(self) -> None:
         started = time.perf_counter()
         rt = self.runtime
         for seq in list(self._active):
-            if seq.request.cancelled.is_set():
+            if seq in self._active and seq.request.cancelled.is_set():
                 self._finish(seq, "cancelled")
         # Every generating sequence gets one token; prompts are read first come, first served
         # within the batch budget, less while others generate so their tokens keep flowing.
         generating = [s for s in self._active if s.generating]
-        budget = rt.options.n_batch - len(generating)
+        budget = rt.options.n_batch - sum(len(s.feed) for s in generating)
         if generating:
             budget = min(budget, PREFILL_CHUNK_BUSY)
         reads: dict[int, int] = {}  # slot index -> prompt tokens to read in this step
         for seq in self._active:
-            if seq.generating or budget <= 0:
+            if seq.generating or seq.following or budget <= 0:
                 continue
             reads[seq.slot.index] = min(budget, len(seq.request.prompt_tokens) - seq.prefilled)
             budget -= reads[seq.slot.index]
@@ -368,10 +383,14 @@ class Scheduler:
         rt.clear_batch()
         sampled: list[_Sequence] = []
         for seq in sorted(self._active, key=lambda s: s.slot.index):
+            if seq.following:
+                continue
             if seq.generating:
-                seq.batch_index = rt.add_to_batch(seq.last_token, len(seq.slot.cached),
-                                                  seq.slot.index, True)
-                seq.slot.cached.append(seq.last_token)
+                for i, token in enumerate(seq.feed):  # forced tokens are read like a prompt
+                    seq.batch_index = rt.add_to_batch(token, len(seq.slot.cached),
+                                                      seq.slot.index, i == len(seq.feed) - 1)
+                    seq.slot.cached.append(token)
+                seq.feed = []
                 sampled.append(seq)
                 continue
             prompt = seq.request.prompt_tokens
@@ -395,8 +414,16 @@ class Scheduler:
             self._decode_failed(status)
             return
         for seq in sampled:
-            self._token_times.append(decoded)
-            self._accept(seq, seq.chain.sample(rt, seq.batch_index))
+            followers, seq.followers = seq.followers, []
+            for sibling in followers:  # before the first choice can finish and free its slot
+                rt.copy_sequence(seq.slot.index, sibling.slot.index)
+                sibling.slot.cached = list(seq.slot.cached)
+                sibling.prefilled = seq.prefilled
+                sibling.following = False
+                sibling.batch_index = seq.batch_index
+            for each in (seq, *followers):
+                self._token_times.append(decoded)
+                self._accept(each, each.chain.sample(rt, each.batch_index))
         self.observer.on_step(n_tokens, sequences, decoded - decode_started,
                               time.perf_counter() - started)
 
@@ -420,16 +447,56 @@ class Scheduler:
         if rt.is_end(token):
             self._finish(seq, "stop")
             return
+        if seq.request.logprobs is not None:
+            seq.held.append(self._logprob(seq, token))
+        self._emit_tokens(seq, [token])
+        seq.feed = [token]
+        think = rt.think
+        if think is not None and not seq.stopper.stopped:  # type: ignore[union-attr]
+            if token == think.close:
+                seq.thinking = False
+            elif seq.thinking:
+                seq.thought += 1
+                budget = seq.request.thinking_budget
+                if budget is not None and seq.thought >= max(budget, 1):
+                    self._close_thinking(seq)
+            elif token == think.open:
+                seq.thinking = True
         assert seq.stopper is not None
-        text = seq.stopper.feed(seq.detok.feed(rt.piece(token)))
-        if text:
-            seq.request.emit(TextEvent(text))
         if seq.stopper.stopped:
             self._finish(seq, "stop")
-        elif seq.generated >= seq.request.max_tokens or len(seq.slot.cached) + 1 >= rt.context_per_slot:
+        elif (seq.generated >= seq.request.max_tokens
+              or len(seq.slot.cached) + len(seq.feed) >= rt.context_per_slot):
             self._finish(seq, "length")
-        else:
-            seq.last_token = token
+
+    def _close_thinking(self, seq: _Sequence) -> None:
+        """The budget is spent: "\n</think>\n\n" goes into the sequence as if generated (the
+        client sees it, the sampler chain accepts it: a lazy grammar starts at the tag) and is
+        read in the next step like prompt tokens, so the model goes on with its answer."""
+        think = self.runtime.think
+        assert think is not None
+        run = think.close_run
+        for token in run:
+            seq.chain.accept(token)
+        seq.generated += len(run)
+        seq.thinking = False
+        seq.feed += run
+        self._emit_tokens(seq, run)
+
+    def _emit_tokens(self, seq: _Sequence, tokens: list[int]) -> None:
+        assert seq.stopper is not None
+        text = seq.stopper.feed("".join(seq.detok.feed(self.runtime.piece(t)) for t in tokens))
+        if text:
+            held, seq.held = seq.held, []
+            seq.request.emit(TextEvent(text, seq.index,
+                                       held if seq.request.logprobs is not None else None))
+
+    def _logprob(self, seq: _Sequence, token: int) -> TokenLogprob:
+        rt = self.runtime
+        top = seq.request.logprobs or 0
+        logprob, best = log_softmax_at(rt.logits(seq.batch_index), token, top)
+        return TokenLogprob(token, rt.piece(token), logprob,
+                            tuple(Alternative(t, rt.piece(t), lp) for t, lp in best))
 
     def _release(self, seq: _Sequence) -> None:
         seq.chain.close()
@@ -442,8 +509,26 @@ class Scheduler:
         assert seq.stopper is not None
         if reason != "cancelled":
             tail = seq.stopper.feed(seq.detok.flush()) + seq.stopper.flush()
-            if tail:
-                seq.request.emit(TextEvent(tail))
+            # Tokens cut with a stop string are not reported; any others come with the tail.
+            held = [] if seq.stopper.stopped else seq.held
+            if tail or held:
+                seq.request.emit(TextEvent(tail, seq.index, held
+                                           if seq.request.logprobs is not None else None))
+        seq.held = []
         self._release(seq)
+        for follower in seq.followers:  # finished before the prompt was read (cancelled)
+            if follower not in self._active:
+                continue
+            self._release(follower)
+            follower.request.emit(DoneEvent(reason, len(seq.request.prompt_tokens), 0,
+                                            seq.cached_tokens, follower.index))
+        seq.followers = []
         seq.request.emit(DoneEvent(reason, len(seq.request.prompt_tokens), seq.generated,
-                                   seq.cached_tokens))
+                                   seq.cached_tokens, seq.index))
+
+
+def _choice_sampling(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` samples with seed+index: n choices differ, and each is reproducible."""
+    if params.seed is None or index == 0:
+        return params
+    return replace(params, seed=params.seed + index)

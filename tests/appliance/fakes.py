@@ -1,7 +1,8 @@
 """A fake llama.cpp runtime for fast in-process tests of the scheduler and the model manager.
 
-Bytes are tokens (0..255); token 256 is a control token `<|ctl|>`; decoding yields the byte after
-the last one fed, so outputs are predictable. Hooks inject faults and hold steps.
+Bytes are tokens (0..255); token 256 is a control token `<|ctl|>`, 257 and 258 are `<think>` and
+`</think>`; decoding yields the letter after the last token fed, so outputs are predictable (and
+never a thinking tag). Hooks inject faults and hold steps.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from appliance.engine.runtime import RuntimeOptions
+import numpy as np
+
+from appliance.engine.runtime import RuntimeOptions, ThinkMarkup
 from appliance.engine.sampling import SamplingParams
 from appliance.errors import LoadFailed
 
 CONTROL = 256
 CONTROL_TEXT = "<|ctl|>"
+THINK_OPEN, THINK_CLOSE = 257, 258
+SPECIAL = {CONTROL: CONTROL_TEXT, THINK_OPEN: "<think>", THINK_CLOSE: "</think>"}
 
 
 @dataclass
@@ -30,18 +35,27 @@ class FakeSampler:
     def __init__(self, runtime: FakeRuntime) -> None:
         self.runtime = runtime
         self.closed = False
+        self.accepted: list[int] = []  # tokens the engine forced into the sequence
 
     def sample(self, runtime: FakeRuntime, batch_index: int) -> int:
-        token = runtime.batch.tokens[batch_index][0]
-        return ord("a") + (token + 1) % 26
+        return next_token(runtime.batch.tokens[batch_index][0])
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
 
     def close(self) -> None:
         self.closed = True
 
 
+def next_token(token: int) -> int:
+    return ord("a") + (token + 1) % 26
+
+
 class FakeRuntime:
-    n_vocab = 257
+    n_vocab = 259
     add_bos = False
+    think = ThinkMarkup(THINK_OPEN, THINK_CLOSE, [THINK_OPEN, ord("\n")],
+                        [ord("\n"), THINK_CLOSE, ord("\n"), ord("\n")])
     instances: ClassVar[list[FakeRuntime]] = []
 
     def __init__(self, path: Path, options: RuntimeOptions,
@@ -55,25 +69,29 @@ class FakeRuntime:
         self.steps = 0
         self.gate = threading.Event()  # cleared: decode waits (a request held in flight)
         self.gate.set()
+        self.copies: list[tuple[int, int]] = []
         FakeRuntime.instances.append(self)
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         tokens: list[int] = []
         rest = text
         while rest:
-            if parse_special and rest.startswith(CONTROL_TEXT):
-                tokens.append(CONTROL)
-                rest = rest[len(CONTROL_TEXT):]
+            special = next((t for t, text in SPECIAL.items() if rest.startswith(text)), None)
+            if parse_special and special is not None:
+                tokens.append(special)
+                rest = rest[len(SPECIAL[special]):]
                 continue
             tokens += list(rest[0].encode())
             rest = rest[1:]
         return tokens
 
     def piece(self, token: int) -> bytes:
-        return b"" if token == CONTROL else bytes([token])
+        if token == CONTROL:
+            return b""
+        return SPECIAL[token].encode() if token in SPECIAL else bytes([token])
 
     def token_text(self, token: int) -> str:
-        return CONTROL_TEXT if token == CONTROL else chr(token)
+        return SPECIAL.get(token) or chr(token)
 
     def control_texts(self) -> set[str]:
         return {CONTROL_TEXT}
@@ -99,6 +117,15 @@ class FakeRuntime:
 
     def forget(self, seq: int, from_pos: int = 0) -> None:
         pass
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        self.copies.append((src, dst))
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """Certain of the fake's next token: log p = 0 for it, -20 for the rest."""
+        out = np.zeros(self.n_vocab, dtype=np.float32)
+        out[next_token(self.batch.tokens[batch_index][0])] = 20.0
+        return out
 
     def close(self) -> None:
         self.closed = True

@@ -7,7 +7,6 @@ produces a thinking block whenever it is asked to think.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import anthropic
 import httpx
 import pytest
 
-from appliance.engine.scheduler import GenerationRequest
 from converter.synthetic import CHAT_TEMPLATE
 from tests.appliance.conftest import Daemon, run_daemon
 from tests.conftest import MODEL_B
@@ -36,7 +34,6 @@ WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "input_schema": {"type": "object", "properties": {
                "city": {"type": "string", "enum": ["Paris", "Oslo"]}},
                "required": ["city"], "additionalProperties": False}}
-ENGINE_BUDGET = "thinking_budget" in {f.name for f in dataclasses.fields(GenerationRequest)}
 
 
 def thinking_template() -> str:
@@ -207,7 +204,6 @@ def test_thinking_off_and_omitted(claude: anthropic.Anthropic) -> None:
     assert [(b.type, b.thinking) for b in hidden.content] == [("thinking", "")]
 
 
-@pytest.mark.skipif(not ENGINE_BUDGET, reason="needs GenerationRequest.thinking_budget")
 def test_the_thinking_budget_closes_thinking_and_the_answer_follows(
         claude: anthropic.Anthropic) -> None:
     with claude.messages.stream(model=THINKER, max_tokens=40, messages=HELLO, **GREEDY,

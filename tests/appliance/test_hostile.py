@@ -187,17 +187,34 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
      {"content": b'{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function",'
                  b'"function":{"name":"f","description":"\\udfff"}}]}',
       "headers": {"Content-Type": "application/json"}}, {400}),
-    ("logprobs", "POST", "/v1/chat/completions", {"json": chat(logprobs=True)}, {400}),
-    ("top_logprobs", "POST", "/v1/chat/completions", {"json": chat(top_logprobs=5)}, {400}),
+    ("logprobs", "POST", "/v1/chat/completions",
+     {"json": chat(logprobs=True, top_logprobs=20)}, {200}),
+    ("top_logprobs without logprobs", "POST", "/v1/chat/completions",
+     {"json": chat(top_logprobs=5)}, {400}),
+    ("top_logprobs 21", "POST", "/v1/chat/completions",
+     {"json": chat(logprobs=True, top_logprobs=21)}, {400}),
+    ("logprobs as a number", "POST", "/v1/chat/completions", {"json": chat(logprobs=7)}, {400}),
     ("legacy logprobs", "POST", "/v1/completions",
-     {"json": {"prompt": "x", "max_tokens": 1, "logprobs": 3}}, {400}),
+     {"json": {"prompt": "x", "max_tokens": 1, "logprobs": 3}}, {200}),
+    ("legacy logprobs 21", "POST", "/v1/completions",
+     {"json": {"prompt": "x", "max_tokens": 1, "logprobs": 21}}, {400}),
+    ("echo with logprobs", "POST", "/v1/completions",
+     {"json": {"prompt": "x", "max_tokens": 1, "logprobs": 1, "echo": True}}, {400}),
+    ("thinking_budget 0", "POST", "/v1/chat/completions", {"json": chat(thinking_budget=0)},
+     {400}),
+    ("thinking_budget as text", "POST", "/v1/chat/completions",
+     {"json": chat(thinking_budget="lots")}, {400}),
     ("best_of", "POST", "/v1/completions",
      {"json": {"prompt": "x", "max_tokens": 1, "best_of": 3}}, {400}),
     ("suffix", "POST", "/v1/completions",
      {"json": {"prompt": "x", "max_tokens": 1, "suffix": "y"}}, {400}),
     ("echo with token prompt", "POST", "/v1/completions",
      {"json": {"prompt": [1, 2], "max_tokens": 1, "echo": True}}, {400}),
-    ("n=3", "POST", "/v1/chat/completions", {"json": chat(n=3)}, {400}),
+    ("n over the slots", "POST", "/v1/chat/completions", {"json": chat(n=3)}, {400}),
+    ("n=5", "POST", "/v1/chat/completions", {"json": chat(n=5)}, {400}),
+    ("n=0", "POST", "/v1/completions", {"json": {"prompt": "x", "n": 0}}, {400}),
+    ("n=2 streaming", "POST", "/v1/chat/completions", {"json": chat(n=2, stream=True)}, {200}),
+    ("model id of 5000 characters", "GET", "/v1/models/" + "m" * 5000, {}, {404}),
     ("negative max_tokens", "POST", "/v1/chat/completions", {"json": chat(max_tokens=-1)},
      {400}),
     ("astronomic max_tokens", "POST", "/v1/chat/completions",
@@ -259,11 +276,11 @@ def test_errors_name_the_field(target: Daemon) -> None:
         surrogate = http.post("/v1/chat/completions",
                               content=b'{"messages":[{"role":"user","content":"\\ud800"}]}',
                               headers={"Content-Type": "application/json"})
-        logprobs = http.post("/v1/chat/completions", json=chat(logprobs=True))
+        logprobs = http.post("/v1/chat/completions", json=chat(logprobs=True, top_logprobs=21))
     assert too_long.json()["error"]["code"] == "invalid_value"
     assert "maxLength" in too_long.json()["error"]["param"]
     assert surrogate.json()["error"]["param"] == "messages.0.content"
-    assert logprobs.json()["error"]["param"] == "logprobs"
+    assert logprobs.json()["error"]["param"] == "top_logprobs"
 
 
 def test_host_rebinding_and_missing_host_are_refused(target: Daemon) -> None:

@@ -82,3 +82,60 @@ def test_utf8_split_across_tokens() -> None:
     pieces = [d.feed(data[i:i + 1]) for i in range(len(data))]
     assert "".join(pieces) + d.flush() == "你好 🙂"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def stream_calls(text: str, step: int, forced: bool = False) -> tuple[str, list, list]:
+    """Content, the tool-call deltas in order, and the calls at the end."""
+    parser = ChatOutputParser(prompt="", parse_tools=True, forced_tool=forced)
+    content, deltas = "", []
+    for i in range(0, len(text), step):
+        delta = parser.feed(text[i:i + step])
+        content += delta.content
+        deltas += delta.tool_calls
+    tail, calls = parser.finish()
+    return content + tail.content, deltas + tail.tool_calls, calls
+
+
+TWO_CALLS = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+             '"days": [1, 2]}}\n</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n'
+             '</tool_call>')
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_tool_calls_stream_name_first_then_argument_fragments(step: int) -> None:
+    content, deltas, calls = stream_calls(TWO_CALLS, step)
+    assert content == "Checking.\n"
+    for index, (name, arguments) in enumerate([("get_weather", {"city": "Paris", "days": [1, 2]}),
+                                               ("now", {})]):
+        mine = [d for d in deltas if d.index == index]
+        assert mine[0].id and mine[0].name == name  # id and name come first, once
+        assert all(d.id is None and d.name is None for d in mine[1:])
+        assert json.loads("".join(d.arguments for d in mine)) == arguments
+        assert calls[index].id == mine[0].id and json.loads(calls[index].arguments) == arguments
+    if step == 1:  # character by character: the arguments really arrive in pieces
+        assert len([d for d in deltas if d.index == 0]) > 10
+
+
+def test_a_call_cut_short_keeps_what_it_streamed() -> None:
+    _, deltas, calls = stream_calls('<tool_call>\n{"name": "f", "arguments": {"a": "bc', 2)
+    assert calls[0].name == "f" and calls[0].arguments == '{"a": "bc'
+    assert "".join(d.arguments for d in deltas) == calls[0].arguments
+
+
+def test_a_call_in_another_key_order_is_parsed_whole() -> None:
+    content, deltas, calls = stream_calls(
+        '<tool_call>\n{"arguments": {"x": 1}, "name": "f"}\n</tool_call>', 3)
+    assert content == "" and [(d.index, d.name) for d in deltas] == [(0, "f")]
+    assert json.loads(deltas[0].arguments) == {"x": 1} and calls[0].name == "f"
+
+
+def test_escaped_name_and_braces_inside_strings() -> None:
+    _, _, calls = stream_calls(
+        '<tool_call>{"name": "a\\"b", "arguments": {"s": "}} </tool_call"}}</tool_call>', 1)
+    assert calls[0].name == 'a"b'
+    assert json.loads(calls[0].arguments) == {"s": "}} </tool_call"}
+
+
+def test_broken_forced_call_is_never_content() -> None:
+    content, deltas, calls = stream_calls("<tool_call>\nnot json\n</tool_call>", 3, forced=True)
+    assert content == "" and deltas == [] and calls == []

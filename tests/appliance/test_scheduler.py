@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.engine.scheduler import MIN_PREFIX_REUSE, Slot, choose_slot, id_runs
+from appliance.engine.slots import MIN_PREFIX_REUSE, Slot, choose_slot, id_runs
 
 
 def slots(busy: set[int], n: int = 8) -> list[Slot]:

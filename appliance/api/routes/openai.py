@@ -16,6 +16,7 @@ from appliance.api.core import (
     ClientGone,
     Generation,
     GenerationStream,
+    grammar_waits_for_thinking,
     max_new_tokens,
     off_loop,
     prepare_chat,
@@ -27,8 +28,9 @@ from appliance.api.deps import ManagerDep, MetricsDep, RegistryDep, SettingsDep
 from appliance.api.errors import error_body
 from appliance.api.grammar import response_grammar, tool_call_grammar
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest
-from appliance.engine.output import ChatOutputParser, ToolCall
-from appliance.errors import ApplianceError, InvalidRequest
+from appliance.engine.logprobs import TokenLogprob
+from appliance.engine.output import ChatOutputParser, Delta, ToolCall, ToolCallDelta
+from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.registry import Registry
 
 router = APIRouter()
@@ -56,6 +58,39 @@ async def list_models(registry: RegistryDep) -> dict[str, Any]:
     return {"object": "list", "data": await off_loop(_model_list, registry)}
 
 
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, registry: RegistryDep) -> dict[str, Any]:
+    for model in await off_loop(_model_list, registry):
+        if model["id"] == model_id.lower():
+            return model
+    raise ModelNotFound(f"model {model_id[:256]!r} does not exist", param="model")
+
+
+# -- logprobs: OpenAI's two shapes ------------------------------------------------------------
+
+
+def _token_text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    return [{"token": _token_text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
+             "top_logprobs": [{"token": _token_text(a.piece), "logprob": a.logprob,
+                               "bytes": list(a.piece)} for a in e.top]} for e in entries]
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy shape; `offset` is where the first token starts in the choice's text."""
+    tokens, offsets = [], []
+    for e in entries:
+        tokens.append(_token_text(e.piece))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_token_text(a.piece): a.logprob for a in e.top} for e in entries],
+            "text_offset": offsets}
+
+
 # -- chat -------------------------------------------------------------------------------------
 
 
@@ -80,15 +115,20 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_calls_json(calls: list[ToolCall], streaming: bool) -> list[dict[str, Any]]:
-    result = []
-    for index, call in enumerate(calls):
-        item: dict[str, Any] = {"id": call.id, "type": "function",
-                                "function": {"name": call.name, "arguments": call.arguments}}
-        if streaming:
-            item["index"] = index
-        result.append(item)
-    return result
+def _tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    return [{"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
+
+
+def _tool_call_deltas(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    out = []
+    for d in deltas:
+        item: dict[str, Any] = {"index": d.index, "function": {"arguments": d.arguments}}
+        if d.id is not None:  # a call's first delta: its id and name (the stream helper needs it)
+            item.update(id=d.id, type="function")
+            item["function"]["name"] = d.name
+        out.append(item)
+    return out
 
 
 def _chat_grammar(body: ChatCompletionRequest) -> tuple[str | None, bool]:
@@ -113,18 +153,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         kwargs = body.chat_template_kwargs or {}
         thinking = kwargs.get("enable_thinking", body.enable_thinking)
         thinking = model.enable_thinking if thinking is None else bool(thinking)
-        if grammar is not None:
-            thinking = False  # the grammar must shape the answer from its first token
+        # A grammar shapes the answer: with thinking on it starts after the model's </think>,
+        # and the prompt opens the thinking so that there is one to close.
+        after_think = grammar is not None and thinking and grammar_waits_for_thinking(model)
+        if grammar is not None and not after_think:
+            thinking = False
         prompt = await prepare_chat(model, messages,
                                     [t.model_dump() for t in tools] if tools else None, thinking)
         limit = body.max_completion_tokens or body.max_tokens
-        generation = Generation(model, prompt.tokens, sampling_params(body, model, grammar),
+        generation = Generation(model, prompt.tokens,
+                                sampling_params(body, model, grammar, after_think),
                                 max_new_tokens(limit, len(prompt.tokens), model,
                                                settings.max_tokens_default),
-                                body.stop or [], metrics)
+                                body.stop or [], metrics, body.thinking_budget, n=body.n,
+                                logprobs=body.logprobs_top(), open_thinking=after_think)
         stack.callback(generation.cancel)
-        parser = ChatOutputParser(prompt=prompt.text, parse_tools=tools is not None,
-                                  forced_tool=forced_tool)
+        prompt_text = prompt.text + ("<think>\n" if after_think else "")
+        parsers = [ChatOutputParser(prompt=prompt_text, parse_tools=tools is not None,
+                                    forced_tool=forced_tool) for _ in range(body.n)]
     except BaseException:
         await stack.aclose()
         raise
@@ -132,69 +178,91 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
             "model": model.id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return GenerationStream(_chat_stream(generation, parser, meta, include_usage), stack,
+        return GenerationStream(_chat_stream(generation, parsers, meta, include_usage,
+                                             body.logprobs), stack,
                                 media_type="text/event-stream")
     async with stack:
         try:
-            reasoning, content, calls = await until_disconnect(
-                request, _chat_whole(generation, parser))
+            answers = await until_disconnect(request, _chat_whole(generation, parsers))
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-    message: dict[str, Any] = {"role": "assistant", "content": content or None}
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    if calls:
-        message["tool_calls"] = _tool_calls_json(calls, streaming=False)
-    assert generation.outcome is not None
-    finish = "tool_calls" if calls else generation.outcome.finish_reason
-    return JSONResponse({**meta, "object": "chat.completion", "choices": [
-        {"index": 0, "message": message, "finish_reason": finish}],
-        "usage": generation.usage()})
+    choices = []
+    for index, (reasoning, content, calls, entries) in enumerate(answers):
+        message: dict[str, Any] = {"role": "assistant", "content": content or None}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if calls:
+            message["tool_calls"] = _tool_calls_json(calls)
+        choices.append({"index": index, "message": message,
+                        "logprobs": {"content": chat_logprobs(entries)} if body.logprobs
+                        else None,
+                        "finish_reason": "tool_calls" if calls
+                        else generation.finish_reasons[index]})
+    return JSONResponse({**meta, "object": "chat.completion", "choices": choices,
+                         "usage": generation.usage()})
 
 
-async def _chat_whole(generation: Generation, parser: ChatOutputParser
-                      ) -> tuple[str, str, list[ToolCall]]:
-    reasoning, content = [], []
-    async for text in generation.texts():
-        delta = parser.feed(text)
-        reasoning.append(delta.reasoning)
-        content.append(delta.content)
-    tail, calls = parser.finish()
-    reasoning.append(tail.reasoning)
-    content.append(tail.content)
-    return "".join(reasoning), "".join(content), calls
+async def _chat_whole(generation: Generation, parsers: list[ChatOutputParser]
+                      ) -> list[tuple[str, str, list[ToolCall], list[TokenLogprob]]]:
+    reasoning: list[list[str]] = [[] for _ in parsers]
+    content: list[list[str]] = [[] for _ in parsers]
+    entries: list[list[TokenLogprob]] = [[] for _ in parsers]
+    async for piece in generation.pieces():
+        delta = parsers[piece.index].feed(piece.text)
+        reasoning[piece.index].append(delta.reasoning)
+        content[piece.index].append(delta.content)
+        entries[piece.index] += piece.logprobs or []
+    answers = []
+    for i, parser in enumerate(parsers):
+        tail, calls = parser.finish()
+        answers.append(("".join(reasoning[i]) + tail.reasoning,
+                        "".join(content[i]) + tail.content, calls, entries[i]))
+    return answers
 
 
-async def _chat_stream(generation: Generation, parser: ChatOutputParser, meta: dict[str, Any],
-                       include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        data = {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+def _delta_json(delta: Delta) -> list[dict[str, Any]]:
+    """One chunk's delta per kind of text, in the order generated."""
+    out: list[dict[str, Any]] = []
+    if delta.reasoning:
+        out.append({"reasoning_content": delta.reasoning})
+    if delta.content:
+        out.append({"content": delta.content})
+    if delta.tool_calls:
+        out.append({"tool_calls": _tool_call_deltas(delta.tool_calls)})
+    return out
+
+
+async def _chat_stream(generation: Generation, parsers: list[ChatOutputParser],
+                       meta: dict[str, Any], include_usage: bool, logprobs: bool
+                       ) -> AsyncIterator[bytes]:
+    held: list[list[TokenLogprob]] = [[] for _ in parsers]  # until a chunk of their choice
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish}
+        if logprobs:
+            entries, held[index] = held[index], []
+            choice["logprobs"] = {"content": chat_logprobs(entries)} if entries else None
+        data = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
         if include_usage:
             data["usage"] = None
         return sse(data)
 
-    yield chunk({"role": "assistant", "content": ""})
+    for index in range(len(parsers)):
+        yield chunk(index, {"role": "assistant", "content": ""})
     try:
-        async for text in generation.texts():
-            delta = parser.feed(text)
-            if delta.reasoning:
-                yield chunk({"reasoning_content": delta.reasoning})
-            if delta.content:
-                yield chunk({"content": delta.content})
+        async for piece in generation.pieces():
+            held[piece.index] += piece.logprobs or []
+            for delta in _delta_json(parsers[piece.index].feed(piece.text)):
+                yield chunk(piece.index, delta)
     except ApplianceError as e:
         yield sse(error_body(e.message, e.type, e.param, e.code))
         yield sse("[DONE]")
         return
-    tail, calls = parser.finish()
-    if tail.reasoning:
-        yield chunk({"reasoning_content": tail.reasoning})
-    if tail.content:
-        yield chunk({"content": tail.content})
-    if calls:
-        yield chunk({"tool_calls": _tool_calls_json(calls, streaming=True)})
-    assert generation.outcome is not None
-    yield chunk({}, "tool_calls" if calls else generation.outcome.finish_reason)
+    for index, parser in enumerate(parsers):
+        tail, calls = parser.finish()
+        for delta in _delta_json(tail):
+            yield chunk(index, delta)
+        yield chunk(index, {}, "tool_calls" if calls else generation.finish_reasons[index])
     if include_usage:
         yield sse({**meta, "object": "chat.completion.chunk", "choices": [],
                    "usage": generation.usage()})
@@ -220,34 +288,44 @@ async def completions(body: CompletionRequest, request: Request, manager: Manage
         generation = Generation(model, prompt.tokens, sampling_params(body, model, None),
                                 max_new_tokens(body.max_tokens or 16, len(prompt.tokens), model,
                                                None),
-                                body.stop or [], metrics)
+                                body.stop or [], metrics, body.thinking_budget, n=body.n,
+                                logprobs=body.logprobs)
         stack.callback(generation.cancel)
     except BaseException:
         await stack.aclose()
         raise
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.id}
     echo = prompt.text if body.echo else ""
+    want_logprobs = body.logprobs is not None
 
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(index: int, text: str, finish: str | None,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream() -> AsyncIterator[bytes]:
+            offsets = [len(echo)] * body.n  # where each choice's next token starts
             if echo:
-                yield sse({**meta, "object": "text_completion", "choices": [choice(echo, None)]})
-            try:
-                async for text in generation.texts():
+                for i in range(body.n):
                     yield sse({**meta, "object": "text_completion",
-                               "choices": [choice(text, None)]})
+                               "choices": [choice(i, echo, None)]})
+            try:
+                async for piece in generation.pieces():
+                    shaped = None
+                    if want_logprobs:
+                        shaped = completion_logprobs(piece.logprobs or [], offsets[piece.index])
+                        offsets[piece.index] += sum(map(len, shaped["tokens"]))
+                    yield sse({**meta, "object": "text_completion",
+                               "choices": [choice(piece.index, piece.text, None, shaped)]})
             except ApplianceError as e:
                 yield sse(error_body(e.message, e.type, e.param, e.code))
                 yield sse("[DONE]")
                 return
-            assert generation.outcome is not None
-            yield sse({**meta, "object": "text_completion",
-                       "choices": [choice("", generation.outcome.finish_reason)]})
+            for i in range(body.n):
+                yield sse({**meta, "object": "text_completion",
+                           "choices": [choice(i, "", generation.finish_reasons[i])]})
             if include_usage:
                 yield sse({**meta, "object": "text_completion", "choices": [],
                            "usage": generation.usage()})
@@ -256,14 +334,20 @@ async def completions(body: CompletionRequest, request: Request, manager: Manage
         return GenerationStream(stream(), stack, media_type="text/event-stream")
     async with stack:
         try:
-            text = await until_disconnect(request, _join(generation))
+            texts, entries = await until_disconnect(request, _join(generation))
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-    assert generation.outcome is not None
-    return JSONResponse({**meta, "object": "text_completion",
-                         "choices": [choice(echo + text, generation.outcome.finish_reason)],
-                         "usage": generation.usage()})
+    return JSONResponse({**meta, "object": "text_completion", "choices": [
+        choice(i, echo + texts[i], generation.finish_reasons[i],
+               completion_logprobs(entries[i], len(echo)) if want_logprobs else None)
+        for i in range(body.n)], "usage": generation.usage()})
 
 
-async def _join(generation: Generation) -> str:
-    return "".join([t async for t in generation.texts()])
+async def _join(generation: Generation) -> tuple[list[str], list[list[TokenLogprob]]]:
+    n = generation.request.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    entries: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    async for piece in generation.pieces():
+        texts[piece.index].append(piece.text)
+        entries[piece.index] += piece.logprobs or []
+    return ["".join(t) for t in texts], entries
