@@ -77,7 +77,7 @@ def safe_stem(text: str) -> str:
 class Hub:
     """The hub (or a mirror at `endpoint`), reached through huggingface-hub."""
 
-    def __init__(self, endpoint: str | None = None, token: str | None = None,
+    def __init__(self, endpoint: str | None = None, token: str | bool | None = None,
                  timeout: float = 20.0) -> None:
         from huggingface_hub import constants
 
