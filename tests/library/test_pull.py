@@ -165,7 +165,7 @@ def test_interrupted_pull_resumes_next_time(library: Library, hub: LocalHub) -> 
 
 def test_sha256_mismatch_is_refused_and_nothing_left(library: Library, hub: LocalHub) -> None:
     hub.faults.corrupt.add(f"{GGUF_REPO}/Tiny-Q4_K_M.gguf")
-    with pytest.raises(IntegrityError, match="does not match the hub's sha256.*deleted"):
+    with pytest.raises(IntegrityError, match=r"does not match the hub's sha256.*deleted"):
         library.pull(library.plan(GGUF_REPO))
     assert visible(library.models_dir) == []
     assert not list((library.models_dir / ".pulls").rglob("*.partial"))
@@ -175,7 +175,7 @@ def test_full_disk_is_refused_before_starting(hub: LocalHub, tmp_path: Path) -> 
     folder = tmp_path / "models"
     library = Library(folder, hub=Hub(hub.url, token=False), free_space=lambda _: 10 * 2**20)
     plan = library.plan(GGUF_REPO)
-    with pytest.raises(NotEnoughSpace, match="needs .* GiB.*free") as e:
+    with pytest.raises(NotEnoughSpace, match=r"needs .* GiB.*free") as e:
         library.pull(plan)
     assert "appliance du" in e.value.hint
     assert hub.gets.total() == 0  # not one byte was fetched
