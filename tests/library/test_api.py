@@ -59,7 +59,7 @@ def test_pull_streams_ollama_shaped_progress(served, hub: LocalHub) -> None:
 
 
 def test_two_clients_share_one_download_and_serving_goes_on(served, hub: LocalHub) -> None:
-    daemon, folder = served
+    daemon, _ = served
     hub.gate = threading.Event()  # downloads wait until both clients are in
     results: list[list[dict]] = []
 
