@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 GIB = 2**30
@@ -109,9 +110,19 @@ def cmd_models(args: argparse.Namespace, settings: Any, client: Any) -> int:
     from appliance.library.listing import describe_all
     from appliance.library.manifest import disk_use, installed
 
+    loaded = None
     folder = settings.models_dir.expanduser()
+    try:  # a running daemon says which folder it serves, and what it has loaded
+        status = client.status()
+        loaded = (status.get("model") or {}).get("id")
+        folder = Path(client.models()["models_dir"])
+        daemon = f"daemon running ({status['state']})"
+    except (DaemonUnavailable, DaemonError, KeyError):
+        daemon = "daemon not running"
     machine, has_gpu = _machine(settings)
-    if args.measure or (not machine.speed and not args.no_measure and installed(folder)):
+    # Measured once, in a terminal only: a script or a test asking for the list gets it at once.
+    auto = not machine.speed and not args.no_measure and sys.stdout.isatty()
+    if args.measure or (auto and installed(folder)):
         print("measuring this machine's decode speed once (appliance models --measure "
               "repeats it)…", file=sys.stderr)
         usable = [(m.path, m.size) for m in installed(folder) if m.complete]
@@ -120,13 +131,6 @@ def cmd_models(args: argparse.Namespace, settings: Any, client: Any) -> int:
         except Exception as e:  # an unloadable model: the list still comes
             print(f"  not measured: {e}", file=sys.stderr)
         machine, _ = _machine(settings)
-    loaded = None
-    try:
-        status = client.status()
-        loaded = (status.get("model") or {}).get("id")
-        daemon = f"daemon running ({status['state']})"
-    except (DaemonUnavailable, DaemonError):
-        daemon = "daemon not running"
     forced = {mid: o.gpu_layers for mid, o in settings.models.items()}
     models = describe_all(folder, machine, forced)
     if not models:

@@ -70,7 +70,9 @@ def test_errors_are_one_line_with_a_hint(hub: LocalHub, tmp_path: Path) -> None:
 def test_models_measures_decode_speed_once(hub: LocalHub, tmp_path: Path) -> None:
     env = env_for(hub, tmp_path)
     assert run_cli("pull", GGUF_REPO, env=env).returncode == 0
-    first = run_cli("models", env=env)
+    quiet = run_cli("models", env=env)  # not a terminal: no measuring unasked
+    assert "measuring" not in quiet.stderr and "speed not measured yet" in quiet.stdout
+    first = run_cli("models", "--measure", env=env)
     assert first.returncode == 0, first.stderr
     assert "measuring this machine's decode speed once" in first.stderr
     assert (tmp_path / "cache" / "qwen-appliance" / "decode_speed.json").exists()
