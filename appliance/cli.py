@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance import __version__
+from appliance.errors import ApplianceError
+from appliance.library.errors import ModelInUse
 from converter.errors import ConversionError
 
 
@@ -88,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, timeout: float = 5.0):
     from appliance.client import DaemonClient, base_url
 
     settings = _settings(args)
@@ -96,7 +98,7 @@ def _client(args: argparse.Namespace):
         key = settings.read_api_key()
     except (OSError, ValueError):
         key = None
-    return DaemonClient(getattr(args, "url", None) or base_url(settings), key)
+    return DaemonClient(getattr(args, "url", None) or base_url(settings), key, timeout)
 
 
 def _format_bytes(n: int) -> str:
@@ -128,17 +130,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    data = _client(args).models()
-    if not data["models"]:
-        print(f"no models in {data['models_dir']} (add .gguf files or run appliance convert)")
-    for m in data["models"]:
-        mark = "*" if m["loaded"] else " "
-        if m["usable"]:
-            print(f"{mark} {m['id']:<32} {m['architecture']:<8} {m['quantization']:<8} "
-                  f"ctx {m['trained_context_length']:<6} {m['file_size'] / 2**30:.2f} GiB")
-        else:
-            print(f"  {m['id']:<32} unusable: {m['error']}")
-    return 0
+    from appliance.library.commands import cmd_models as list_models
+
+    return list_models(args, _settings(args), _client(args, timeout=1.0))
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from appliance.library.commands import cmd_pull as pull
+
+    return pull(args, _settings(args))
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from appliance.library.commands import cmd_rm as rm
+
+    return rm(args, _settings(args), _client(args))
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from appliance.library.commands import cmd_du as du
+
+    return du(args, _settings(args))
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -215,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     for name, handler, text in (("status", cmd_status, "show the daemon's state and memory"),
-                                ("models", cmd_models, "list the models the daemon can serve"),
                                 ("unload", cmd_unload, "unload the current model")):
         p = sub.add_parser(name, help=text)
         _address_flags(p)
@@ -225,12 +236,52 @@ def build_parser() -> argparse.ArgumentParser:
     _address_flags(tray)
     tray.add_argument("--url", help="daemon URL (default from settings)")
     tray.set_defaults(handler=cmd_tray)
+    _library_parsers(sub)
     load = sub.add_parser("load", help="load (switch to) a model")
     load.add_argument("id")
     _address_flags(load)
     load.add_argument("--url", help="daemon URL (default from settings)")
     load.set_defaults(handler=cmd_load)
     return parser
+
+
+def _library_parsers(sub: argparse._SubParsersAction) -> None:
+    pull = sub.add_parser(
+        "pull", help="get a model: a hub GGUF repo, a hub safetensors repo, or a local GGUF",
+        description="Download a ready GGUF (Qwen/Qwen3-8B-GGUF[:Q5_K_M]; split files too), or "
+                    "a safetensors checkpoint (Qwen/Qwen3-8B) that is converted and quantized, "
+                    "or import a local .gguf (hard-linked when on the same disk, else copied). "
+                    "Downloads resume, are checked against the hub's sha256, and free space is "
+                    "checked first. HF_TOKEN is used for gated repos; HF_ENDPOINT picks a mirror.")
+    pull.add_argument("ref", metavar="REF", help="owner/name[:QUANT] or a path to a .gguf")
+    pull.add_argument("--quant", help="quantization (default Q4_K_M)")
+    pull.add_argument("--revision", help="hub branch, tag or commit")
+    pull.add_argument("--dry-run", action="store_true",
+                      help="show what would be downloaded, its size and whether it fits here")
+    pull.add_argument("--force", action="store_true", help="replace a different model of that id")
+    pull.add_argument("--models-dir", type=Path, help="folder of .gguf models")
+    pull.set_defaults(handler=cmd_pull)
+
+    models = sub.add_parser("models", help="list the installed models and whether each fits here",
+                            description="Read the models folder (the daemon need not run): id, "
+                                        "size, quantization, parameters, context, source, and "
+                                        "the offload plan and expected decode speed here.")
+    models.add_argument("--measure", action="store_true",
+                        help="measure this machine's decode speed again")
+    models.add_argument("--no-measure", action="store_true",
+                        help="do not measure the decode speed even if it was never measured")
+    models.add_argument("--models-dir", type=Path, help="folder of .gguf models")
+    rm = sub.add_parser("rm", help="remove a model (refused while it is loaded)")
+    rm.add_argument("id")
+    rm.add_argument("--force", action="store_true", help="unload it first if it is loaded")
+    rm.add_argument("--models-dir", type=Path, help="folder of .gguf models")
+    du = sub.add_parser("du", help="disk use of the models folder")
+    du.add_argument("--models-dir", type=Path, help="folder of .gguf models")
+    for p, handler in ((models, cmd_models), (rm, cmd_rm), (du, cmd_du)):
+        _address_flags(p)
+        p.add_argument("--url", help="daemon URL (default from settings)")
+        p.set_defaults(handler=handler)
+    _address_flags(pull)
 
 
 def _address_flags(p: argparse.ArgumentParser) -> None:
@@ -253,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), e.hint)
     except UserError as e:
         return fail(str(e), e.hint, e.code)
+    except ApplianceError as e:  # the library's errors, and a model that is not there
+        return fail(e.message, getattr(e, "hint", "") or _default_hint(e))
     except Exception as e:
         from appliance.client import DaemonError, DaemonUnavailable
 
@@ -264,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return fail("interrupted", code=130)
+
+
+def _default_hint(e: ApplianceError) -> str:
+    return "pass --force to unload it first" if isinstance(e, ModelInUse) else ""
 
 
 if __name__ == "__main__":

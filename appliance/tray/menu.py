@@ -42,6 +42,18 @@ def resident(s: Snapshot) -> str | None:
     return s.model if s.state in (TrayState.READY, TrayState.BUSY) else None
 
 
+def offers_menu(s: Snapshot) -> tuple[Item, ...]:
+    """"Get a model…": the recommended models with size and fit; a running pull is disabled."""
+    pulling = {p.model for p in s.pulls if not p.finished}
+    items = []
+    for o in s.offers:
+        busy = any(o.ref.split("/")[-1].lower().removesuffix("-gguf") in m for m in pulling)
+        note = "installed" if o.installed else "pulling…" if busy else o.fit
+        items.append(Item(f"{o.label}, {o.size / 1e9:.1f} GB ({note})", "pull", o.ref,
+                          enabled=s.running and not o.installed and not busy))
+    return tuple(items) or (Item("Start the daemon to get models", enabled=False),)
+
+
 def menu_spec(s: Snapshot) -> tuple[Item, ...]:
     running = s.running
     loading = s.state is TrayState.LOADING
@@ -60,6 +72,7 @@ def menu_spec(s: Snapshot) -> tuple[Item, ...]:
         Item("Switch model", submenu=models or (Item("No models found", enabled=False),),
              enabled=running),
         Item("Unload model", "unload", enabled=bool(model)),
+        Item("Get a model…", submenu=offers_menu(s), enabled=running),
         SEPARATOR,
         Item("Start daemon", "start", enabled=not running, default=not running),
         Item("Stop daemon", "stop", enabled=running),

@@ -27,6 +27,39 @@ class ModelChoice:
 
 
 @dataclass(frozen=True)
+class PullInfo:
+    """A pull the daemon runs (or just finished)."""
+
+    model: str
+    stage: str
+    completed: int = 0
+    total: int = 0
+    finished: bool = False
+    error: str | None = None
+
+    @property
+    def line(self) -> str:
+        if self.error:
+            return f"Pull of {self.model} failed"
+        if self.finished:
+            return f"{self.model} is downloaded"
+        if self.total:
+            return f"Pulling {self.model}: {self.stage} {self.completed * 100 // self.total} %"
+        return f"Pulling {self.model}: {self.stage}"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A recommended model under "Get a model…", with its size and the fit answer here."""
+
+    ref: str
+    label: str
+    size: int
+    fit: str
+    installed: bool
+
+
+@dataclass(frozen=True)
 class Snapshot:
     state: TrayState
     model: str | None = None
@@ -37,6 +70,8 @@ class Snapshot:
     tokens_per_s: float = 0.0
     message: str | None = None  # failure reason or connection error
     models: tuple[ModelChoice, ...] = field(default_factory=tuple)
+    pulls: tuple[PullInfo, ...] = field(default_factory=tuple)
+    offers: tuple[Offer, ...] = field(default_factory=tuple)
 
     @property
     def fill(self) -> float:
@@ -48,8 +83,22 @@ class Snapshot:
         return self.state is not TrayState.STOPPED
 
 
-def from_api(status: dict[str, Any], models: dict[str, Any] | None) -> Snapshot:
-    """Build a snapshot from /api/status and /api/models answers."""
+def from_library(library: dict[str, Any] | None) -> dict[str, Any]:
+    """The pulls and offers of an /api/library answer, as Snapshot fields."""
+    if not library:
+        return {}
+    pulls = tuple(PullInfo(p["model"], p.get("stage", ""), int(p.get("completed") or 0),
+                           int(p.get("total") or 0), bool(p.get("finished")), p.get("error"))
+                  for p in library.get("pulls", []))
+    offers = tuple(Offer(r["ref"], r["label"], int(r["size"]), str(r.get("fit", "?")),
+                         bool(r.get("installed")))
+                   for r in library.get("recommended", []))
+    return {"pulls": pulls, "offers": offers}
+
+
+def from_api(status: dict[str, Any], models: dict[str, Any] | None,
+             library: dict[str, Any] | None = None) -> Snapshot:
+    """Build a snapshot from /api/status, /api/models and /api/library answers."""
     model = status.get("model") or {}
     state = {"loading": TrayState.LOADING, "unloading": TrayState.LOADING,
              "failed": TrayState.ERROR, "unloaded": TrayState.IDLE}.get(status["state"],
@@ -68,7 +117,8 @@ def from_api(status: dict[str, Any], models: dict[str, Any] | None) -> Snapshot:
     choices = tuple(ModelChoice(m["id"], m["usable"], m["loaded"], m.get("error"))
                     for m in (models or {}).get("models", []))
     return Snapshot(state, model.get("id") or status.get("target"), bool(gpus), used, total, own,
-                    float(model.get("tokens_per_second") or 0.0), status.get("failure"), choices)
+                    float(model.get("tokens_per_second") or 0.0), status.get("failure"), choices,
+                    **from_library(library))
 
 
 def stopped(message: str | None = None) -> Snapshot:
@@ -85,6 +135,7 @@ def title(s: Snapshot) -> str:
         parts.append(f"{s.tokens_per_s:.1f} tok/s")
     if s.state is TrayState.ERROR and s.message:
         parts.append(s.message[:120])
+    parts.extend(p.line for p in s.pulls if not p.finished)
     return "\n".join(parts)
 
 

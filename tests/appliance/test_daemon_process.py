@@ -106,7 +106,7 @@ def test_cli_against_the_daemon(daemon, tmp_path: Path) -> None:
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
-@pytest.mark.parametrize("command", [["status"], ["models"], ["load", "x"], ["unload"]])
+@pytest.mark.parametrize("command", [["status"], ["load", "x"], ["unload"]])
 def test_cli_when_daemon_is_down(command: list[str], tmp_path: Path) -> None:
     from tests.appliance.conftest import free_port
 

@@ -178,8 +178,12 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
     ("tags from a page (a read)", "GET", "/api/tags", {"headers": {"Origin": EVIL_ORIGIN}},
      {200}),
     # not here yet: a clear status, never a 404 or 500
-    ("pull", "POST", "/api/pull", {"json": {"model": "qwen3:8b"}}, {501}),
-    ("delete", "DELETE", "/api/delete", {"json": {"model": MODEL_A}}, {501}),
+    ("pull of a name that is no hub repo", "POST", "/api/pull", {"json": {"model": "qwen3:8b"}},
+     {400, 404}),
+    ("pull with traversal", "POST", "/api/pull", {"json": {"model": "../../etc/passwd"}},
+     {400, 403, 404}),
+    ("delete of an unknown model", "DELETE", "/api/delete", {"json": {"model": "absent-model"}},
+     {404}),
     ("create", "POST", "/api/create", {"json": {"model": "x"}}, {501}),
     ("wrong method", "GET", "/api/generate", {}, {405}),
 ]

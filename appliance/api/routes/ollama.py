@@ -145,22 +145,15 @@ def _not_implemented(message: str) -> Response:
     return error_response(501, message, "not_implemented", shape=error_shape)
 
 
-@router.post("/api/pull")
 @router.post("/api/push")
 @router.post("/api/create")
 @router.post("/api/copy")
 async def pull(settings: SettingsDep) -> Response:
     folder = settings.models_dir.expanduser()
     return _not_implemented(
-        "this daemon does not pull, create or copy models through the API yet: convert one "
-        f"with `appliance convert Qwen/Qwen3-8B --out {folder}/qwen3-8b-q4_k_m.gguf`, or copy "
-        f"a .gguf file into {folder}; it is listed at once")
-
-
-@router.delete("/api/delete")
-async def delete(settings: SettingsDep) -> Response:
-    return _not_implemented("this daemon does not delete models through the API yet: remove "
-                            f"the .gguf file from {settings.models_dir.expanduser()}")
+        "this daemon does not push, create or copy models: pull one (`appliance pull "
+        f"Qwen/Qwen3-8B-GGUF`, or POST /api/pull), or copy a .gguf file into {folder}; it is "
+        "listed at once")
 
 
 @router.api_route("/api/blobs/{digest}", methods=["HEAD", "POST"], include_in_schema=False)

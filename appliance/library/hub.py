@@ -1,0 +1,243 @@
+"""Resolve a hub repository into what to download: the GGUF file(s) for a quantization, or the
+safetensors checkpoint for our converter, with sizes and LFS sha256s from the hub's metadata.
+
+All hub calls go through huggingface-hub (its HfApi, its HTTP session, its error types), with
+the endpoint passed explicitly: huggingface-hub reads HF_ENDPOINT once, at import.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from appliance.library.errors import (
+    BadReference,
+    GatedRepo,
+    HubUnreachable,
+    LibraryError,
+    RepoNotFound,
+)
+from appliance.library.refs import HubRef
+
+DEFAULT_QUANT = "Q4_K_M"
+# `...-Q4_K_M`, `..._q5_k_m`, `.../IQ4_XS`, `...-UD-Q4_K_XL`, `...-BF16`: the tag ends the stem.
+_QUANT_IN_NAME = re.compile(r"(?:^|[-_./])((?:UD-)?(?:I?Q[0-9][A-Z0-9_]*|BF16|F16|F32))$", re.I)
+SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.I)
+MAX_FILES = 10_000  # a repo listing past this is refused, not walked
+OFFLINE_HINT = ("check the network, or pull a local file instead (appliance pull ./model.gguf); "
+                "HF_ENDPOINT picks another hub or mirror")
+TOKEN_HINT = ("accept the model's licence on its hub page, then set HF_TOKEN (or run "
+              "`hf auth login`) where the pull runs")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    name: str  # the path inside the repository
+    size: int
+    sha256: str | None  # the LFS sha256; None for small files kept in git
+
+
+@dataclass
+class HubPlan:
+    """What a hub pull downloads, and what it becomes."""
+
+    kind: str  # "gguf" or "safetensors"
+    repo: str
+    commit: str
+    quant: str
+    model_id: str
+    files: list[HubFile]
+    local_names: list[str] = field(default_factory=list)  # gguf: the names in the models folder
+    quants: list[str] = field(default_factory=list)  # every quantization the repo offers
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def quant_of(filename: str) -> str | None:
+    """The quantization tag in a GGUF file's name (split suffix and folders included)."""
+    name = filename
+    split = SPLIT.match(PurePosixPath(name).name)
+    stem = split.group("stem") if split else PurePosixPath(name).stem
+    path = str(PurePosixPath(name).parent / stem) if "/" in name else stem
+    match = _QUANT_IN_NAME.search(path)
+    return match.group(1).upper() if match else None
+
+
+def safe_stem(text: str) -> str:
+    """A model id from a name: lower case, only [a-z0-9._+-], no leading dot."""
+    cleaned = re.sub(r"[^a-z0-9._+-]+", "-", text.lower()).strip(".-")
+    return cleaned[:100] or "model"
+
+
+class Hub:
+    """The hub (or a mirror at `endpoint`), reached through huggingface-hub."""
+
+    def __init__(self, endpoint: str | None = None, token: str | bool | None = None,
+                 timeout: float = 20.0) -> None:
+        from huggingface_hub import constants
+
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def model_info(self, ref: HubRef) -> Any:
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.endpoint, token=self.token)
+        with hub_errors(ref.repo, ref.revision):
+            return api.model_info(ref.repo, revision=ref.revision, files_metadata=True,
+                                  timeout=self.timeout)
+
+    def file_url(self, repo: str, filename: str, commit: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(repo, filename, revision=commit, endpoint=self.endpoint)
+
+    def headers(self) -> dict[str, str]:
+        from huggingface_hub.utils import build_hf_headers
+
+        return build_hf_headers(token=self.token, library_name="qwen-appliance")
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(self, ref: HubRef) -> HubPlan:
+        info = self.model_info(ref)
+        siblings = list(info.siblings or [])
+        if len(siblings) > MAX_FILES:
+            raise LibraryError(f"{ref.repo} lists {len(siblings)} files; that is not a model "
+                               "repository we can pull", "choose a GGUF or safetensors repo")
+        commit = info.sha or ref.revision or "main"
+        files = [HubFile(s.rfilename, int(s.size or (s.lfs.size if s.lfs else 0) or 0),
+                         s.lfs.sha256 if s.lfs else None) for s in siblings]
+        ggufs = [f for f in files if f.name.lower().endswith(".gguf")
+                 and "mmproj" not in f.name.lower()]
+        if ggufs:
+            return plan_gguf(ref, commit, ggufs)
+        if any(f.name == "config.json" for f in files) and any(
+                f.name.endswith(".safetensors") for f in files):
+            return plan_safetensors(ref, commit, files)
+        raise RepoNotFound(f"{ref.repo} has neither GGUF files nor a safetensors checkpoint",
+                           "pull a repo with .gguf files (e.g. Qwen/Qwen3-8B-GGUF) or a "
+                           "transformers checkpoint (e.g. Qwen/Qwen3-8B)")
+
+
+def plan_gguf(ref: HubRef, commit: str, ggufs: list[HubFile]) -> HubPlan:
+    by_quant: dict[str, list[HubFile]] = {}
+    for f in ggufs:
+        by_quant.setdefault(quant_of(f.name) or "UNKNOWN", []).append(f)
+    quants = sorted(q for q in by_quant if q != "UNKNOWN")
+    if ref.quant:
+        quant = ref.quant
+    elif DEFAULT_QUANT in by_quant:
+        quant = DEFAULT_QUANT
+    elif len(by_quant) == 1:
+        quant = next(iter(by_quant))
+    else:
+        raise BadReference(f"{ref.repo} has several quantizations and none is {DEFAULT_QUANT}",
+                           f"choose one: {', '.join(quants)} (e.g. {ref.repo}:{quants[0]})",
+                           "quant")
+    chosen = by_quant.get(quant)
+    if not chosen:
+        raise RepoNotFound(f"{ref.repo} has no {quant} file",
+                           f"it offers {', '.join(quants) or 'no tagged files'}", "quant")
+    files = pick_group(ref.repo, quant, chosen)
+    local = [safe_stem(PurePosixPath(f.name).stem) + ".gguf" for f in files]
+    split = SPLIT.match(local[0])
+    model_id = split.group("stem") if split else local[0].removesuffix(".gguf")
+    return HubPlan("gguf", ref.repo, commit, quant, model_id, files, local, quants)
+
+
+def pick_group(repo: str, quant: str, files: list[HubFile]) -> list[HubFile]:
+    """One model's files: a single GGUF, or every part of a split one (in order), complete."""
+    singles = [f for f in files if not SPLIT.match(PurePosixPath(f.name).name)]
+    if singles:
+        return [min(singles, key=lambda f: len(f.name))]
+    groups: dict[str, list[HubFile]] = {}
+    for f in files:
+        match = SPLIT.match(PurePosixPath(f.name).name)
+        assert match is not None
+        key = str(PurePosixPath(f.name).parent / match.group("stem"))
+        groups.setdefault(key, []).append(f)
+    key = min(groups)
+    parts = sorted(groups[key], key=lambda f: f.name)
+    count = int(SPLIT.match(PurePosixPath(parts[0].name).name).group("count"))  # type: ignore[union-attr]
+    numbers = [int(SPLIT.match(PurePosixPath(f.name).name).group("part")) for f in parts]  # type: ignore[union-attr]
+    if numbers != list(range(1, count + 1)):
+        raise RepoNotFound(f"{repo}'s {quant} model is split in {count} parts, but the repo has "
+                           f"parts {numbers}", "report it to the repo's owner")
+    return parts
+
+
+def plan_safetensors(ref: HubRef, commit: str, files: list[HubFile]) -> HubPlan:
+    from converter.quantize import QUANT_TYPES
+    from converter.source import HUB_PATTERNS
+
+    quant = ref.quant or DEFAULT_QUANT
+    if quant not in QUANT_TYPES:
+        raise BadReference(f"the converter cannot make {quant}",
+                           f"choose one of {', '.join(QUANT_TYPES)}", "quant")
+    wanted = [f for f in files if any(fnmatch.fnmatch(PurePosixPath(f.name).name, p)
+                                      for p in HUB_PATTERNS) and "/" not in f.name]
+    model_id = f"{safe_stem(ref.repo.split('/')[1])}-{quant.lower()}"
+    return HubPlan("safetensors", ref.repo, commit, quant, model_id, wanted,
+                   quants=list(QUANT_TYPES))
+
+
+class hub_errors:
+    """Turn huggingface-hub's exceptions into ours, each one line with a hint."""
+
+    def __init__(self, repo: str, revision: str | None = None) -> None:
+        self.repo = repo
+        self.revision = revision
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: Any) -> bool:
+        if error is None or isinstance(error, LibraryError):
+            return False
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            OfflineModeIsEnabled,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        if isinstance(error, GatedRepoError):
+            raise GatedRepo(f"hub repository {self.repo} is gated", TOKEN_HINT) from None
+        if isinstance(error, RevisionNotFoundError):
+            raise RepoNotFound(f"hub repository {self.repo} has no revision {self.revision}",
+                               "leave out --revision for the main branch") from None
+        if isinstance(error, RepositoryNotFoundError):
+            status = getattr(getattr(error, "response", None), "status_code", 404)
+            if status == 401:
+                raise GatedRepo(f"hub repository {self.repo} needs a token (it is private, "
+                                "gated or absent)", TOKEN_HINT) from None
+            raise RepoNotFound(f"hub repository {self.repo} does not exist",
+                               "check the spelling, e.g. Qwen/Qwen3-8B-GGUF") from None
+        if isinstance(error, OfflineModeIsEnabled):
+            raise HubUnreachable("HF_HUB_OFFLINE is set: the hub is not asked",
+                                 "unset HF_HUB_OFFLINE, or pull a local file") from None
+        if isinstance(error, HfHubHTTPError):
+            status = getattr(getattr(error, "response", None), "status_code", None)
+            raise HubUnreachable(f"the hub answered HTTP {status} for {self.repo}",
+                                 OFFLINE_HINT) from None
+        if isinstance(error, OSError) or _is_transport_error(error):
+            raise HubUnreachable(f"cannot reach the hub for {self.repo} "
+                                 f"({type(error).__name__})", OFFLINE_HINT) from None
+        return False
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """httpx's (or huggingface-hub's httpx2's) connection and timeout errors."""
+    return any(c.__name__ in ("TransportError", "TimeoutException", "NetworkError")
+               for c in type(error).__mro__)

@@ -1,0 +1,149 @@
+"""Where each model came from, in a small JSON file next to it, and the models folder as models.
+
+Names are chosen so the registry (which scans `*.gguf`) never sees anything but finished models:
+manifests end in `.manifest.json`, pulls in progress live in the hidden `.pulls/` folder, and a
+split GGUF's parts (`ID-00001-of-00003.gguf`, ...) are listed here as one model, ID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_SUFFIX = ".manifest.json"
+STAGING = ".pulls"
+SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})$", re.I)
+MAX_MANIFEST_BYTES = 64 * 1024  # a manifest is a few hundred bytes; a huge one is not ours
+
+
+@dataclass
+class FileRecord:
+    name: str  # in the models folder
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    id: str
+    source: str  # "hub", "hub+convert" or "local"
+    files: list[FileRecord]
+    quant: str | None = None
+    repo: str | None = None
+    revision: str | None = None  # the hub commit
+    hub_files: list[str] = field(default_factory=list)
+    origin_path: str | None = None  # a local import's source
+    converter_version: str | None = None
+    created: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def source_line(self) -> str:
+        if self.repo:
+            line = f"{self.repo}@{(self.revision or '?')[:10]}"
+            return line + " (converted)" if self.source == "hub+convert" else line
+        return f"local {self.origin_path}" if self.origin_path else self.source
+
+
+def manifest_path(models_dir: Path, model_id: str) -> Path:
+    return models_dir / f"{model_id}{MANIFEST_SUFFIX}"
+
+
+def write_manifest(models_dir: Path, manifest: Manifest) -> Path:
+    path = manifest_path(models_dir, manifest.id)
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+    os.replace(temp, path)
+    return path
+
+
+def read_manifest(models_dir: Path, model_id: str) -> Manifest | None:
+    """The manifest, or None when there is none or it is not one of ours."""
+    path = manifest_path(models_dir, model_id)
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        data = json.loads(path.read_text())
+        data["files"] = [FileRecord(**f) for f in data["files"]]
+        return Manifest(**data)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+@dataclass
+class Installed:
+    """One model in the folder: a GGUF, or every part of a split one."""
+
+    id: str
+    files: list[Path]
+    manifest: Manifest | None
+    removed_bytes: int = 0  # set by a removal: what it freed
+
+    @property
+    def path(self) -> Path:
+        """What llama.cpp opens: the file, or the first part."""
+        return self.files[0]
+
+    @property
+    def size(self) -> int:
+        total = 0
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                total += f.stat().st_size
+        return total
+
+    @property
+    def complete(self) -> bool:
+        match = SPLIT.match(self.files[0].stem)
+        return match is None or len(self.files) == int(match.group("count"))
+
+
+def split_id(stem: str) -> tuple[str, int]:
+    """(model id, part number) of a file stem; part 0 for a file that is not split."""
+    match = SPLIT.match(stem)
+    if match:
+        return match.group("stem").lower(), int(match.group("part"))
+    return stem.lower(), 0
+
+
+def installed(models_dir: Path) -> list[Installed]:
+    """Every model in the folder, split parts grouped under one id, sorted by id."""
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    if models_dir.is_dir():
+        for path in models_dir.glob("*.gguf"):
+            mid, part = split_id(path.stem)
+            groups.setdefault(mid, []).append((part, path))
+    found = []
+    for mid in sorted(groups):
+        parts = [p for _, p in sorted(groups[mid])]
+        found.append(Installed(mid, parts, read_manifest(models_dir, mid)))
+    return found
+
+
+def find(models_dir: Path, model_id: str) -> Installed | None:
+    mid = model_id.lower()
+    return next((m for m in installed(models_dir) if m.id == mid), None)
+
+
+def disk_use(models_dir: Path) -> dict[str, int]:
+    """Bytes in models, in pulls in progress (resumable), and free on the disk."""
+    import shutil
+
+    models = sum(m.size for m in installed(models_dir))
+    staging = 0
+    root = models_dir / STAGING
+    if root.is_dir():
+        for path in root.rglob("*"):
+            with contextlib.suppress(OSError):
+                if path.is_file():
+                    staging += path.stat().st_size
+    free = shutil.disk_usage(models_dir).free if models_dir.is_dir() else 0
+    return {"models": models, "partial": staging, "free": free}

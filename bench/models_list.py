@@ -1,0 +1,72 @@
+"""How long `appliance models` takes with 20 installed models (headers read, manifests, the fit
+answer and expected speed for each), the daemon not running: a user's command, timed whole.
+
+    python bench/models_list.py [--models 20] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from appliance.library.fit import write_speed  # noqa: E402
+from appliance.library.manifest import FileRecord, Manifest, write_manifest  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/models_list.json")
+    args = parser.parse_args()
+    from converter.pipeline import ConvertOptions, convert
+    from converter.synthetic import build_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        # A real Qwen3 header (151,936-token vocabulary), tiny weights.
+        checkpoint = build_checkpoint(work / "ckpt", "tiny", seed=1)
+        models = work / "models"
+        models.mkdir()
+        first = models / "model-00-q4_k_m.gguf"
+        convert(ConvertOptions(source=str(checkpoint), out=first, quiet=True))
+        for i in range(1, args.models):
+            os.link(first, models / f"model-{i:02d}-q4_k_m.gguf")
+        for i in range(args.models):
+            mid = f"model-{i:02d}-q4_k_m"
+            write_manifest(models, Manifest(mid, "hub", [FileRecord(f"{mid}.gguf", 1, "0" * 64)],
+                                            quant="Q4_K_M", repo="bench/Model-GGUF",
+                                            revision="0" * 40))
+        cache = work / "cache"
+        write_speed({"cpu": {"bytes_per_s": 2e10}, "gpu_build": False}, cache / "qwen-appliance")
+        env = {**os.environ, "APPLIANCE_MODELS_DIR": str(models), "APPLIANCE_PORT": "9",
+               "APPLIANCE_CONFIG": str(work / "absent.toml"), "XDG_CACHE_HOME": str(cache)}
+        times = []
+        for _ in range(args.runs):
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "appliance.cli", "models"], env=env,
+                                  capture_output=True, text=True, cwd=REPO)
+            times.append(time.perf_counter() - started)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.count("q4_k_m ") >= args.models, done.stdout
+    result = {"models": args.models, "runs": args.runs,
+              "seconds": [round(t, 3) for t in times],
+              "median_s": round(statistics.median(times), 3), "best_s": round(min(times), 3),
+              "load_average": os.getloadavg()[0], "cores": os.cpu_count()}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return 0 if result["median_s"] < 0.5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The library through a real daemon (`appliance serve`, a child with HF_ENDPOINT at the local
+hub): NDJSON pull progress shaped like Ollama's, two clients sharing one download, a pull that
+outlives its client, serving undisturbed by a pull, removal of a loaded model, hostile input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.appliance.conftest import run_daemon
+from tests.conftest import MODEL_A
+from tests.library.conftest import GGUF_REPO, ST_REPO
+from tests.library.hub_server import LocalHub
+from tests.tray.conftest import wait_for
+
+
+@pytest.fixture()
+def served(hub: LocalHub, tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(models_dir / f"{MODEL_A}.gguf", folder)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # huggingface-hub reads it at import: children
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with run_daemon(folder, tmp_path, default_model=MODEL_A) as daemon:
+        yield daemon, folder
+
+
+def lines_of(response: httpx.Response) -> list[dict]:
+    return [json.loads(line) for line in response.iter_lines() if line.strip()]
+
+
+def test_pull_streams_ollama_shaped_progress(served, hub: LocalHub) -> None:
+    daemon, folder = served
+    with daemon.http() as http, http.stream("POST", "/api/models/pull",
+                                            json={"model": f"{GGUF_REPO}:Q8_0"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = lines_of(r)
+    assert lines[0]["status"] == "pulling manifest"
+    assert lines[-1] == {"status": "success", "stage": "done", "model": "tiny-q8_0"}
+    downloads = [x for x in lines if x["stage"] == "download"]
+    sha = hub.repos[GGUF_REPO].files["Tiny-Q8_0.gguf"].sha256
+    assert downloads[-1]["digest"] == f"sha256:{sha}"
+    assert downloads[-1]["completed"] == downloads[-1]["total"]
+    assert (folder / "tiny-q8_0.gguf").exists()
+    with daemon.http() as http:
+        ids = [m["id"] for m in http.get("/api/models").json()["models"]]
+        assert "tiny-q8_0" in ids  # the daemon's registry sees it at once
+        view = http.get("/api/library").json()
+    pulled = next(m for m in view["models"] if m["id"] == "tiny-q8_0")
+    assert pulled["source"].startswith(GGUF_REPO) and pulled["fit"] == "CPU only"
+    assert len(view["recommended"]) == 5
+
+
+def test_two_clients_share_one_download_and_serving_goes_on(served, hub: LocalHub) -> None:
+    daemon, _ = served
+    hub.gate = threading.Event()  # downloads wait until both clients are in
+    results: list[list[dict]] = []
+
+    def client() -> None:
+        with daemon.http() as http, http.stream("POST", "/api/models/pull",
+                                                json={"model": GGUF_REPO}) as r:
+            results.append(lines_of(r))
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    with daemon.http() as http:
+        wait_for(lambda: any(p["model"] == "tiny-q4_k_m" for p in
+                             http.get("/api/library").json()["pulls"]), 30, "the pull to start")
+    # The loaded model answers while the pull is held mid-way.
+    with daemon.http() as http:
+        answer = http.post("/v1/completions", json={"model": MODEL_A, "prompt": "Hi",
+                                                    "max_tokens": 4})
+        assert answer.status_code == 200
+    hub.gate.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 2
+    assert all(r[-1]["status"] == "success" for r in results)
+    assert hub.gets[f"{GGUF_REPO}/Tiny-Q4_K_M.gguf"] == 1
+
+
+def test_pull_survives_its_client_leaving(served, hub: LocalHub) -> None:
+    daemon, folder = served
+    hub.gate = threading.Event()
+    with daemon.http() as http, http.stream("POST", "/api/models/pull",
+                                            json={"model": ST_REPO}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # one line, then the client goes away
+    hub.gate.set()
+    wait_for(lambda: (folder / "tiny-q4_k_m.gguf").exists(), 300, "the pull to finish")
+    assert (folder / "tiny-q4_k_m.manifest.json").exists()
+
+
+def test_remove_refuses_a_loaded_model_unless_forced(served) -> None:
+    daemon, folder = served
+    with daemon.http() as http:
+        r = http.delete(f"/api/models/{MODEL_A}")
+        assert r.status_code == 409
+        assert r.json()["error"]["code"] == "model_in_use"
+        assert (folder / f"{MODEL_A}.gguf").exists()
+        r = http.delete(f"/api/models/{MODEL_A}", params={"force": "true"})
+        assert r.status_code == 200 and r.json()["unloaded"] is True
+        assert not (folder / f"{MODEL_A}.gguf").exists()
+        assert http.get("/api/status").json()["model"] is None
+        assert http.delete(f"/api/models/{MODEL_A}").status_code == 404
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"model": "../../x"}, 400),
+    ({"model": "/etc/passwd"}, 400),
+    ({"model": "~/.ssh/id_rsa.gguf"}, 400),
+    ({"model": "tiny/x" + "y" * 5000}, 400),
+    ({"model": f"{GGUF_REPO}:../../Q4"}, 400),
+    ({"model": GGUF_REPO, "quant": "Q4_K_M; rm -rf /"}, 400),
+    ({"model": GGUF_REPO, "quant": "Q9_ZZ"}, 404),
+    ({"model": GGUF_REPO, "revision": "../../main"}, 400),
+    ({"model": "tiny/Nope"}, 404),
+    ({"model": "tiny/Tiny-Gated-GGUF"}, 403),
+    ({"model": 12}, 400),
+    ({}, 400),
+])
+def test_hostile_pulls(served, hub: LocalHub, body: dict, status: int) -> None:
+    daemon, folder = served
+    with daemon.http() as http:
+        r = http.post("/api/models/pull", json=body)
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+    assert hub.gets.total() == 0
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        f"{MODEL_A}.gguf"]
+
+
+@pytest.mark.parametrize("model_id", ["..%2F..%2Fx", "%2Fetc%2Fpasswd", "a" * 300, ".hidden",
+                                      "x%00y"])
+def test_hostile_removals(served, model_id: str) -> None:
+    daemon, folder = served
+    with daemon.http() as http:
+        r = http.delete(f"/api/models/{model_id}")
+    assert 400 <= r.status_code < 500, r.text
+    assert (folder / f"{MODEL_A}.gguf").exists()
+
+
+def test_pull_from_a_web_page_is_refused(served) -> None:
+    daemon, _ = served
+    with daemon.http() as http:
+        r = http.post("/api/models/pull", json={"model": GGUF_REPO},
+                      headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+        r = http.post("/api/models/pull", content=b"model=x",
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 415
