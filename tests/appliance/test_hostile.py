@@ -436,20 +436,25 @@ def test_the_daemon_is_healthy_and_never_answered_500(target: Daemon) -> None:
 
 
 def test_health_answers_while_a_huge_prompt_is_prepared(daemon: Daemon) -> None:
-    """Rendering and tokenizing run off the event loop: /health stays fast meanwhile."""
+    """Rendering and tokenizing run off the event loop: /health keeps answering meanwhile.
+    Were the loop blocked, one /health call would wait out the whole preparation."""
     content = "lorem ipsum dolor sit amet " * 40_000  # about 1 MB
     with httpx.Client(base_url=daemon.url, timeout=60) as http:
         http.post("/v1/completions", json={"model": MODEL_A, "prompt": "x", "max_tokens": 1})
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            started = time.perf_counter()
             big = pool.submit(http.post, "/v1/chat/completions", json=chat(
                 messages=[{"role": "user", "content": content}]))
             latencies = []
             while not big.done():
-                started = time.perf_counter()
+                sent = time.perf_counter()
                 assert http.get("/health").status_code == 200
-                latencies.append(time.perf_counter() - started)
+                latencies.append(time.perf_counter() - sent)
             response = big.result()
+            preparing = time.perf_counter() - started
     assert response.status_code == 400  # far over the context, after rendering and tokenizing
     assert response.json()["error"]["code"] == "context_length_exceeded"
     assert len(latencies) >= 5, "the prompt was prepared too fast to measure anything"
-    assert max(latencies) < 0.05, sorted(latencies)[-5:]
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.05, latencies[-5:]  # the typical answer: 50 ms
+    assert latencies[-1] < preparing / 3, (latencies[-5:], preparing)  # never the whole wait

@@ -24,7 +24,10 @@ T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """The predicate's first truthy value; fails after `timeout` seconds (no fixed sleeps)."""
+    """The predicate's first truthy value; fails after `timeout` seconds (no fixed sleeps).
+    A loaded machine (CI beside other jobs) can be slow to start X, D-Bus or a daemon: every
+    wait gets at least a minute, which costs a passing run nothing."""
+    timeout = max(timeout, 60.0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
