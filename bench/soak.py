@@ -111,7 +111,7 @@ class Client(threading.Thread):
     def json(self, http: httpx.Client) -> None:
         r = http.post("/v1/chat/completions", json=self.body(response_format={
             "type": "json_schema", "json_schema": {"name": "film", "schema": SCHEMA}},
-            max_tokens=160))
+            max_tokens=96))
         if self.check(r, "json"):
             choice = r.json()["choices"][0]
             if choice["finish_reason"] == "length":

@@ -70,3 +70,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "appliance.cli", *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+# -- the README's conformance table (tests/conformance.py) ------------------------------------
+
+_OUTCOMES: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    from tests.conformance import ROWS
+
+    if report.nodeid in ROWS and (report.when == "call" or report.outcome != "passed"):
+        _OUTCOMES[report.nodeid] = report.outcome
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.conformance import table
+
+    if _OUTCOMES:
+        out = REPO / "test-artifacts" / "conformance.md"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(table(_OUTCOMES))
