@@ -75,7 +75,8 @@ class Client(threading.Thread):
     def run(self) -> None:
         kinds = ["stream", "whole", "json", "tool", "leave_stream", "abandon"]
         weights = [3, 2, 2, 2, 2, 1]  # one request in five leaves mid-stream
-        with httpx.Client(base_url=self.url, timeout=300) as http:
+        # Generous: on a shared machine a queued request can wait minutes; a hang still shows.
+        with httpx.Client(base_url=self.url, timeout=1200) as http:
             while time.monotonic() < self.until:
                 kind = self.random.choices(kinds, weights)[0]
                 try:
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--nice", type=int, default=5, help="the engine's nice value")
     args = parser.parse_args()
 
     models = Path(tempfile.mkdtemp(prefix="soak-models-"))
@@ -166,7 +168,7 @@ def main() -> None:
            "APPLIANCE_CONFIG": str(models / "absent.toml"), "APPLIANCE_GPU": "none",
            "APPLIANCE_THREADS": str(args.threads), "APPLIANCE_PARALLEL": "4",
            "APPLIANCE_CONTEXT_LENGTH": "1024", "APPLIANCE_MAX_QUEUE": "16",
-           "APPLIANCE_DEFAULT_MODEL": model_id}
+           "APPLIANCE_DEFAULT_MODEL": model_id, "APPLIANCE_ENGINE_NICE": str(args.nice)}
     log = open(models / "daemon.log", "wb")
     daemon = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -217,6 +219,7 @@ def main() -> None:
                 "abandon_finished_first", "json_truncated", "tool_truncated"}
     result = {
         "model": model_id, "minutes": args.minutes, "clients": args.clients,
+        "engine_nice": args.nice, "load_average_at_end": os.getloadavg(),
         "requests": sum(outcomes.values()), "outcomes": dict(sorted(outcomes.items())),
         "unintended": {k: v for k, v in outcomes.items() if k not in intended},
         "errors_sample": errors[:20],
