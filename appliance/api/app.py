@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.api.errors import ErrorShapes, install_error_handlers
-from appliance.api.routes import control, openai
+from appliance.api.routes import control, embeddings, openai
 from appliance.api.security import SecurityMiddleware
 from appliance.config import Settings
 from appliance.engine.runtime import LlamaRuntime
@@ -82,6 +82,7 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
     install_error_handlers(app, shapes)
     app.include_router(openai.router)
     app.include_router(control.router)
+    app.include_router(embeddings.router)
     app.add_middleware(RequestCounter, metrics=app.state.metrics)
     app.add_middleware(SecurityMiddleware, allowed_hosts=set(settings.allowed_hosts)
                        | {settings.host}, api_key=api_key,
