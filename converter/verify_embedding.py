@@ -71,15 +71,20 @@ def llama_embeddings(gguf_path: Path, prompts: list[list[int]]) -> np.ndarray:
         n_embd = llama_cpp.llama_model_n_embd(model)
         memory = llama_cpp.llama_get_memory(ctx)
         rows = []
+        batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         for ids in prompts:
             llama_cpp.llama_memory_clear(memory, True)
-            tokens = (llama_cpp.llama_token * len(ids))(*ids)
-            batch = llama_cpp.llama_batch_get_one(tokens, len(ids))
+            for i, token in enumerate(ids):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, True  # pooling reads every output
+            batch.n_tokens = len(ids)
             if llama_cpp.llama_decode(ctx, batch) != 0:
+                llama_cpp.llama_batch_free(batch)
                 raise ConversionError("llama.cpp failed to embed a prompt", "", gguf_path)
             pointer = llama_cpp.llama_get_embeddings_seq(ctx, 0)
             rows.append(np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(
                 ctypes.c_float)), shape=(n_embd,)).copy())
+        llama_cpp.llama_batch_free(batch)
     finally:
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
@@ -120,18 +125,33 @@ def retrieval_texts() -> list[str]:
     return [QUERY_INSTRUCTION + q for q in QUERIES] + DOCUMENTS
 
 
+def llama_ids(gguf_path: Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's ids with the GGUF's add-BOS/EOS rules applied (as the daemon embeds)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        return [llm.tokenize(t.encode(), add_bos=True, special=True) for t in texts]
+    finally:
+        llm.close()
+
+
 def check_embeddings(gguf_path: Path, hf_folder: Path, judged: bool = True) -> Check:
     """The GGUF's pooled embeddings against transformers'; judged for unquantized files."""
     name = "embeddings: GGUF vs transformers reference (cosine)"
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
         return Check(name, None, ["skipped: transformers and torch are not installed"])
     prompts = hf_ids(hf_folder, corpus_texts() + retrieval_texts())
+    # The end-of-text token the model pools must be appended by llama.cpp as by HF.
+    eos_ok = llama_ids(gguf_path, corpus_texts()) == prompts[:len(corpus_texts())]
     ref = reference_embeddings(hf_folder, prompts)
     cand = llama_embeddings(gguf_path, prompts)
     n_corpus = len(corpus_texts())
     cos = cosines(ref, cand)
     worst = float(cos.min())
-    check = Check(name, worst >= COSINE_LIMIT if judged else None)
+    check = Check(name, False if not eos_ok else (worst >= COSINE_LIMIT if judged else None))
+    check.lines.append("special tokens added as Hugging Face adds them: "
+                       + ("yes" if eos_ok else "NO (the pooled token differs)"))
     check.lines.append(f"cosine mean {float(cos.mean()):.6f}, worst {worst:.6f} over "
                        f"{len(prompts)} texts (limit {COSINE_LIMIT})")
     top1, full = ranking_agreement(ref[n_corpus:], cand[n_corpus:], len(QUERIES))

@@ -236,10 +236,13 @@ def embedding_inputs(raw: Any, param: str = "input") -> list[str] | list[list[in
     if len(raw) > MAX_EMBEDDING_INPUTS:
         raise InvalidRequest(f"{param} has {len(raw)} items; at most {MAX_EMBEDDING_INPUTS} "
                              "per request", param=param)
-    texts = all(isinstance(x, str) for x in raw)
+    texts = isinstance(raw[0], str)  # the first item sets the form; the odd one out is named
     for i, item in enumerate(raw):
         where = f"{param}.{i}" if len(raw) > 1 or not texts else param
         if texts:
+            if not isinstance(item, str):
+                raise InvalidRequest(f"{where} must be a string (strings and token arrays "
+                                     "cannot be mixed)", param=where)
             if not item:
                 raise InvalidRequest(f"{where} is an empty string", param=where)
         elif not (isinstance(item, list) and item and all(

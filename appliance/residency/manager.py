@@ -365,5 +365,5 @@ class ModelManager:
         return {"state": self.state.value, "target": self.target, "failure": self.failure,
                 "engine_failure": self.engine_failure,
                 "model": model.describe() if model is not None else None,
-                "models": [m.describe() for m in sorted(self.resident.values(),
-                                                        key=lambda m: (m.kind, m.id))]}
+                "models": [{**m.describe(), "loads": self.loads.get(m.id, 0)}
+                           for m in sorted(self.resident.values(), key=lambda m: (m.kind, m.id))]}

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import Field, StrictInt, StrictStr
+from pydantic import Field, StrictStr
 
 from appliance.api.core import (
     MAX_EMBEDDING_INPUTS,
@@ -36,12 +36,11 @@ DEFAULT_INSTRUCTION = ("Given a web search query, retrieve relevant passages tha
                        "query")
 MAX_KEEP_ALIVE_S = 7 * 24 * 3600.0
 
-Tokens = list[StrictInt]
-
 
 class EmbeddingsRequest(RequestBody):
     model: str | None = Field(None, max_length=256)
-    input: StrictStr | list[StrictStr] | Tokens | list[Tokens]
+    # Checked by core.embedding_inputs, which names the offending item (input.3).
+    input: Any = Field(description="a string, strings, a token array or token arrays")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     keep_alive: float | None = Field(None, ge=-1, le=MAX_KEEP_ALIVE_S,
