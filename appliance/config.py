@@ -65,6 +65,7 @@ class ModelOverrides(BaseModel):
     context_length: int | None = Field(None, ge=256, description="context tokens per slot")
     enable_thinking: bool | None = Field(None, description="Qwen3 thinking on by default")
     gpu_layers: int | None = Field(None, ge=0, description="force this many layers on the GPU")
+    pin: bool = Field(False, description="never unload this model when idle or for room")
 
 
 class Settings(BaseSettings):
@@ -97,6 +98,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="requests waiting beyond the slots; then 503")
     keep_alive_s: float = Field(900.0, ge=0,
                                 description="unload after this many idle seconds (0: never)")
+    keep_alive_embedding_s: float = Field(
+        1800.0, ge=0, description="the same for embedding models (0: never)")
+    max_chat_models: int = Field(1, ge=1, le=16,
+                                 description="chat models resident at once (memory permitting)")
     switch_wait_s: float = Field(30.0, ge=0,
                                  description="how long a switch waits for in-flight requests")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,

@@ -2,11 +2,14 @@
 
 llama.cpp offloads the last `n_gpu_layers` repeating layers; n_layers + 1 also moves the output
 head. The token embedding stays on the CPU. Each GPU layer also holds its share of the KV cache.
+
+The plan also says what stays in RAM (weights not offloaded, their KV cache, the CPU compute
+buffer): the residency manager admits a model beside the resident ones on both figures.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from appliance.gguf_info import GGUFInfo
@@ -27,13 +30,37 @@ class OffloadPlan:
     kv_on_gpu: int = 0
     compute_buffer: int = 0
     margin: int = 0
+    weights_in_ram: int = 0
+    kv_in_ram: int = 0
+    compute_in_ram: int = 0
 
     @property
     def planned_vram(self) -> int:
         return self.weights_on_gpu + self.kv_on_gpu + self.compute_buffer
 
+    @property
+    def planned_ram(self) -> int:
+        return self.weights_in_ram + self.kv_in_ram + self.compute_in_ram
+
+    @property
+    def all_on_gpu(self) -> bool:
+        return self.n_gpu_layers > self.n_layers
+
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self), "planned_vram": self.planned_vram}
+        return {**asdict(self), "planned_vram": self.planned_vram,
+                "planned_ram": self.planned_ram}
+
+
+def with_ram(plan: OffloadPlan, info: GGUFInfo, n_ctx_total: int,
+             n_ubatch: int = N_UBATCH) -> OffloadPlan:
+    """`plan` with the RAM it leaves on the CPU: the weights not offloaded (llama.cpp maps the
+    file, and every page is read on a decode), the CPU layers' KV cache, the CPU scratch."""
+    n_cpu_layers = max(0, plan.n_layers - min(plan.n_gpu_layers, plan.n_layers))
+    weights_total = sum(t.nbytes for t in info.tensors)
+    weights = max(0, weights_total - plan.weights_on_gpu)
+    kv = kv_bytes_per_layer(info, n_ctx_total) * n_cpu_layers
+    compute = compute_buffer_bytes(info, n_ubatch) if plan.n_gpu_layers <= plan.n_layers else 0
+    return replace(plan, weights_in_ram=weights, kv_in_ram=kv, compute_in_ram=compute)
 
 
 def kv_bytes_per_layer(info: GGUFInfo, n_ctx_total: int) -> int:
@@ -51,16 +78,26 @@ def output_head_bytes(info: GGUFInfo) -> int:
     return head + info.tensor_bytes("output_norm.weight")
 
 
-def compute_buffer_bytes(info: GGUFInfo) -> int:
-    """llama.cpp's GPU scratch for one micro-batch: dominated by the logits of its tokens."""
+def compute_buffer_bytes(info: GGUFInfo, n_ubatch: int = N_UBATCH) -> int:
+    """llama.cpp's scratch for one micro-batch: dominated by the logits of its tokens."""
     vocab = int(info.arch_value("vocab_size", 0)) or info.array_lengths.get("tokenizer.ggml.tokens", 0)
     hidden = int(info.arch_value("embedding_length", 0))
     ff = int(info.arch_value("feed_forward_length", 0))
-    return N_UBATCH * (vocab + 4 * hidden + 2 * ff) * 4
+    return n_ubatch * (vocab + 4 * hidden + 2 * ff) * 4
 
 
 def plan_offload(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str,
-                 margin: int, gpu_build: bool, forced_layers: int | None = None) -> OffloadPlan:
+                 margin: int, gpu_build: bool, forced_layers: int | None = None,
+                 n_ubatch: int = N_UBATCH) -> OffloadPlan:
+    """Layers on the GPU from free VRAM, and what that leaves in RAM."""
+    plan = _plan_gpu(info, n_ctx_total=n_ctx_total, free_vram=free_vram, device=device,
+                     margin=margin, gpu_build=gpu_build, forced_layers=forced_layers,
+                     n_ubatch=n_ubatch)
+    return with_ram(plan, info, n_ctx_total, n_ubatch)
+
+
+def _plan_gpu(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str, margin: int,
+              gpu_build: bool, forced_layers: int | None, n_ubatch: int) -> OffloadPlan:
     n_layers = info.n_layers
     if forced_layers is not None:
         return OffloadPlan(min(forced_layers, n_layers + 1), n_layers,
@@ -70,7 +107,7 @@ def plan_offload(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: st
     if free_vram <= 0:
         return OffloadPlan(0, n_layers, "cpu", "CPU only: no NVIDIA GPU found")
     kv = kv_bytes_per_layer(info, n_ctx_total)
-    compute = compute_buffer_bytes(info)
+    compute = compute_buffer_bytes(info, n_ubatch)
     budget = free_vram - margin - compute
     layers = info.layer_bytes()
     weights = kv_total = 0

@@ -15,8 +15,12 @@ from converter.safetensors_reader import SafetensorsCheckpoint
 # HF architecture name → the llama.cpp architecture it converts to.
 SUPPORTED_ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
     "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+    "Qwen3Model": gguf.MODEL_ARCH.QWEN3,  # Qwen3-Embedding saved from the bare model
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
 }
+# llama.cpp's qwen3 loader makes the output head optional (it falls back to the token
+# embedding) and reads `qwen3.pooling_type`; LAST takes each sequence's final hidden state.
+EMBEDDING_POOLING = gguf.PoolingType.LAST
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,8 @@ class QwenConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool
     rope_scaling: dict[str, Any] | None
+    embedding: bool = False  # a Qwen3-Embedding checkpoint: no LM head, last-token pooling
+    tensor_prefix: str = "model."  # "" when saved from Qwen3Model (Qwen3-Embedding)
 
     @property
     def arch_name(self) -> str:
@@ -49,6 +55,39 @@ class QwenConfig:
     @property
     def has_qkv_bias(self) -> bool:
         return self.arch == gguf.MODEL_ARCH.QWEN2
+
+
+def _last_token_pooling(folder: Path) -> bool:
+    """Whether sentence-transformers' pooling config (1_Pooling/config.json) says last token."""
+    path = folder / "1_Pooling" / "config.json"
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("pooling_mode_lasttoken"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _tensor_prefix(folder: Path) -> str:
+    """"model." for causal-LM checkpoints; "" for ones saved from the bare Qwen3Model."""
+    index = folder / "model.safetensors.index.json"
+    names: list[str] = []
+    if index.exists():
+        try:
+            names = list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (ValueError, KeyError, TypeError):
+            names = []
+    else:
+        for file in sorted(folder.glob("*.safetensors"))[:1]:
+            with file.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if 0 < size < 100_000_000:
+                    try:
+                        names = list(json.loads(f.read(size)))
+                    except ValueError:
+                        names = []
+    if names and not any(n.startswith("model.") for n in names) \
+            and any(n.startswith("layers.") for n in names):
+        return ""
+    return "model."
 
 
 def read_config(folder: Path) -> QwenConfig:
@@ -86,6 +125,12 @@ def read_config(folder: Path) -> QwenConfig:
     rope_scaling = raw.get("rope_scaling")
     if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
         rope_scaling = rope_params
+    prefix = _tensor_prefix(folder)
+    arch = SUPPORTED_ARCHITECTURES[hf_arch]
+    # Qwen3-Embedding ships as Qwen3Model, or as Qwen3ForCausalLM weights without an LM head
+    # plus a sentence-transformers last-token pooling config.
+    embedding = arch == gguf.MODEL_ARCH.QWEN3 and (
+        hf_arch == "Qwen3Model" or prefix == "" or _last_token_pooling(folder))
     return QwenConfig(
         hf_architecture=hf_arch,
         arch=SUPPORTED_ARCHITECTURES[hf_arch],
@@ -101,6 +146,8 @@ def read_config(folder: Path) -> QwenConfig:
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         rope_scaling=rope_scaling,
+        embedding=embedding,
+        tensor_prefix=prefix,
     )
 
 
@@ -118,6 +165,8 @@ def add_hyperparameters(writer: gguf.GGUFWriter, cfg: QwenConfig) -> None:
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+    if cfg.embedding:
+        writer.add_pooling_type(EMBEDDING_POOLING)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "yarn":
@@ -148,7 +197,7 @@ def _expected_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
         "model.embed_tokens.weight": (cfg.vocab_size, h),
         "model.norm.weight": (h,),
     }
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and not cfg.embedding:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
@@ -177,7 +226,10 @@ def plan_tensors(checkpoint: SafetensorsCheckpoint, cfg: QwenConfig) -> list[Ten
     """Match the checkpoint's tensors to GGUF names, checking that each is present and shaped right."""
     name_map = gguf.get_tensor_name_map(cfg.arch, cfg.n_layers)
     plan = []
-    for hf_name, shape in _expected_shapes(cfg).items():
+    for canonical, shape in _expected_shapes(cfg).items():
+        # The table uses causal-LM names; a bare-model checkpoint has them without "model.".
+        hf_name = canonical if canonical == "lm_head.weight" or cfg.tensor_prefix \
+            else canonical.removeprefix("model.")
         entry = checkpoint.tensors.get(hf_name)
         if entry is None:
             raise ConversionError(f"tensor {hf_name} is missing from the checkpoint",
@@ -188,7 +240,7 @@ def plan_tensors(checkpoint: SafetensorsCheckpoint, cfg: QwenConfig) -> list[Ten
                 "config.json and the weights come from different models",
                 entry.file,
             )
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        gguf_name = name_map.get_name(canonical, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:  # a mistake in our expected-shapes table, not the user's
             raise RuntimeError(f"no GGUF name for {hf_name}")
         plan.append(TensorMapping(hf_name, gguf_name, shape))

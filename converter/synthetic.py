@@ -5,6 +5,11 @@ The tokenizer is rebuilt from the Qwen base vocabulary shipped by the `qwen-toke
 Hugging Face `tokenizers` on real text. Weights are random; the shapes match real Qwen3 models.
 
     python -m converter.synthetic OUT_DIR --shape qwen3-0.6b
+    python -m converter.synthetic OUT_DIR --shape qwen3-embedding-0.6b
+
+Embedding shapes are written as Qwen3-Embedding is published: a bare `Qwen3Model` (tensor names
+without `model.`, no LM head), sentence-transformers last-token pooling, and a tokenizer that
+appends `<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ class Shape:
     tie_word_embeddings: bool = True
     context_length: int = 40960
     family: str = "qwen3"  # or "qwen2": q/k/v biases, no q/k norms, head_dim = hidden / heads
+    embedding: bool = False  # Qwen3-Embedding layout (see the module docstring)
 
 
 SHAPES: dict[str, Shape] = {
@@ -121,7 +127,11 @@ SHAPES: dict[str, Shape] = {
     "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072),
     "qwen3-1.7b": Shape(2048, 28, 16, 8, 128, 6144),
     "qwen3-8b": Shape(4096, 36, 32, 8, 128, 12288, tie_word_embeddings=False),
+    "tiny-embedding": Shape(64, 2, 4, 2, 32, 128, embedding=True),
+    "qwen3-embedding-0.6b": Shape(1024, 28, 16, 8, 128, 3072, context_length=32768,
+                                  embedding=True),
 }
+EOS_TEXT = "<|endoftext|>"
 
 
 def cache_dir() -> Path:
@@ -205,8 +215,21 @@ def build_tokenizer_json(dest: Path) -> None:
     dest.write_bytes(cached.read_bytes())
 
 
-def write_tokenizer_files(folder: Path) -> None:
+def _append_eos(path: Path) -> None:
+    """Qwen3-Embedding's post-processor: every encoding ends with <|endoftext|>."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(path))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS_TEXT}", pair=f"$A {EOS_TEXT} $B:1 {EOS_TEXT}:1",
+        special_tokens=[(EOS_TEXT, QWEN_BASE_VOCAB)])
+    tok.save(str(path))
+
+
+def write_tokenizer_files(folder: Path, embedding: bool = False) -> None:
     build_tokenizer_json(folder / "tokenizer.json")
+    if embedding:
+        _append_eos(folder / "tokenizer.json")
     decoder = {
         str(QWEN_BASE_VOCAB + i): {"content": t, "special": s, "lstrip": False, "rstrip": False,
                                    "normalized": False, "single_word": False}
@@ -223,13 +246,38 @@ def write_tokenizer_files(folder: Path) -> None:
         "model_max_length": 131072,
         "chat_template": CHAT_TEMPLATE,
     }
+    if embedding:
+        config.update(eos_token=EOS_TEXT, padding_side="left")
+        del config["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if embedding:
+        write_sentence_transformers_files(folder)
+
+
+def write_sentence_transformers_files(folder: Path) -> None:
+    """modules.json and the pooling config, as Qwen3-Embedding ships them."""
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"}], indent=2))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": None, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+         "pooling_mode_lasttoken": True, "include_prompt": True}, indent=2))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(
+        {"prompts": {"query": "Instruct: Given a web search query, retrieve relevant passages "
+                              "that answer the query\nQuery:", "document": ""},
+         "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2))
 
 
 def hf_config(shape: Shape) -> dict:
     qwen2 = shape.family == "qwen2"
+    arch = "Qwen2ForCausalLM" if qwen2 else "Qwen3Model" if shape.embedding else "Qwen3ForCausalLM"
     return {
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "Qwen3ForCausalLM"],
+        "architectures": [arch],
         "model_type": shape.family,
         "hidden_size": shape.hidden_size,
         "intermediate_size": shape.intermediate_size,
@@ -272,6 +320,8 @@ def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
     shapes["model.norm.weight"] = (h,)
+    if shape.embedding:  # saved from the bare Qwen3Model: no prefix, no head
+        return {name.removeprefix("model."): dims for name, dims in shapes.items()}
     if not shape.tie_word_embeddings:
         shapes["lm_head.weight"] = (shape.vocab_size, h)
     return shapes
@@ -317,7 +367,8 @@ def build_checkpoint(folder: Path, shape: Shape | str = "tiny", *, shards: int =
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": True,
          "temperature": 0.6, "top_p": 0.95, "top_k": 20}, indent=2))
-    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Random-weight Qwen3\n")
+    kind = "Qwen3-Embedding" if shape.embedding else "Qwen3"
+    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# Random-weight {kind}\n")
     rng = np.random.default_rng(seed)
     shapes = tensor_shapes(shape)
     names = list(shapes)
@@ -335,7 +386,7 @@ def build_checkpoint(folder: Path, shape: Shape | str = "tiny", *, shards: int =
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if tokenizer:
-        write_tokenizer_files(folder)
+        write_tokenizer_files(folder, shape.embedding)
     return folder
 
 

@@ -66,7 +66,8 @@ def read_vocabulary(folder: Path, vocab_size: int) -> Vocabulary:
     return Vocabulary(tokens, types)
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> Vocabulary:
+def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int,
+                  embedding: bool = False) -> Vocabulary:
     """Write the tokenizer, merges, special token ids and chat template to the GGUF.
 
     gguf's SpecialVocab reads merges, special ids and the chat template the way llama.cpp's own
@@ -86,5 +87,10 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> Voc
     if "bos" not in special.special_token_ids and "<|endoftext|>" in vocab.tokens:
         special.special_token_ids["bos"] = vocab.tokens.index("<|endoftext|>")
     special.add_special_token.setdefault("bos", False)
+    if embedding and "<|endoftext|>" in vocab.tokens:
+        # Qwen3-Embedding's tokenizer appends <|endoftext|> and pools that last token; with
+        # add_eos llama.cpp's tokenizer does the same.
+        special.special_token_ids["eos"] = vocab.tokens.index("<|endoftext|>")
+        special.add_special_token["eos"] = True
     special.add_to_gguf(writer, quiet=True)
     return vocab

@@ -212,8 +212,32 @@ def is_unquantized(path: Path) -> bool:
 def verify(unquantized: Path, hf_folder: Path, quantized: Path | None = None,
            judge_logits: bool = True) -> Report:
     """Run every check that applies and return the report."""
+    if is_embedding_model(unquantized):
+        # Pooled embeddings instead of logits; imported here: that module builds on this one.
+        from converter.verify_embedding import check_embeddings, check_quantized_embeddings
+
+        report = Report([check_tokenizer(unquantized, hf_folder),
+                         check_embeddings(unquantized, hf_folder, judge_logits)])
+        if quantized is not None and quantized != unquantized:
+            report.checks.append(check_quantized_embeddings(quantized, unquantized, hf_folder))
+        return report
     report = Report([check_tokenizer(unquantized, hf_folder),
                      check_logits(unquantized, hf_folder, judge_logits)])
     if quantized is not None and quantized != unquantized:
         report.checks.append(check_quantized(quantized, unquantized, hf_folder))
     return report
+
+
+def is_embedding_model(path: Path) -> bool:
+    """Whether the GGUF stores a pooling type (an embedding model)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ConversionError(f"not a readable GGUF ({e})", "check the path", path) from None
+    arch = reader.fields.get("general.architecture")
+    if arch is None:
+        return False
+    name = bytes(arch.parts[arch.data[0]]).decode()
+    return f"{name}.pooling_type" in reader.fields

@@ -157,7 +157,7 @@ def write_gguf(plan: ConversionPlan, path: Path,
     writer = gguf.GGUFWriter(path=None, arch=plan.config.arch_name)
     add_general_metadata(writer, plan)
     add_hyperparameters(writer, plan.config)
-    add_tokenizer(writer, plan.folder, plan.config.vocab_size)
+    add_tokenizer(writer, plan.folder, plan.config.vocab_size, plan.config.embedding)
     for job in plan.jobs:
         item = np.dtype(np.uint16) if job.out_type is OutType.BF16 else (
             np.dtype(np.float16) if job.out_type is OutType.F16 else np.dtype(np.float32))

@@ -285,3 +285,108 @@ def grammar_waits_for_thinking(model: LoadedModel) -> bool:
     """Whether a grammar can leave the thinking free and shape only what follows `</think>`:
     the template thinks and `<think>`, `</think>` are single tokens (Qwen3)."""
     return model.formatter.supports_thinking and model.runtime.think is not None
+
+
+# -- embeddings (dialect-neutral: /v1/embeddings, /v1/rerank and Ollama's /api/embed) ----------
+
+MAX_EMBEDDING_INPUTS = 2048  # per request, as OpenAI bounds it
+
+
+@dataclass
+class Embedded:
+    """Normalized vectors, one row per input, and the tokens read."""
+
+    model_id: str
+    vectors: Any  # numpy float32 array (inputs x dimensions)
+    prompt_tokens: int
+
+
+def embedding_inputs(raw: Any, param: str = "input") -> list[str] | list[list[int]]:
+    """A string, strings, a token array or token arrays → a list of texts or of token lists;
+    anything else (empty, mixed, too many) is a 400 naming the field."""
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest(f"{param} must be a non-empty string or array", param=param)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        raw = [raw]  # one token array
+    if len(raw) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"{param} has {len(raw)} items; at most {MAX_EMBEDDING_INPUTS} "
+                             "per request", param=param)
+    texts = isinstance(raw[0], str)  # the first item sets the form; the odd one out is named
+    for i, item in enumerate(raw):
+        where = f"{param}.{i}" if len(raw) > 1 or not texts else param
+        if texts:
+            if not isinstance(item, str):
+                raise InvalidRequest(f"{where} must be a string (strings and token arrays "
+                                     "cannot be mixed)", param=where)
+            if not item:
+                raise InvalidRequest(f"{where} is an empty string", param=where)
+        elif not (isinstance(item, list) and item and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in item)):
+            raise InvalidRequest(f"{where} must be a non-empty array of token ids (strings and "
+                                 "token arrays cannot be mixed)", param=where)
+    return raw
+
+
+def _tokenized(model: Any, inputs: list[str] | list[list[int]], param: str) -> list[list[int]]:
+    """Blocking: tokens for every input, each checked against the vocabulary and the limit."""
+    from appliance.errors import ContextOverflow  # (this block is appended to the module)
+
+    if isinstance(inputs[0], str):
+        tokens = model.tokenize(inputs)
+    else:
+        tokens = [model.check_tokens(ids, f"{param}.{i}") for i, ids in enumerate(inputs)]
+    limit = model.max_input_tokens
+    for i, ids in enumerate(tokens):
+        if len(ids) > limit:
+            where = f"{param}.{i}" if len(tokens) > 1 else param
+            raise ContextOverflow(f"{where} has {len(ids)} tokens; model {model.id} embeds at "
+                                  f"most {limit} per input", param=where)
+    return tokens
+
+
+async def embed_inputs(model: Any, inputs: list[str] | list[list[int]],
+                       param: str = "input") -> Embedded:
+    """Embed on the model's own worker thread (many inputs per llama.cpp decode); cancelling the
+    awaiting task withdraws the job."""
+    from appliance.engine.embedding import EmbeddingJob
+
+    tokens = await asyncio.to_thread(_tokenized, model, inputs, param)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(rows: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(rows)
+
+    def done(rows: Any, error: BaseException | None) -> None:  # worker thread
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            loop.call_soon_threadsafe(settle, rows, error)
+
+    job = EmbeddingJob(tokens, done)
+    model.submit(job)
+    try:
+        rows = await future
+    finally:
+        job.cancelled = True  # a no-op once done; otherwise the worker skips or stops it
+    return Embedded(model.id, rows, job.tokens)
+
+
+def truncate_dimensions(vectors: Any, dimensions: int | None, model_dims: int,
+                        param: str = "dimensions") -> Any:
+    """Matryoshka truncation to `dimensions`, then re-normalization; above the model's size
+    is a 400."""
+    import numpy as np
+
+    if dimensions is None or dimensions == model_dims:
+        return vectors
+    if not 1 <= dimensions <= model_dims:
+        raise InvalidRequest(f"{param} must be between 1 and {model_dims} for this model",
+                             param=param)
+    cut = vectors[:, :dimensions]
+    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)

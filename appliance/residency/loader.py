@@ -3,6 +3,8 @@ layers when memory runs out), assemble the engine; close everything on any failu
 
 `preflight` runs before the resident model is evicted, so a file that cannot work (bad header,
 a template that does not compile, a remembered failure) never costs the user the model they had.
+Embedding models (a GGUF with a pooling type) get an EmbeddingRuntime and its worker instead of
+a chat runtime and scheduler.
 """
 
 from __future__ import annotations
@@ -13,19 +15,34 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import psutil
+
 from appliance.config import Settings
 from appliance.engine.chat import ChatFormatter, compile_template
+from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime, EmbeddingWorker
 from appliance.engine.runtime import LlamaRuntime, RuntimeOptions, gpu_offload_supported
 from appliance.engine.scheduler import Scheduler, SchedulerObserver
 from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable
 from appliance.gpu import GpuProbe
-from appliance.offload import OffloadPlan, fewer_layers, plan_offload
+from appliance.offload import OffloadPlan, fewer_layers, plan_offload, with_ram
 from appliance.registry import ModelEntry
-from appliance.residency.model import LoadedModel
+from appliance.residency.model import EMBEDDING, EmbeddingModel, LoadedModel, model_kind
 
 log = logging.getLogger(__name__)
 
 RuntimeFactory = Callable[..., LlamaRuntime]
+EmbeddingFactory = Callable[..., EmbeddingRuntime]
+Resident = LoadedModel | EmbeddingModel
+# Tokens per embedding decode, and so the longest input: RAG chunks are far shorter, and the
+# KV cache of one decode (cleared after it) stays ~0.5 GB on a 0.6B model.
+EMBEDDING_BATCH_TOKENS = 4096
+EMBEDDING_SEQUENCES = 64  # inputs per decode
+EMBEDDING_UBATCH = 512  # llama.cpp's micro-batch: bounds the compute buffer (logits per token)
+RAM_SHARE = 0.75  # of physical RAM for resident models: the user unit's MemoryMax
+
+
+def physical_ram_budget() -> int:
+    return int(psutil.virtual_memory().total * RAM_SHARE)
 T = TypeVar("T")
 
 
@@ -79,11 +96,15 @@ class ModelLoader:
 
     def __init__(self, settings: Settings, probe: GpuProbe,
                  observer: SchedulerObserver | None = None,
-                 runtime_factory: RuntimeFactory = LlamaRuntime) -> None:
+                 runtime_factory: RuntimeFactory = LlamaRuntime,
+                 embedding_factory: EmbeddingFactory = EmbeddingRuntime,
+                 ram_budget: Callable[[], int] = physical_ram_budget) -> None:
         self.settings = settings
         self.probe = probe
         self.observer = observer
         self.runtime_factory = runtime_factory
+        self.embedding_factory = embedding_factory
+        self.ram_budget = ram_budget  # bytes all resident models may plan in RAM together
         self.failures = FailureMemory()
         self._gpu_build: bool | None = None
 
@@ -101,7 +122,7 @@ class ModelLoader:
                                 param="model")
         assert entry.info is not None
         template = entry.info.metadata.get("tokenizer.chat_template")
-        if template is not None:
+        if template is not None and model_kind(entry) != EMBEDDING:
             try:
                 compile_template(str(template))
             except InvalidRequest as e:
@@ -109,23 +130,30 @@ class ModelLoader:
                 raise ModelUnusable(f"model {entry.id!r} is unusable: {e.message}",
                                     param="model") from None
 
-    def plan_for(self, entry: ModelEntry) -> tuple[OffloadPlan, int]:
-        """The offload plan for `entry` now, and its context tokens per slot."""
+    def plan_for(self, entry: ModelEntry, extra_vram: int = 0) -> tuple[OffloadPlan, int]:
+        """The offload plan for `entry` now, and its context tokens per slot (embedding models:
+        per decode). `extra_vram`: VRAM that evicting idle models would free."""
         assert entry.info is not None
         overrides = self.settings.model_overrides(entry.id)
         trained = entry.info.context_length or self.settings.context_length
         context = min(overrides.context_length or self.settings.context_length, trained)
+        embedding = model_kind(entry) == EMBEDDING
+        if embedding:
+            context = min(overrides.context_length or EMBEDDING_BATCH_TOKENS, trained)
         devices = self.probe.devices()
         best = max(devices, key=lambda d: d.free, default=None)
         plan = plan_offload(
-            entry.info, n_ctx_total=context * self.settings.parallel,
-            free_vram=best.free if best else 0, device=best.name if best else "cpu",
+            entry.info, n_ctx_total=context if embedding else context * self.settings.parallel,
+            free_vram=best.free + extra_vram if best else 0, device=best.name if best else "cpu",
             margin=self.settings.vram_margin_mib * 2**20, gpu_build=self.gpu_build(),
-            forced_layers=overrides.gpu_layers)
+            forced_layers=overrides.gpu_layers,
+            n_ubatch=min(EMBEDDING_UBATCH, context) if embedding else 512)
         return plan, context
 
-    def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> LoadedModel:
-        """Blocking: the runtime, formatter and engine for `entry`; a failure leaks nothing."""
+    def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> Resident:
+        """Blocking: the runtime and engine for `entry`; a failure leaks nothing."""
+        if model_kind(entry) == EMBEDDING:
+            return self._load_embedding(entry)
         try:
             plan, context = self.plan_for(entry)
             runtime, plan = self._open_runtime(entry, plan, context)
@@ -160,10 +188,49 @@ class ModelLoader:
                 layers = fewer_layers(layers)
                 log.warning("load of %s failed; retrying with %d GPU layers", entry.id, layers)
         if layers != plan.n_gpu_layers:
-            plan = OffloadPlan(layers, plan.n_layers, plan.device if layers else "cpu",
-                               f"retried with {layers} GPU layers after a failed load",
-                               plan.free_vram, margin=plan.margin)
+            plan = self._retried(entry, plan, layers, context * self.settings.parallel)
         return runtime, plan
+
+    @staticmethod
+    def _retried(entry: ModelEntry, plan: OffloadPlan, layers: int, n_ctx: int) -> OffloadPlan:
+        assert entry.info is not None
+        retried = OffloadPlan(layers, plan.n_layers, plan.device if layers else "cpu",
+                              f"retried with {layers} GPU layers after a failed load",
+                              plan.free_vram, margin=plan.margin)
+        return with_ram(retried, entry.info, n_ctx)
+
+    def _load_embedding(self, entry: ModelEntry) -> EmbeddingModel:
+        try:
+            plan, context = self.plan_for(entry)
+            layers = plan.n_gpu_layers
+            while True:
+                options = EmbeddingOptions(n_gpu_layers=layers, n_batch=context,
+                                           n_ubatch=min(EMBEDDING_UBATCH, context),
+                                           n_seq=EMBEDDING_SEQUENCES,
+                                           n_threads=self.settings.threads,
+                                           flash_attn=self.settings.flash_attn)
+                try:
+                    runtime = self.embedding_factory(entry.path, options)
+                    break
+                except LoadFailed:
+                    if layers == 0:
+                        raise
+                    layers = fewer_layers(layers)
+            if layers != plan.n_gpu_layers:
+                plan = self._retried(entry, plan, layers, context)
+        except (LoadFailed, ModelUnusable) as e:
+            self.failures.remember(entry, e.message)
+            raise
+        except Exception as e:  # a crafted file can upset the planner or llama.cpp's loader
+            self.failures.remember(entry, repr(e))
+            raise LoadFailed(f"loading {entry.id} failed: {e!r}") from e
+        try:
+            worker = EmbeddingWorker(runtime, self.settings.max_queue,
+                                     nice=self.settings.engine_nice)
+        except BaseException:
+            runtime.close()
+            raise
+        return EmbeddingModel(entry, runtime, worker, plan)
 
     def _assemble(self, entry: ModelEntry, runtime: LlamaRuntime, plan: OffloadPlan,
                   on_fatal: Callable[[BaseException], None]) -> LoadedModel:
@@ -184,8 +251,11 @@ class ModelLoader:
                            control_texts)
 
     @staticmethod
-    def close(model: LoadedModel, reason: str) -> None:
+    def close(model: Resident, reason: str) -> None:
         """Blocking: stop the engine (requests still running end with `reason`), free memory."""
+        if isinstance(model, EmbeddingModel):
+            model.close(reason)
+            return
         model.scheduler.stop(reason)
         model.runtime.close()
 

@@ -1,11 +1,21 @@
-"""Which model is resident, and every transition between states.
+"""Which models are resident, and every transition between states.
 
-One model is resident at a time. A request names a model and gets it just in time. A switch
-first checks the new file (preflight), then lets requests on the old model finish for up to
-`switch_wait_s` (woken by a condition, not by polling), ends the rest with an error, and loads
-the new one. Idle models leave after `keep_alive_s` (a timer, re-armed when the last request
-ends; a request may set its own, as Ollama's `keep_alive` does). If the engine thread dies, the
-model is dropped, /health says why, and the next request loads it afresh.
+Several models can be resident: by default one chat model and embedding models beside it, more
+chat models up to `max_chat_models`. A request names a model and gets it just in time.
+
+- Admission: a model loads only if the offload planner's figures for it fit beside the resident
+  ones (RAM within the loader's budget; on a GPU, all layers in free VRAM when evicting idle
+  models would make that possible). Otherwise the least recently used *idle*, unpinned model is
+  unloaded first. A model serving requests is never evicted to make room: the load waits for one
+  to go idle (up to `switch_wait_s`, woken by a condition), then answers 503 with Retry-After.
+- A switch between chat models past `max_chat_models` keeps the single-model behaviour: the old
+  one's requests may finish for `switch_wait_s`, the rest end with an error.
+- Keep-alive per model: a timer per model, re-armed when its last request ends; the default per
+  kind (`keep_alive_s`, `keep_alive_embedding_s`), a per-request override (`use(...,
+  keep_alive_s=...)`: < 0 forever, 0 unload after this request, > 0 seconds), and `pin = true`
+  under `[models.ID]` (never unloaded by a timer or for room; an explicit unload still works).
+- If a chat engine thread dies, that model is dropped, /health says why, and the next request
+  loads it afresh.
 """
 
 from __future__ import annotations
@@ -20,12 +30,13 @@ from enum import Enum
 from typing import Any
 
 from appliance.config import Settings
-from appliance.errors import ServiceUnavailable
+from appliance.errors import InvalidRequest, ServiceUnavailable
 from appliance.registry import ModelEntry, Registry
-from appliance.residency.loader import ModelLoader, in_daemon_thread
-from appliance.residency.model import LoadedModel
+from appliance.residency.loader import ModelLoader, Resident, in_daemon_thread
+from appliance.residency.model import CHAT, EMBEDDING, LoadedModel, model_kind
 
 log = logging.getLogger(__name__)
+MIB = 2**20
 
 
 class ModelState(str, Enum):
@@ -37,49 +48,51 @@ class ModelState(str, Enum):
 
 
 class ModelManager:
-    """The state machine around one resident model; loading itself is the loader's job."""
+    """The state machine around the resident models; loading itself is the loader's job."""
 
     def __init__(self, settings: Settings, registry: Registry, loader: ModelLoader) -> None:
         self.settings = settings
         self.registry = registry
         self.loader = loader
-        self.current: LoadedModel | None = None
+        self.resident: dict[str, Resident] = {}
+        self._chat_id: str | None = None  # the current (most recently used) chat model
         self.state = ModelState.UNLOADED
         self.target: str | None = None  # the model being loaded or unloaded
         self.failure: str | None = None  # why the last load failed
-        self.engine_failure: str | None = None  # why the engine died, until the next load
+        self.engine_failure: str | None = None  # why an engine died, until the next load
         self.load_seconds_observed: Callable[[float], None] = lambda _: None
+        self.loads: dict[str, int] = {}  # loads per model id since start (reloads show here)
         self._transition = asyncio.Lock()
-        self._settled = asyncio.Event()
-        self._settled.set()
         self._idle = asyncio.Condition()
-        self._keep_alive: asyncio.TimerHandle | None = None
-        self._expires_at: float | None = None  # wall clock of the armed timer; inf: stays
-        self._idle_timeout: float | None = None  # idle seconds before unloading; None: never
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[Any]] = set()  # held so they are not collected mid-run
+
+    @property
+    def current(self) -> LoadedModel | None:
+        """The current chat model (what `status()["model"]` shows), if resident."""
+        model = self.resident.get(self._chat_id) if self._chat_id else None
+        return model if isinstance(model, LoadedModel) else None
 
     # -- requests --------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str | None, keep_alive_s: float | None = None
-                  ) -> AsyncIterator[LoadedModel]:
-        """The model a request named (loading or switching to it first), held while in use.
-
-        `keep_alive_s` is how long the model stays once idle, from this request on (the latest
-        request to start sets it, as in Ollama): 0 unloads it when the requests holding it end,
-        a negative value keeps it loaded, None means the configured `keep_alive_s`.
-        """
+    async def use(self, name: str | None, *, kind: str = CHAT,
+                  keep_alive_s: float | None = None) -> AsyncIterator[Any]:
+        """The model a request named (loaded just in time), held while in use. `kind` is what
+        the route serves; `keep_alive_s` overrides the model's keep-alive from now on."""
         while True:
-            await self._settled.wait()
-            wanted = await asyncio.to_thread(self._resolve_name, name)
-            model = self.current
-            if model is not None and self.state is ModelState.READY and model.id == wanted.id:
+            wanted = await asyncio.to_thread(self._resolve_name, name, kind)
+            model = self.resident.get(wanted.id)
+            if model is not None:
                 break
             await self.load(wanted.id)
         model.in_flight += 1
-        self._idle_timeout = self._timeout(keep_alive_s)
-        self._cancel_keep_alive()
+        # The latest request sets the keep-alive, as in Ollama: None brings back the default.
+        model.keep_alive_s = keep_alive_s
+        if kind == CHAT:
+            self._chat_id = model.id
+        self._cancel_keep_alive(model)
         try:
             yield model
         finally:
@@ -88,80 +101,165 @@ class ModelManager:
             if model.in_flight == 0:
                 async with self._idle:
                     self._idle.notify_all()
-                self._arm_keep_alive(model)
+                if self.resident.get(model.id) is model:
+                    self._arm_keep_alive(model)
 
-    def _resolve_name(self, name: str | None) -> ModelEntry:
-        if name:
-            return self.registry.resolve(name)
-        if self.current is not None:
+    def _resolve_name(self, name: str | None, kind: str) -> ModelEntry:
+        entry = self.registry.resolve(name) if name else self._default_entry(kind)
+        if model_kind(entry) != kind:
+            if kind == EMBEDDING:
+                installed = self.installed(EMBEDDING)
+                raise InvalidRequest(
+                    f"model {entry.id!r} is a chat model and cannot embed; embedding models "
+                    f"installed: {', '.join(installed) or 'none (add a Qwen3-Embedding GGUF)'}",
+                    param="model")
+            raise InvalidRequest(f"model {entry.id!r} is an embedding model: use it with "
+                                 "/v1/embeddings or /v1/rerank", param="model")
+        return entry
+
+    def installed(self, kind: str) -> list[str]:
+        """Ids of the usable models of one kind in the models folder (blocking: scans)."""
+        return [e.id for e in self.registry.scan() if e.usable and model_kind(e) == kind]
+
+    def _default_entry(self, kind: str) -> ModelEntry:
+        resident = [m for m in self.resident.values() if m.kind == kind]
+        if kind == CHAT and self.current is not None:
             return self.current.entry
-        if self.settings.default_model:
+        if resident:
+            return max(resident, key=lambda m: m.last_used).entry
+        if kind == CHAT and self.settings.default_model:
             return self.registry.resolve(self.settings.default_model)
-        usable = [e for e in self.registry.scan() if e.usable]
-        if usable:  # no default configured: the first model in the folder
+        usable = [e for e in self.registry.scan() if e.usable and model_kind(e) == kind]
+        if usable:  # no default configured: the first model of that kind in the folder
             return usable[0]
-        raise ServiceUnavailable("no model is loaded, the request names none and the models "
-                                 f"folder {self.registry.models_dir} has no usable model")
+        raise ServiceUnavailable(f"no {kind} model is loaded, the request names none and the "
+                                 f"models folder {self.registry.models_dir} has none")
 
     # -- transitions -----------------------------------------------------------------------
 
-    async def load(self, name: str, *, explicit: bool = False) -> LoadedModel:
-        """Make `name` the resident model; `explicit` (a user's load) retries a remembered
-        failure."""
+    async def load(self, name: str, *, explicit: bool = False) -> Resident:
+        """Make `name` resident (making room first); `explicit` (a user's load) retries a
+        remembered failure."""
         entry = await asyncio.to_thread(self.registry.resolve, name)
         async with self._transition:
-            if self.current is not None and self.current.id == entry.id \
-                    and self.state is ModelState.READY:
-                return self.current
+            model = self.resident.get(entry.id)
+            if model is not None:
+                if model.kind == CHAT:
+                    self._chat_id = model.id
+                return model
             if explicit:
                 self.loader.failures.forget(entry)
             await asyncio.to_thread(self.loader.preflight, entry)
-            self._settled.clear()
+            await self._make_room(entry)
+            self.state, self.target, self.failure = ModelState.LOADING, entry.id, None
+            started = time.perf_counter()
             try:
-                await self._unload_locked(f"the server switched to model {entry.id}")
-                self.state, self.target, self.failure = ModelState.LOADING, entry.id, None
-                started = time.perf_counter()
-                try:
-                    model = await in_daemon_thread(
-                        lambda: self.loader.load(entry, self._fatal_callback()), "model-load")
-                except Exception as e:
-                    self.state, self.target = ModelState.FAILED, None
-                    self.failure = getattr(e, "message", str(e))
-                    log.error("loading %s failed: %s", entry.id, self.failure)
-                    raise
-                model.load_seconds = time.perf_counter() - started
-                self.current, self.engine_failure = model, None
-                self.load_seconds_observed(model.load_seconds)
-                self.state, self.target = ModelState.READY, None
-                self._idle_timeout = self._timeout(None)
-                self._arm_keep_alive(model)
-                log.info("model %s ready in %.2f s (%s)", entry.id, model.load_seconds,
-                         model.plan.reason)
-                return model
-            finally:
-                self._settled.set()
+                model = await in_daemon_thread(
+                    lambda: self.loader.load(entry, self._fatal_callback()), "model-load")
+            except Exception as e:
+                self.state = ModelState.READY if self.resident else ModelState.FAILED
+                self.target, self.failure = None, getattr(e, "message", str(e))
+                log.error("loading %s failed: %s", entry.id, self.failure)
+                raise
+            model.load_seconds = time.perf_counter() - started
+            model.pinned = self._pinned(entry.id)
+            self.resident[model.id] = model
+            self.loads[model.id] = self.loads.get(model.id, 0) + 1
+            if model.kind == CHAT:
+                self._chat_id, self.engine_failure = model.id, None
+            self.load_seconds_observed(model.load_seconds)
+            self.state, self.target = ModelState.READY, None
+            self._arm_keep_alive(model)
+            log.info("model %s (%s) ready in %.2f s (%s)", entry.id, model.kind,
+                     model.load_seconds, model.plan.reason)
+            return model
 
-    async def unload(self, reason: str = "the model was unloaded") -> None:
+    def _pinned(self, model_id: str) -> bool:
+        return bool(getattr(self.settings.model_overrides(model_id), "pin", False))
+
+    async def _make_room(self, entry: ModelEntry) -> None:
+        """Unload what must go before `entry` loads: chat models past the cap (a switch), then
+        idle models, least recently used first, until the planner's figures fit."""
+        if model_kind(entry) == CHAT:
+            cap = max(1, getattr(self.settings, "max_chat_models", 1))
+            while True:
+                chats = [m for m in self.resident.values() if m.kind == CHAT and not m.pinned]
+                if len(chats) + self._count_pinned(CHAT) < cap or not chats:
+                    break
+                victim = min(chats, key=lambda m: (m.busy, m.last_used))
+                await self._unload_model(victim, f"the server switched to model {entry.id}")
+        deadline = time.monotonic() + self.settings.switch_wait_s
+        while self.resident:
+            reason = await asyncio.to_thread(self._does_not_fit, entry)
+            if reason is None:
+                return
+            idle = [m for m in self.resident.values() if not m.busy and not m.pinned]
+            if idle:
+                victim = min(idle, key=lambda m: m.last_used)
+                log.info("unloading idle %s to make room for %s (%s)", victim.id, entry.id,
+                         reason)
+                await self._unload_model(victim, f"unloaded to make room for {entry.id}")
+                continue
+            busy = [m.id for m in self.resident.values() if m.busy and not m.pinned]
+            left = deadline - time.monotonic()
+            if not busy or left <= 0:
+                held = ", ".join(m.id + (" (pinned)" if m.pinned else " (serving requests)")
+                                 for m in self.resident.values())
+                raise ServiceUnavailable(f"model {entry.id} does not fit beside {held}: "
+                                         f"{reason}", retry_after=5 if busy else 60)
+            await self._wait_any_idle(left)
+
+    def _count_pinned(self, kind: str) -> int:
+        return sum(1 for m in self.resident.values() if m.kind == kind and m.pinned)
+
+    def _does_not_fit(self, entry: ModelEntry) -> str | None:
+        """Why `entry` does not fit beside the resident models now, or None (blocking: NVML)."""
+        plan, _ = self.loader.plan_for(entry)
+        ram_used = sum(m.plan.planned_ram for m in self.resident.values())
+        budget = self.loader.ram_budget()
+        if ram_used + plan.planned_ram > budget:
+            return (f"it needs {plan.planned_ram // MIB} MiB of RAM, "
+                    f"{max(0, budget - ram_used) // MIB} MiB of the budget are free")
+        if plan.free_vram > 0 and not plan.all_on_gpu:  # a GPU, and this plan leaves layers off it
+            idle_vram = sum(m.plan.planned_vram for m in self.resident.values()
+                            if not m.busy and not m.pinned)
+            if idle_vram:
+                better, _ = self.loader.plan_for(entry, extra_vram=idle_vram)
+                if better.n_gpu_layers > plan.n_gpu_layers:
+                    return (f"only {plan.n_gpu_layers} of {plan.n_layers + 1} layers fit in "
+                            "free VRAM")
+        return None
+
+    async def _wait_any_idle(self, timeout: float) -> None:
+        async with self._idle:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait_for(lambda: any(
+                    not m.busy and not m.pinned for m in self.resident.values())), timeout)
+
+    async def unload(self, reason: str = "the model was unloaded", *,
+                     model_id: str | None = None) -> None:
+        """Unload one resident model (pinned or not), or every one when `model_id` is None."""
         async with self._transition:
-            self._settled.clear()
-            try:
-                await self._unload_locked(reason)
-            finally:
-                self._settled.set()
+            targets = [m for m in self.resident.values()
+                       if model_id is None or m.id == model_id.lower()]
+            for model in targets:
+                await self._unload_model(model, reason)
 
-    async def _unload_locked(self, reason: str) -> None:
-        model = self.current
-        if model is None:
+    async def _unload_model(self, model: Resident, reason: str) -> None:
+        """Caller holds the transition lock. New requests stop finding the model at once;
+        running ones may finish for `switch_wait_s`; the rest end with `reason`."""
+        self._cancel_keep_alive(model)
+        if self.resident.get(model.id) is not model:
             return
-        self._cancel_keep_alive()
+        del self.resident[model.id]  # before any await: no request can take it from now on
         self.state, self.target = ModelState.UNLOADING, model.id
         await self._wait_idle(model, self.settings.switch_wait_s)
         await asyncio.to_thread(self.loader.close, model, reason)
-        self.current = None
-        self.state, self.target = ModelState.UNLOADED, None
+        self.state = ModelState.READY if self.resident else ModelState.UNLOADED
+        self.target = None
         log.info("model %s unloaded", model.id)
 
-    async def _wait_idle(self, model: LoadedModel, timeout: float) -> None:
+    async def _wait_idle(self, model: Resident, timeout: float) -> None:
         async with self._idle:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait_for(lambda: model.in_flight == 0),
@@ -169,45 +267,49 @@ class ModelManager:
 
     # -- keep-alive ------------------------------------------------------------------------
 
-    def _timeout(self, keep_alive_s: float | None) -> float | None:
-        """Seconds idle before unloading; None: never (a negative request, or setting 0)."""
-        if keep_alive_s is None:
-            return self.settings.keep_alive_s if self.settings.keep_alive_s > 0 else None
-        return None if keep_alive_s < 0 or math.isinf(keep_alive_s) else keep_alive_s
+    def keep_alive_for(self, model: Resident) -> float:
+        """Seconds idle before unloading (< 0: never); the request's override wins."""
+        if model.keep_alive_s is not None:
+            return model.keep_alive_s
+        if model.kind == EMBEDDING:
+            default = getattr(self.settings, "keep_alive_embedding_s", self.settings.keep_alive_s)
+        else:
+            default = self.settings.keep_alive_s
+        return default if default > 0 else -1.0  # in settings, 0 means never
 
-    def _arm_keep_alive(self, model: LoadedModel) -> None:
-        self._cancel_keep_alive()
-        timeout = self._idle_timeout
-        if model.in_flight:
+    def _arm_keep_alive(self, model: Resident) -> None:
+        self._cancel_keep_alive(model)
+        if model.pinned or model.busy:
             return
-        if timeout is None:
-            self._expires_at = math.inf
+        seconds = self.keep_alive_for(model)
+        if seconds < 0:
             return
-        self._expires_at = time.time() + timeout
-        self._keep_alive = self._loop.call_later(timeout, self._keep_alive_expired, model,
-                                                 timeout)
+        self._timers[model.id] = self._loop.call_later(seconds, self._keep_alive_expired, model)
+        model.expires_at = time.time() + seconds
 
-    def _cancel_keep_alive(self) -> None:
-        self._expires_at = None
-        if self._keep_alive is not None:
-            self._keep_alive.cancel()
-            self._keep_alive = None
-
-    def _keep_alive_expired(self, model: LoadedModel, timeout: float) -> None:
-        self._keep_alive = None
-        if self.current is model and model.in_flight == 0 and self.state is ModelState.READY:
-            log.info("unloading %s after %.0f s idle", model.id, timeout)
-            self._background(self.unload("the model was unloaded after being idle"))
+    def _cancel_keep_alive(self, model: Resident) -> None:
+        timer = self._timers.pop(model.id, None)
+        if timer is not None:
+            timer.cancel()
+        model.expires_at = None
 
     def expires_at(self) -> float | None:
-        """When the resident model will be unloaded (wall clock; inf: it stays), None when no
-        model is resident. A model in use counts its timeout from now."""
-        if self.current is None or self.state is not ModelState.READY:
+        """When the current chat model will be unloaded (wall clock; inf: it stays), None when
+        none is resident. A model in use counts its timeout from now."""
+        model = self.current
+        if model is None:
             return None
-        if self._expires_at is not None:
-            return self._expires_at
-        timeout = self._idle_timeout
-        return math.inf if timeout is None else time.time() + timeout
+        if model.expires_at is not None:
+            return model.expires_at
+        seconds = -1.0 if model.pinned else self.keep_alive_for(model)
+        return math.inf if seconds < 0 else time.time() + seconds
+
+    def _keep_alive_expired(self, model: Resident) -> None:
+        self._timers.pop(model.id, None)
+        if self.resident.get(model.id) is model and not model.busy and not model.pinned:
+            log.info("unloading %s after %.0f s idle", model.id, self.keep_alive_for(model))
+            self._background(self.unload("the model was unloaded after being idle",
+                                         model_id=model.id))
 
     # -- engine failure --------------------------------------------------------------------
 
@@ -217,8 +319,9 @@ class ModelManager:
         return on_fatal
 
     def _engine_died(self, error: BaseException) -> None:
-        model = self.current
-        if model is None or model.scheduler.fatal is not error:
+        model = next((m for m in self.resident.values()
+                      if isinstance(m, LoadedModel) and m.scheduler.fatal is error), None)
+        if model is None:
             return
         self.engine_failure = f"the engine of {model.id} stopped: {error!r}"
         log.error("%s; it will be loaded again on the next request", self.engine_failure)
@@ -226,20 +329,19 @@ class ModelManager:
 
     async def _drop(self, model: LoadedModel) -> None:
         async with self._transition:
-            if self.current is not model:
+            if self.resident.get(model.id) is not model:
                 return
-            self._cancel_keep_alive()
-            self.current = None
-            self.state, self.failure = ModelState.FAILED, self.engine_failure
+            self._cancel_keep_alive(model)
+            del self.resident[model.id]
+            self.state = ModelState.READY if self.resident else ModelState.FAILED
+            self.failure = self.engine_failure
             await asyncio.to_thread(model.runtime.close)
 
     def engine_healthy(self, stall_limit_s: float) -> bool:
-        """False when the engine thread died or one decode step has run past `stall_limit_s`:
-        the systemd watchdog stops being fed, and systemd restarts the daemon."""
-        model = self.current
-        if model is None:
-            return True
-        return model.scheduler.alive() and model.scheduler.stalled_for() < stall_limit_s
+        """False when a chat engine thread died or one decode step has run past
+        `stall_limit_s`: the systemd watchdog stops being fed, and systemd restarts the daemon."""
+        return all(m.scheduler.alive() and m.scheduler.stalled_for() < stall_limit_s
+                   for m in self.resident.values() if isinstance(m, LoadedModel))
 
     def _background(self, coroutine: Any) -> None:
         task = self._loop.create_task(coroutine)
@@ -250,17 +352,20 @@ class ModelManager:
 
     async def drain(self, grace_s: float) -> None:
         """On shutdown: let requests finish for `grace_s`, then end the rest with an error."""
-        model = self.current
-        if model is None:
-            return
-        await self._wait_idle(model, grace_s)
-        if model.in_flight:
-            log.info("shutting down: ending %d requests still running", model.in_flight)
-            model.scheduler.abort_all(ServiceUnavailable("the server is shutting down",
-                                                         retry_after=5))
+        models = list(self.resident.values())
+        deadline = time.monotonic() + grace_s
+        for model in models:
+            await self._wait_idle(model, max(0.0, deadline - time.monotonic()))
+        for model in models:
+            if model.in_flight and isinstance(model, LoadedModel):
+                log.info("shutting down: ending %d requests still running on %s",
+                         model.in_flight, model.id)
+                model.scheduler.abort_all(ServiceUnavailable("the server is shutting down",
+                                                             retry_after=5))
 
     async def close(self) -> None:
-        self._cancel_keep_alive()
+        for model in list(self.resident.values()):
+            self._cancel_keep_alive(model)
         if self.state is ModelState.LOADING:
             # The load runs on a daemon thread; waiting for it could outlast the stop timeout.
             log.info("shutting down during the load of %s; not waiting for it", self.target)
@@ -271,4 +376,6 @@ class ModelManager:
         model = self.current
         return {"state": self.state.value, "target": self.target, "failure": self.failure,
                 "engine_failure": self.engine_failure,
-                "model": model.describe() if model is not None else None}
+                "model": model.describe() if model is not None else None,
+                "models": [{**m.describe(), "loads": self.loads.get(m.id, 0)}
+                           for m in sorted(self.resident.values(), key=lambda m: (m.kind, m.id))]}

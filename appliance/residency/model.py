@@ -2,6 +2,9 @@
 
 Routes never reach into the runtime, the formatter or the scheduler; this face is all they get.
 Preparing (template rendering, tokenizing) is blocking work: callers run it in a worker thread.
+Two kinds: a chat model (LoadedModel: slots, a scheduler) and an embedding model
+(EmbeddingModel: pooled vectors from its own worker thread). Both carry the same residency
+fields (in_flight, last_used, keep-alive, pin) that the manager reads.
 """
 
 from __future__ import annotations
@@ -11,12 +14,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engine.chat import ChatFormatter
+from appliance.engine.embedding import EmbeddingJob, EmbeddingRuntime, EmbeddingWorker
 from appliance.engine.prompt import ControlTextGuard
 from appliance.engine.runtime import LlamaRuntime
 from appliance.engine.scheduler import GenerationRequest, Scheduler
 from appliance.errors import InvalidValue
 from appliance.offload import OffloadPlan
 from appliance.registry import ModelEntry
+
+CHAT = "chat"
+EMBEDDING = "embedding"
+# GGUF `<arch>.pooling_type` values that make a model an embedding model (mean, cls, last).
+EMBEDDING_POOLING = {1, 2, 3}
+
+
+def model_kind(entry: ModelEntry) -> str:
+    """"embedding" for a GGUF that stores an embedding pooling type, else "chat"."""
+    if entry.info is None:
+        return CHAT
+    pooling = entry.info.arch_value("pooling_type")
+    return EMBEDDING if isinstance(pooling, int) and pooling in EMBEDDING_POOLING else CHAT
 
 
 @dataclass
@@ -37,6 +54,10 @@ class LoadedModel:
     load_seconds: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
+    kind: str = CHAT
+    pinned: bool = False
+    keep_alive_s: float | None = None  # the last request's override; None: the kind's default
+    expires_at: float | None = None  # time.time() of the keep-alive unload, when armed
 
     @property
     def id(self) -> str:
@@ -45,6 +66,13 @@ class LoadedModel:
     @property
     def n_vocab(self) -> int:
         return self.runtime.n_vocab
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+    def healthy(self) -> bool:
+        return self.scheduler.alive()
 
     @property
     def context_per_slot(self) -> int:
@@ -90,6 +118,8 @@ class LoadedModel:
         sched = self.scheduler
         return {
             "id": self.id,
+            "kind": self.kind,
+            **residency_fields(self),
             "offload": self.plan.describe(),
             "context_per_slot": self.context_per_slot,
             "slots": len(sched.slots),
@@ -99,3 +129,78 @@ class LoadedModel:
             "load_seconds": round(self.load_seconds, 3),
             "in_flight": self.in_flight,
         }
+
+
+def residency_fields(model: LoadedModel | EmbeddingModel) -> dict[str, Any]:
+    """What /api/status shows of every resident model's memory and lifetime."""
+    return {"memory": {"planned_vram": model.plan.planned_vram,
+                       "planned_ram": model.plan.planned_ram},
+            "pinned": model.pinned,
+            "keep_alive_s": model.keep_alive_s,
+            "expires_at": None if model.expires_at is None else round(model.expires_at, 3),
+            "last_used_s_ago": round(time.monotonic() - model.last_used, 3)}
+
+
+@dataclass
+class EmbeddingModel:
+    """An embedding model: tokenize (blocking, callers use a thread), embed through its worker."""
+
+    entry: ModelEntry
+    runtime: EmbeddingRuntime
+    worker: EmbeddingWorker
+    plan: OffloadPlan
+    load_seconds: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    kind: str = EMBEDDING
+    pinned: bool = False
+    keep_alive_s: float | None = None
+    expires_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def dimensions(self) -> int:
+        return self.runtime.n_embd
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.runtime.n_batch
+
+    @property
+    def n_vocab(self) -> int:
+        return self.runtime.n_vocab
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+    def healthy(self) -> bool:
+        return True
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Blocking: each text's tokens, the end-of-text token appended as the model expects."""
+        return [self.runtime.tokenize(t) for t in texts]
+
+    def check_tokens(self, tokens: list[int], param: str) -> list[int]:
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise InvalidValue(f"{param} has token ids outside the vocabulary "
+                               f"(0..{self.n_vocab - 1})", param=param)
+        return list(tokens)
+
+    def submit(self, job: EmbeddingJob) -> None:
+        self.worker.submit(job)
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, **residency_fields(self),
+                "offload": self.plan.describe(), "dimensions": self.dimensions,
+                "pooling": self.runtime.pooling_name, "max_input_tokens": self.max_input_tokens,
+                "slots": self.runtime.n_seq, "slots_busy": 1 if self.worker.busy else 0,
+                "queue": self.worker.queue_depth, "load_seconds": round(self.load_seconds, 3),
+                "in_flight": self.in_flight}
+
+    def close(self, reason: str) -> None:
+        self.worker.stop(reason)
+        self.runtime.close()

@@ -78,8 +78,11 @@ async def api_load(model_id: str, manager: ManagerDep) -> dict[str, Any]:
 
 @router.post("/api/models/{model_id}/unload")
 async def api_unload(model_id: str, manager: ManagerDep) -> dict[str, Any]:
-    if manager.current is not None and model_id.lower() in (manager.current.id, "current"):
-        await manager.unload()
+    wanted = model_id.lower()
+    if wanted == "current" and manager.current is not None:
+        wanted = manager.current.id
+    if wanted in manager.resident:
+        await manager.unload(model_id=wanted)
     return manager.status()
 
 

@@ -282,7 +282,7 @@ async def _start(body: ChatRequest | GenerateRequest, manager: ModelManager, reg
         return await _load_or_unload(manager, entry.id, body)
     grammar = await off_loop(_grammar, body.format)
     stack = contextlib.AsyncExitStack()
-    model = await stack.enter_async_context(manager.use(entry.id, body.keep_alive_s))
+    model = await stack.enter_async_context(manager.use(entry.id, keep_alive_s=body.keep_alive_s))
     load_s = time.perf_counter() - started
     try:
         options = body.opts
@@ -308,12 +308,12 @@ async def _load_or_unload(manager: ModelManager, model_id: str,
                           body: ChatRequest | GenerateRequest) -> Response:
     """An empty request loads the model, or with keep_alive 0 unloads it (`ollama stop`)."""
     if body.keep_alive_s == 0:
-        current = manager.current
-        if current is not None and current.id == model_id:
-            await manager.unload("the model was unloaded by a client (keep_alive 0)")
+        if model_id in manager.resident:
+            await manager.unload("the model was unloaded by a client (keep_alive 0)",
+                                 model_id=model_id)
         reason = "unload"
     else:
-        async with manager.use(model_id, body.keep_alive_s):
+        async with manager.use(model_id, keep_alive_s=body.keep_alive_s):
             pass
         reason = "load"
     answer: dict[str, Any] = {"model": body.model, "created_at": iso_time(time.time())}
