@@ -229,3 +229,25 @@ class ModelRequest(RequestBody):
     @property
     def model_name(self) -> str:
         return self.model or self.name
+
+
+class EmbedRequest(ModelRequest):
+    """/api/embed (`input`: a string or strings) and the legacy /api/embeddings (`prompt`)."""
+
+    input: str | list[str] | None = None
+    prompt: str | None = None
+    dimensions: int | None = Field(None, ge=1, le=65536)
+    truncate: bool = True
+    keep_alive: str | float | None = Field(None, union_mode="left_to_right")
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str) and len(value) > 64:
+            raise ValueError("keep_alive is at most 64 characters")
+        keep_alive_seconds(value)  # raises ValueError with the reason
+        return value
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        return keep_alive_seconds(self.keep_alive)

@@ -153,3 +153,19 @@ def test_chat_and_embeddings_at_once_without_reloads(daemon: Daemon,
     assert models[EMBED]["kind"] == "embedding" and models[EMBED]["pooling"] == "last"
     assert models[EMBED]["memory"]["planned_ram"] > 0
     assert status["model"]["id"] == MODEL_A
+
+
+def test_ollamas_embed_routes_use_the_same_core(daemon: Daemon, client: openai.OpenAI) -> None:
+    import ollama
+
+    theirs = ollama.Client(host=daemon.url)
+    ours = np.array([d.embedding for d in client.embeddings.create(
+        model=EMBED, input=TEXTS[:2], encoding_format="float").data])
+    embedded = theirs.embed(model=EMBED, input=TEXTS[:2])
+    assert np.allclose(np.array(embedded.embeddings), ours, atol=1e-5)
+    assert embedded.prompt_eval_count > 0
+    legacy = theirs.embeddings(model=EMBED, prompt=TEXTS[0])
+    assert np.allclose(np.array(legacy.embedding), ours[0], atol=1e-5)
+    with pytest.raises(ollama.ResponseError) as chat_model:
+        theirs.embed(model=MODEL_A, input="x")
+    assert chat_model.value.status_code == 400 and EMBED in chat_model.value.error

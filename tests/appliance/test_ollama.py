@@ -133,7 +133,7 @@ def test_pull_delete_and_embed_say_what_to_do(client: ollama.Client) -> None:
     assert delete.value.status_code == 409 and "loaded" in delete.value.error
     with pytest.raises(ollama.ResponseError) as embed:
         client.embed(model=MODEL_A, input="hello")
-    assert embed.value.status_code == 400 and "embeddings" in embed.value.error
+    assert embed.value.status_code == 400 and "embedding" in embed.value.error
     with pytest.raises(ollama.ResponseError) as legacy:
         client.embeddings(model=MODEL_A, prompt="hello")
     assert legacy.value.status_code == 400

@@ -24,11 +24,14 @@ from appliance.api.core import (
     ClientGone,
     Generation,
     GenerationStream,
+    embed_inputs,
+    embedding_inputs,
     max_new_tokens,
     off_loop,
     prepare_chat,
     prepare_text,
     sampling_params,
+    truncate_dimensions,
     until_disconnect,
 )
 from appliance.api.deps import ManagerDep, MetricsDep, ProbeDep, RegistryDep, SettingsDep
@@ -36,7 +39,14 @@ from appliance.api.errors import ErrorShapes, error_response
 from appliance.api.grammar import response_grammar, schema_grammar
 from appliance.api.ollama_models import FileDigests, iso_time, ollama_name, resolve, show, tag_entries
 from appliance.api.ollama_models import details as model_details
-from appliance.api.ollama_schemas import ChatRequest, GenerateRequest, Message, ModelRequest, Options
+from appliance.api.ollama_schemas import (
+    ChatRequest,
+    EmbedRequest,
+    GenerateRequest,
+    Message,
+    ModelRequest,
+    Options,
+)
 from appliance.api.schemas import ResponseFormat
 from appliance.config import Settings
 from appliance.engine.output import ChatOutputParser, Delta, ToolCall
@@ -45,7 +55,7 @@ from appliance.metrics import Metrics
 from appliance.offload import kv_bytes_per_layer
 from appliance.registry import Registry
 from appliance.residency.manager import ModelManager
-from appliance.residency.model import LoadedModel, Prompt
+from appliance.residency.model import EMBEDDING, LoadedModel, Prompt
 
 router = APIRouter()
 # The Ollama release whose API this follows (thinking, tools, structured outputs): clients
@@ -134,11 +144,28 @@ async def running(manager: ManagerDep, probe: ProbeDep, settings: SettingsDep,
 
 @router.post("/api/embed")
 @router.post("/api/embeddings")
-async def embed(body: ModelRequest, registry: RegistryDep) -> Response:
+async def embed(body: EmbedRequest, request: Request, registry: RegistryDep,
+                manager: ManagerDep) -> Response:
+    """Embeddings through the same core as /v1/embeddings: many inputs per llama.cpp batch."""
+    legacy = request.url.path == "/api/embeddings"
     entry = await off_loop(resolve, registry, body.model_name)
-    raise InvalidRequest(f"model {ollama_name(entry.id)} cannot make embeddings: this daemon "
-                         "serves chat and completion models only (embeddings are planned)",
-                         param="model")
+    raw = body.prompt if legacy else body.input
+    inputs = embedding_inputs(raw, "prompt" if legacy else "input")
+    started = time.perf_counter()
+    async with manager.use(entry.id, kind=EMBEDDING, keep_alive_s=body.keep_alive_s) as model:
+        loaded = time.perf_counter()
+        try:
+            result = await until_disconnect(request, embed_inputs(model, inputs))
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+        vectors = truncate_dimensions(result.vectors, body.dimensions, model.dimensions)
+    if legacy:
+        return JSONResponse({"embedding": vectors[0].tolist()})
+    done = time.perf_counter()
+    return JSONResponse({"model": ollama_name(entry.id), "embeddings": vectors.tolist(),
+                         "total_duration": int((done - started) * 1e9),
+                         "load_duration": int((loaded - started) * 1e9),
+                         "prompt_eval_count": result.prompt_tokens})
 
 
 def _not_implemented(message: str) -> Response:
