@@ -164,24 +164,10 @@ Format = Literal["", "json"] | dict[str, Any] | None
 Think = bool | Literal["high", "medium", "low"] | None
 
 
-class _Generating(RequestBody):
-    """What /api/chat and /api/generate share."""
+class _KeepAlive(RequestBody):
+    """Ollama's per-request `keep_alive`."""
 
-    model: str = Field("", max_length=256)
-    format: Format = None
-    options: Options | None = None
-    stream: bool = True
     keep_alive: str | float | None = Field(None, union_mode="left_to_right")
-    think: Think = None
-    # They change what the answer means: refused until supported, never ignored.
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    @model_validator(mode="after")
-    def _unsupported(self) -> _Generating:
-        if self.logprobs or self.top_logprobs:
-            raise InvalidValue("logprobs are not supported yet", param="logprobs")
-        return self
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -194,6 +180,26 @@ class _Generating(RequestBody):
     @property
     def keep_alive_s(self) -> float | None:
         return keep_alive_seconds(self.keep_alive)
+
+
+class _Generating(_KeepAlive):
+    """What /api/chat and /api/generate share."""
+
+    model: str = Field("", max_length=256)
+    format: Format = None
+    options: Options | None = None
+    stream: bool = True
+    think: Think = None
+    # They change what the answer means: refused until supported, never ignored.
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _Generating:
+        if self.logprobs or self.top_logprobs:
+            raise InvalidValue("logprobs are not supported yet", param="logprobs")
+        return self
+
 
     @property
     def thinking(self) -> bool | None:
@@ -231,23 +237,11 @@ class ModelRequest(RequestBody):
         return self.model or self.name
 
 
-class EmbedRequest(ModelRequest):
+class EmbedRequest(ModelRequest, _KeepAlive):
     """/api/embed (`input`: a string or strings) and the legacy /api/embeddings (`prompt`)."""
 
     input: str | list[str] | None = None
     prompt: str | None = None
     dimensions: int | None = Field(None, ge=1, le=65536)
     truncate: bool = True
-    keep_alive: str | float | None = Field(None, union_mode="left_to_right")
 
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        if isinstance(value, str) and len(value) > 64:
-            raise ValueError("keep_alive is at most 64 characters")
-        keep_alive_seconds(value)  # raises ValueError with the reason
-        return value
-
-    @property
-    def keep_alive_s(self) -> float | None:
-        return keep_alive_seconds(self.keep_alive)
