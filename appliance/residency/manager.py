@@ -158,7 +158,9 @@ class ModelManager:
                     lambda: self.loader.load(entry, self._fatal_callback()), "model-load")
             except Exception as e:
                 self.state = ModelState.READY if self.resident else ModelState.FAILED
-                self.target, self.failure = None, getattr(e, "message", str(e))
+                # A failed state keeps naming the model that failed (the tray shows it).
+                self.target = None if self.resident else entry.id
+                self.failure = getattr(e, "message", str(e))
                 log.error("loading %s failed: %s", entry.id, self.failure)
                 raise
             model.load_seconds = time.perf_counter() - started

@@ -291,7 +291,7 @@ def test_string_characters_exclude_control_characters() -> None:
 
 @pytest.fixture(scope="module")
 def vocab(tiny_gguf: Path) -> Iterator[LlamaRuntime]:
-    runtime = LlamaRuntime(tiny_gguf, RuntimeOptions(n_gpu_layers=0, context_per_seq=64,
+    runtime = LlamaRuntime(tiny_gguf, RuntimeOptions(n_gpu_layers=0, context_per_slot=64,
                                                      n_seq=1, n_threads=1))
     yield runtime
     runtime.close()

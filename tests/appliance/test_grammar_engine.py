@@ -65,7 +65,7 @@ TOOL_CALL = re.compile(r"<tool_call>\n(.*)\n</tool_call>", re.DOTALL)
 
 @pytest.fixture(scope="module")
 def engine(tiny_gguf: Path) -> Iterator[Scheduler]:
-    runtime = LlamaRuntime(tiny_gguf, RuntimeOptions(n_gpu_layers=0, context_per_seq=1024,
+    runtime = LlamaRuntime(tiny_gguf, RuntimeOptions(n_gpu_layers=0, context_per_slot=1024,
                                                      n_seq=SLOTS, n_threads=2))
     scheduler = Scheduler(runtime, n_slots=SLOTS, max_queue=N)
     yield scheduler

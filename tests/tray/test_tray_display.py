@@ -116,8 +116,8 @@ def test_tray_docks_switches_and_shows_the_daemon_stopping(
             screenshot(x_display, artifacts / "tray-ready.png")
 
             app.request("switch", MODEL_B)  # exactly what the Models ▸ item's click does
-            wait_for(lambda: client.status().get("model", {}) and
-                     client.status()["model"]["id"] == MODEL_B, 60, "the daemon to switch")
+            wait_for(lambda: (m := client.status().get("model")) and m["id"] == MODEL_B, 60,
+                         "the daemon to switch")
             wait_for(lambda: MODEL_B in title_of_icon(x_display), 5, "the title to follow")
 
             daemon.process.terminate()
