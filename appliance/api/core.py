@@ -48,6 +48,21 @@ class SamplingInput(Protocol):
     logit_bias: dict[str, float] | None
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """A dialect's sampling fields as a SamplingInput (None: the model's own default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+
+
 def sampling_params(body: SamplingInput, model: LoadedModel, grammar: str | None,
                     grammar_after_think: bool = False) -> SamplingParams:
     """The request's sampling, with the model's own recommended defaults (GGUF) for the rest."""

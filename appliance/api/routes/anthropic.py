@@ -36,8 +36,8 @@ from appliance.api.grammar import response_grammar, tool_call_grammar
 from appliance.api.routes.anthropic_request import (
     Conversation,
     MessagesRequest,
-    Sampling,
     chat_messages,
+    sampling_of,
 )
 from appliance.engine.output import ChatOutputParser, ToolCall
 from appliance.errors import ApplianceError
@@ -99,7 +99,7 @@ async def create_message(body: MessagesRequest, request: Request, manager: Manag
     try:
         prompt = await _prompt(model, body, messages)
         generation = start_generation(
-            model, prompt.tokens, sampling_params(Sampling.of(body), model, grammar),
+            model, prompt.tokens, sampling_params(sampling_of(body), model, grammar),
             max_new_tokens(body.max_tokens, len(prompt.tokens), model, None), [], metrics,
             thinking_budget=body.thinking_budget)
         stack.callback(generation.cancel)

@@ -7,11 +7,11 @@ Every field a client controls is bounded here; a content block or option we cann
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from appliance.api.core import Sampling
 from appliance.api.schemas import (
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
@@ -282,23 +282,9 @@ class MessagesRequest(Conversation):
         return value
 
 
-@dataclass
-class Sampling:
+def sampling_of(body: MessagesRequest) -> Sampling:
     """An Anthropic request's sampling in the form core.sampling_params takes."""
-
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    min_p: float | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = None
-
-    @classmethod
-    def of(cls, body: MessagesRequest) -> Sampling:
-        return cls(body.temperature, body.top_p, body.top_k)
+    return Sampling(body.temperature, body.top_p, body.top_k)
 
 
 # -- translation into the template's chat -------------------------------------------------------

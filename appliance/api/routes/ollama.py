@@ -24,6 +24,7 @@ from appliance.api.core import (
     ClientGone,
     Generation,
     GenerationStream,
+    Sampling,
     embed_inputs,
     embedding_inputs,
     max_new_tokens,
@@ -191,24 +192,10 @@ async def blobs(digest: str, settings: SettingsDep) -> Response:
 # -- generation -------------------------------------------------------------------------------
 
 
-@dataclass
-class _Sampling:
-    """Ollama's options as core's SamplingInput."""
-
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    min_p: float | None
-    seed: int | None
-    presence_penalty: float
-    frequency_penalty: float
-    repeat_penalty: float
-    logit_bias: dict[str, float] | None = None
-
-    @classmethod
-    def of(cls, o: Options) -> _Sampling:
-        return cls(o.temperature, o.top_p, o.top_k, o.min_p, o.seed, o.presence_penalty or 0.0,
-                   o.frequency_penalty or 0.0, o.repeat_penalty or 1.0)
+def _sampling(o: Options) -> Sampling:
+    """Ollama's options as core's sampling fields."""
+    return Sampling(o.temperature, o.top_p, o.top_k, o.min_p, o.seed, o.presence_penalty or 0.0,
+                    o.frequency_penalty or 0.0, o.repeat_penalty or 1.0)
 
 
 def _grammar(fmt: str | dict[str, Any] | None) -> str | None:
@@ -321,7 +308,7 @@ async def _start(body: ChatRequest | GenerateRequest, manager: ModelManager, reg
         if not prompt.tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
         generation = Generation(model, prompt.tokens,
-                                sampling_params(_Sampling.of(options), model, grammar),
+                                sampling_params(_sampling(options), model, grammar),
                                 _token_limit(options, len(prompt.tokens), model, settings),
                                 options.stop or [], metrics)
         stack.callback(generation.cancel)
