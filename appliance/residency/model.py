@@ -42,8 +42,28 @@ class Prompt:
     tokens: list[int]
 
 
+class _Resident:
+    """What every resident model answers the same way, chat or embedding."""
+
+    entry: ModelEntry
+    runtime: Any
+    in_flight: int
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def n_vocab(self) -> int:
+        return self.runtime.n_vocab
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+
 @dataclass
-class LoadedModel:
+class LoadedModel(_Resident):
     entry: ModelEntry
     runtime: LlamaRuntime
     scheduler: Scheduler
@@ -58,18 +78,6 @@ class LoadedModel:
     pinned: bool = False
     keep_alive_s: float | None = None  # the last request's override; None: the kind's default
     expires_at: float | None = None  # time.time() of the keep-alive unload, when armed
-
-    @property
-    def id(self) -> str:
-        return self.entry.id
-
-    @property
-    def n_vocab(self) -> int:
-        return self.runtime.n_vocab
-
-    @property
-    def busy(self) -> bool:
-        return self.in_flight > 0
 
     def healthy(self) -> bool:
         return self.scheduler.alive()
@@ -142,7 +150,7 @@ def residency_fields(model: LoadedModel | EmbeddingModel) -> dict[str, Any]:
 
 
 @dataclass
-class EmbeddingModel:
+class EmbeddingModel(_Resident):
     """An embedding model: tokenize (blocking, callers use a thread), embed through its worker."""
 
     entry: ModelEntry
@@ -158,24 +166,12 @@ class EmbeddingModel:
     expires_at: float | None = None
 
     @property
-    def id(self) -> str:
-        return self.entry.id
-
-    @property
     def dimensions(self) -> int:
         return self.runtime.n_embd
 
     @property
     def max_input_tokens(self) -> int:
         return self.runtime.n_batch
-
-    @property
-    def n_vocab(self) -> int:
-        return self.runtime.n_vocab
-
-    @property
-    def busy(self) -> bool:
-        return self.in_flight > 0
 
     def healthy(self) -> bool:
         return True
