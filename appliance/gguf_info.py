@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 # GGUF metadata value types (gguf.GGUFValueType).
 STRING, ARRAY = 8, 9
@@ -61,8 +61,9 @@ class GGUFError(ValueError):
     """The file is not a usable GGUF; the message says why."""
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """One tensor's entry (a tuple: thousands are made per listing, from the header cache)."""
+
     name: str
     shape: tuple[int, ...]
     type: int  # the ggml type number (GGML_TYPES)

@@ -2,7 +2,7 @@
 pydantic-settings, which costs about a second at every start on a busy two-core machine.
 
 This is a memo, not a second reader of the configuration: the values are those of a `Settings`
-that `load_settings` validated earlier, stored with a digest of everything they were built from
+that `load_settings` validated earlier, stored with everything they were built from
 (every `APPLIANCE_*` variable, the TOML file's path and bytes, the inputs of the defaults, the
 code of appliance/config.py). Any difference, or a missing or damaged memo, builds `Settings`
 the one normal way (and stores a fresh memo).
@@ -11,7 +11,6 @@ the one normal way (and stores a fresh memo).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -66,9 +65,8 @@ def _config_file() -> Path:
         / "config.toml")
 
 
-def inputs_digest(overrides: dict[str, Any]) -> str:
-    """A digest of everything `load_settings(**overrides)` depends on."""
-    sha = hashlib.sha256()
+def inputs(overrides: dict[str, Any]) -> list[Any]:
+    """Everything `load_settings(**overrides)` depends on, as JSON values."""
     environment = sorted((k.upper(), v) for k, v in os.environ.items()
                          if k.upper().startswith("APPLIANCE_"))
     config = _config_file()
@@ -82,12 +80,12 @@ def inputs_digest(overrides: dict[str, Any]) -> str:
         code_key = [stat.st_size, stat.st_mtime_ns]
     except OSError:
         code_key = []
-    sha.update(json.dumps([
+    # Round-tripped through JSON, so it compares equal to what the memo file holds.
+    return json.loads(json.dumps([
         __version__, code_key, sys.version, environment, str(config), config_bytes,
         os.environ.get("XDG_DATA_HOME"), str(Path.home()), os.cpu_count(),
         sorted((k, str(v)) for k, v in overrides.items() if v is not None),
-    ]).encode())
-    return sha.hexdigest()
+    ]))
 
 
 def snapshot_path() -> Path:
@@ -102,7 +100,7 @@ def load(overrides: dict[str, Any]) -> SettingsView | None:
         if path.stat().st_size > MAX_BYTES:
             return None
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data["inputs"] != inputs_digest(overrides) or not isinstance(data["values"], dict):
+        if data["inputs"] != inputs(overrides) or not isinstance(data["values"], dict):
             return None
         return SettingsView(data["values"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
@@ -115,7 +113,7 @@ def store(settings: Any, overrides: dict[str, Any]) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"inputs": inputs_digest(overrides), "values": settings.model_dump(mode="json")}
+        data = {"inputs": inputs(overrides), "values": settings.model_dump(mode="json")}
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)

@@ -32,7 +32,7 @@ from appliance.gguf_info import (
 log = logging.getLogger(__name__)
 
 HEADERS_FILE = "gguf_headers.json"
-FORMAT = 1  # bump when RawHeader or the reader's rules change: old entries are then ignored
+FORMAT = 2  # bump when RawHeader or the reader's rules change: old entries are then ignored
 MAX_ENTRIES = 256
 MAX_FILE_BYTES = 32 * 2**20  # a larger cache file is not ours: ignored
 MAX_ENTRY_BYTES = 2 * 2**20  # a header this large (crafted strings) is re-read, not cached
@@ -175,10 +175,14 @@ def _load(path: Path) -> dict[FileKey, dict[str, Any]]:
 
 
 def _header_to_json(header: RawHeader) -> dict[str, Any]:
+    # Tensors by column: one list per field reads and checks far faster than a list per tensor.
     return {"size": header.file_size, "metadata": header.metadata,
             "arrays": header.array_lengths,
-            "tensors": [[t.name, list(t.shape), t.type, t.offset, t.nbytes]
-                        for t in header.tensors]}
+            "tensors": {"names": [t.name for t in header.tensors],
+                        "shapes": [list(t.shape) for t in header.tensors],
+                        "types": [t.type for t in header.tensors],
+                        "offsets": [t.offset for t in header.tensors],
+                        "nbytes": [t.nbytes for t in header.tensors]}}
 
 
 _SCALAR = (int, float, str, type(None))  # bool is an int
@@ -192,13 +196,18 @@ def _header_from_json(data: dict[str, Any]) -> RawHeader:
             and all(isinstance(v, _SCALAR) for v in metadata.values())
             and all(_is_int(v) for v in arrays.values())):
         raise ValueError("malformed metadata")
-    tensors = []
-    for name, shape, ggml_type, offset, nbytes in data["tensors"]:
-        if not (isinstance(name, str) and isinstance(shape, list) and len(shape) <= 8
-                and all(_is_int(d) for d in shape) and ggml_type in GGML_TYPES
-                and _is_int(offset) and _is_int(nbytes)):
-            raise ValueError("malformed tensor")
-        tensors.append(TensorInfo(name, tuple(shape), ggml_type, offset, nbytes))
+    columns = data["tensors"]
+    names, shapes, types = columns["names"], columns["shapes"], columns["types"]
+    offsets, nbytes = columns["offsets"], columns["nbytes"]
+    if not (len(names) == len(shapes) == len(types) == len(offsets) == len(nbytes)
+            and all(type(n) is str for n in names)
+            and all(type(s) is list and len(s) <= 8 for s in shapes)
+            and all(type(d) is int for s in shapes for d in s)
+            and all(type(t) is int and t in GGML_TYPES for t in types)
+            and all(type(v) is int for v in offsets)
+            and all(type(v) is int for v in nbytes)):
+        raise ValueError("malformed tensors")
+    tensors = list(map(TensorInfo, names, map(tuple, shapes), types, offsets, nbytes))
     size = data["size"]
     if not _is_int(size):
         raise ValueError("malformed size")

@@ -188,7 +188,10 @@ def test_damaged_entries_are_read_again(tiny_gguf: Path, tmp_path: Path) -> None
     expected = cache.model_info([path])
     cache.save()
     data = json.loads(file.read_text())
-    for damage in ({"tensors": [["t", [1], 99, 0, 1]]}, {"metadata": {"x": [1, 2]}},
+    bad_type = {"names": ["t"], "shapes": [[1]], "types": [99], "offsets": [0], "nbytes": [1]}
+    short = {**bad_type, "types": [0], "nbytes": []}
+    for damage in ({"tensors": bad_type}, {"tensors": short}, {"tensors": [["t", [1], 0, 0, 1]]},
+                   {"metadata": {"x": [1, 2]}},
                    {"size": 5}, {"tensors": "no"}, {"arrays": {"a": "b"}}):
         broken = {**data, "entries": [{**data["entries"][0],
                                        "header": {**data["entries"][0]["header"], **damage}}]}

@@ -135,7 +135,7 @@ async def running(manager: ManagerDep, probe: ProbeDep, settings: SettingsDep,
     now = time.time()
     return {"models": [{
         "name": ollama_name(model.id), "model": ollama_name(model.id),
-        "size": model.entry.signature[0] + kv,  # weights and KV cache, planned
+        "size": model.entry.size + kv,  # weights (every part) and KV cache, planned
         "digest": digests.get(model.entry), "details": model_details(model.entry),
         "expires_at": iso_time(now + FOREVER_S if math.isinf(expires) else expires),
         "size_vram": sum(d.process_used for d in devices),  # measured by NVML, 0 on CPU
