@@ -220,7 +220,7 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
     for _ in range(BUFFERS):
         free.put(bytearray(CHUNK))
     failures = 0
-    with partial.open("ab") as out:
+    with partial.open("a+b") as out:  # read too: a resume hashes what is there
         sink = _Sink(out, have, free)
         try:
             while True:

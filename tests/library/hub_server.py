@@ -206,7 +206,10 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 with f.path.open("rb") as src:
                     offset, left = start, send
                     while left > 0:  # sendfile: the bench compares us with curl, not the server
-                        n = os.sendfile(self.connection.fileno(), src.fileno(), offset, left)
+                        try:
+                            n = os.sendfile(self.connection.fileno(), src.fileno(), offset, left)
+                        except (BrokenPipeError, ConnectionResetError):
+                            return  # the client left (a cancelled pull)
                         if n == 0:
                             break
                         offset, left = offset + n, left - n

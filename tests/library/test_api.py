@@ -184,7 +184,7 @@ def test_sigterm_cancels_a_pull_and_keeps_its_partial(hub: LocalHub, tmp_path: P
     lines: list[dict] = []
     with run_daemon(folder, tmp_path, switch_wait_s="5") as daemon:
         def follow() -> None:
-            with daemon.http(timeout=120) as http, http.stream(
+            with daemon.http() as http, http.stream(
                     "POST", "/api/models/pull", json={"model": GGUF_REPO}) as r:
                 lines.extend(lines_of(r))
 
