@@ -299,6 +299,8 @@ def _parse(size: int, data: mmap.mmap) -> RawHeader:
             n *= d
         tensors.append(TensorInfo(name, tuple(reversed(dims)), raw_type, offset,
                                   n // block * type_size))
+    if "general.architecture" in metadata:  # a model's (first) file: a bad value is the more
+        _check_types(metadata)  # useful reason than the truncation it may also cause
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if not _is_int(alignment) or not 1 <= alignment <= 2**16 or alignment & (alignment - 1):
         raise GGUFError(f"general.alignment is {alignment!r}; it must be a power of two")

@@ -223,8 +223,8 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
     with partial.open("a+b") as out:  # read too: a resume hashes what is there
         sink = _Sink(out, have, free)
         try:
-            while True:
-                if cancel.is_set():
+            while have < size:  # a partial already whole (cut short before its install) is
+                if cancel.is_set():  # only hashed again
                     raise Cancelled(CANCELLED)
                 request_headers = {**headers, "Accept-Encoding": "identity"}
                 if have:

@@ -288,10 +288,13 @@ class Library:
         for f, partial, _ in files:  # the converter reads the files by their own names
             target = source / f.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial, target)
+            target.unlink(missing_ok=True)
+            # A link, not a move: the partial stays whole, so a pull cancelled while converting
+            # resumes without downloading again (the staging folder goes once it is done).
+            os.link(partial, target)
         if cancel is not None and cancel.is_set():
             raise Cancelled(CANCELLED)
-        result = self._convert(plan, source, staging, report)
+        result = self._convert(plan, source, staging, report, cancel)
         target = self.models_dir / f"{plan.model_id}.gguf"
         report(Progress("install", "writing manifest", model=plan.model_id))
         digest = hash_file(result).hexdigest()
@@ -305,7 +308,8 @@ class Library:
         write_manifest(self.models_dir, manifest)
         return Installed(plan.model_id, [target], manifest)
 
-    def _convert(self, plan: PullPlan, source: Path, staging: Path, report: Reporter) -> Path:
+    def _convert(self, plan: PullPlan, source: Path, staging: Path, report: Reporter,
+                 cancel: Cancel | None = None) -> Path:
         """source folder → unquantized GGUF → quantized GGUF → checked; returns the file."""
         from appliance.gguf_info import GGUFError, read_gguf_info
         from converter.errors import ConversionError
@@ -325,6 +329,8 @@ class Library:
 
             def on_tensor(job: Any, _: int) -> None:
                 nonlocal done
+                if cancel is not None and cancel.is_set():  # between tensors: a clean stop
+                    raise Cancelled(CANCELLED)
                 done += job.nbytes
                 throttle(Progress("convert", "converting", done, total, model=plan.model_id))
 
