@@ -9,9 +9,9 @@ is configured (HTTPS_PROXY and friends) the download goes through huggingface-hu
 which honours it.
 
 Receiving, writing and hashing overlap: this thread only receives, into a few large reused
-buffers; a writer thread appends each one to the file and hashes it (hashlib and file writes drop
-the GIL), and asks the kernel to start writing back every WRITEBACK bytes, so that the one fsync
-at the end finds little left to do. A cancel (the daemon stopping) shuts the socket, so a read
+buffers; a writer thread appends each one to the file and asks the kernel to start writing back
+every WRITEBACK bytes, so that the one fsync at the end finds little left to do; a hasher thread
+hashes them (hashlib and file writes drop the GIL). A cancel (the daemon stopping) shuts the socket, so a read
 that waits on a slow network returns at once; what was received stays in the partial file.
 """
 
@@ -122,9 +122,10 @@ def _writeback() -> Callable[[int, int, int], Any]:
 
 
 class _Sink:
-    """The partial file's writer thread: appends buffers in order, hashes them, starts their
-    writeback; first it hashes the bytes already there (a resumed pull), while the network
-    already delivers."""
+    """The partial file's two threads: the writer appends buffers in order and starts their
+    writeback, the hasher hashes them in the same order (after the bytes already there, for a
+    resumed pull) and hands each buffer back to the receiver. Each thread is its own share of a
+    busy machine's CPU, and hashlib and writes both drop the GIL."""
 
     def __init__(self, out: Any, have: int, free: queue.Queue[bytearray]) -> None:
         self.out = out
@@ -136,32 +137,44 @@ class _Sink:
         self._synced = have
         self._sha = hashlib.sha256()
         self._writeback = _writeback()
-        self._queue: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="pull-write", daemon=True)
-        self._thread.start()
+        self._start()
+
+    def _start(self) -> None:
+        self._writes: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._hashes: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._threads = [threading.Thread(target=self._write, name="pull-write", daemon=True),
+                         threading.Thread(target=self._hash, name="pull-hash", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def put(self, buffer: bytearray, n: int) -> None:
-        self._queue.put((buffer, n))
+        self._writes.put((buffer, n))
 
-    def _run(self) -> None:
-        if self._existing:
-            try:
-                self._sha = self._hash_existing()
-            except BaseException as e:  # reported by the receiving thread
-                self.error = e
-        while (item := self._queue.get()) is not None:
+    def _write(self) -> None:
+        while (item := self._writes.get()) is not None:
             buffer, n = item
             if self.error is None:
                 try:
-                    view = memoryview(buffer)[:n]
-                    self.out.write(view)
-                    self._sha.update(view)
+                    self.out.write(memoryview(buffer)[:n])
                     self.written += n
                     if self.written - self._synced >= WRITEBACK:
                         self._writeback(self.fd, self._synced, self.written - self._synced)
                         self._synced = self.written
                 except BaseException as e:  # a full disk: the receiver stops and raises it
                     self.error = e
+            self._hashes.put(item)
+        self._hashes.put(None)
+
+    def _hash(self) -> None:
+        if self._existing:
+            try:
+                self._sha = self._hash_existing()
+            except BaseException as e:  # reported by the receiving thread
+                self.error = e
+        while (item := self._hashes.get()) is not None:
+            buffer, n = item
+            if self.error is None:
+                self._sha.update(memoryview(buffer)[:n])
             self.free.put(buffer)
 
     def _hash_existing(self) -> Any:
@@ -178,9 +191,10 @@ class _Sink:
         return sha
 
     def drain(self) -> None:
-        """Wait until every buffer handed over is written; raise what the writer hit."""
-        self._queue.put(None)
-        self._thread.join()
+        """Wait until every buffer handed over is written and hashed; raise what was hit."""
+        self._writes.put(None)
+        for thread in self._threads:
+            thread.join()
         if self.error is not None:
             raise self.error
 
@@ -191,8 +205,7 @@ class _Sink:
         self.out.seek(0)
         self.written = self._existing = self._synced = 0
         self._sha = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, name="pull-write", daemon=True)
-        self._thread.start()
+        self._start()
 
     def finish(self) -> str:
         """Every byte written and on the disk (one fsync); the sha256 in hex."""
