@@ -11,6 +11,7 @@ from appliance.gpu import GpuProbe
 from appliance.metrics import Metrics
 from appliance.registry import Registry
 from appliance.residency.manager import ModelManager
+from appliance.upstream import UpstreamPool
 
 
 def _manager(request: Request) -> ModelManager:
@@ -29,6 +30,10 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def _upstreams(request: Request) -> UpstreamPool:
+    return request.app.state.upstreams
+
+
 def _probe(request: Request) -> GpuProbe:
     return request.app.state.probe
 
@@ -38,3 +43,4 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ProbeDep = Annotated[GpuProbe, Depends(_probe)]
+UpstreamsDep = Annotated[UpstreamPool, Depends(_upstreams)]
