@@ -96,7 +96,14 @@ def start_rogue() -> Rogue:
             self.wfile.write(body)
 
         def do_GET(self) -> None:
-            data = [{"id": m, "object": "model"} for m in ROGUE_MODELS]
+            if self.path.startswith("/flood/"):  # a listing larger than we read
+                self._send(200, b'{"data": [' + b'{"id": "x"},' * 500_000 + b'{"id": "y"}]}')
+                return
+            if self.path.startswith("/junk/"):  # ids of every wrong kind, and one good one
+                data = [{"id": 7}, {"id": ""}, {"id": "a\nb"}, {"id": "z" * 300}, "bare",
+                        {"no": "id"}, {"id": "junk-good"}]
+            else:
+                data = [{"id": m, "object": "model"} for m in ROGUE_MODELS]
             self._send(200, json.dumps({"object": "list", "data": data}).encode())
 
         def do_POST(self) -> None:
@@ -240,7 +247,9 @@ def front(models_dir: Path, team: Daemon, cpp: str | None,
             f'models = ["{SPARE_MODEL}"]\n'
             f'[upstreams.rogue]\nurl = "{rogue.url}"\nmodels = {json.dumps(ROGUE_MODELS)}\n'
             f'api_key_file = "{key_file(tmp, "rogue.key", ROGUE_KEY)}"\n'
-            "timeout_s = 2\nmax_response_bytes = 65536\n")
+            "timeout_s = 2\nmax_response_bytes = 65536\n"
+            f'[upstreams.junk]\nurl = "{rogue.url.removesuffix("/v1")}/junk/v1"\n'
+            f'[upstreams.flood]\nurl = "{rogue.url.removesuffix("/v1")}/flood/v1"\n')
     if cpp:
         text += (f'[upstreams.cpp]\nurl = "{cpp}"\nmodels = ["{CPP_MODEL}"]\n'
                  f'api_key_file = "{tmp / "team.key"}"\n')
@@ -525,6 +534,21 @@ def test_status_metrics_and_tray_show_upstreams(front: Front) -> None:
     labels = [item.label for item in menu_spec(from_api(status, None))]
     assert any(re.fullmatch(r"Upstream team: up, \d+ models, \d+ ms", label)
                for label in labels), labels
+
+
+def test_hostile_listings_are_bounded(front: Front) -> None:
+    def checked(name: str) -> dict[str, Any] | None:
+        found = {u["name"]: u for u in _status(front.daemon)["upstreams"]}[name]
+        return found if found["up"] is not None else None
+
+    junk = wait_for(lambda: checked("junk"), "the junk upstream's check")
+    assert junk["up"] is True and junk["models"] == 1
+    flood = wait_for(lambda: checked("flood"), "the flood upstream's check")
+    assert flood["up"] is False and "byte limit" in flood["error"]
+    with front.openai() as client:
+        ours = {m.id: m.owned_by for m in client.models.list() if m.owned_by in
+                ("upstream:junk", "upstream:flood")}
+    assert ours == {"junk-good": "upstream:junk"}
 
 
 def test_llama_server_as_an_upstream(front: Front, cpp: str | None) -> None:
