@@ -98,6 +98,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.read_api_key()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot use the API key file: {e}", "create it with mode 0600") from None
+    try:
+        settings.read_upstream_keys()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot use an upstream's key file: {e}",
+                        "create it with mode 0600", code=os.EX_CONFIG) from None
     return serve(settings)
 
 
