@@ -5,8 +5,9 @@
 f16 writes a greedy continuation of a fixed prompt; then each type reads prompt + that same
 continuation (teacher-forced), and at every continuation position we compare its next-token
 distribution with f16's: top-1 agreement and KL(f16 || type), mean and max. Teacher forcing
-keeps the positions aligned even after a first disagreement. All three runtimes are open at
-once and read each chunk in turn, so no distribution needs to be kept.
+keeps the positions aligned even after a first disagreement. The same again over a fixed varied
+passage (`text_types`), since a random-weight model's greedy continuation repeats itself. All
+three runtimes are open at once and read each chunk in turn, so no distribution is kept.
 Writes bench/results/kv_fidelity-MODEL.json.
 """
 
@@ -60,6 +61,40 @@ def chunk_logprobs(runtime, tokens: list[int], start: int) -> np.ndarray:
                                  for i in range(len(tokens))]))
 
 
+TEXT = ("A hash table maps keys to slots with a hash function. Two keys may land in the same "
+        "slot; chaining keeps a short list per slot, while open addressing probes the next free "
+        "slot (linear, quadratic, or by a second hash). The load factor, entries over slots, "
+        "sets the expected probe length: past about 0.7, open addressing slows sharply, so the "
+        "table doubles and rehashes. Deletion under open addressing needs tombstones. ")
+
+
+def compare(runtimes: dict, prefix: list[int], targets: list[int]) -> dict[str, dict]:
+    """Every type reads `prefix` then `targets` (teacher-forced); at each target position, its
+    next-token distribution against f16's."""
+    for runtime in runtimes.values():
+        runtime.forget(0)
+        feed(runtime, prefix[:-1], 0)
+    # The distribution after prefix[-1] predicts targets[0], so reading starts at prefix[-1].
+    forced = [prefix[-1], *targets[:-1]]
+    agree = {t: 0 for t in TYPES[1:]}
+    kls: dict[str, list[float]] = {t: [] for t in TYPES[1:]}
+    for offset in range(0, len(forced), CHUNK):
+        chunk = forced[offset:offset + CHUNK]
+        start = len(prefix) - 1 + offset
+        reference = chunk_logprobs(runtimes["f16"], chunk, start)
+        top = reference.argmax(axis=-1)
+        p = np.exp(reference)
+        for kv_type in TYPES[1:]:
+            other = chunk_logprobs(runtimes[kv_type], chunk, start)
+            agree[kv_type] += int((other.argmax(axis=-1) == top).sum())
+            kls[kv_type].extend((p * (reference - other)).sum(axis=-1).tolist())
+    n = len(forced)
+    return {t: {"top1_agreement": round(agree[t] / n, 4),
+                "mean_kl": float(f"{np.mean(kls[t]):.3g}"),
+                "max_kl": float(f"{np.max(kls[t]):.3g}"),
+                "p99_kl": float(f"{np.percentile(kls[t], 99):.3g}")} for t in TYPES[1:]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -73,35 +108,15 @@ def main() -> None:
     runtimes = {t: open_runtime(args.model, t, context, threads=args.threads)[0] for t in TYPES}
     prompt = runtimes["f16"].tokenize(PROMPT, add_special=False)
     continuation = greedy(runtimes["f16"], prompt, args.tokens)
-    # Positions: the distribution after the prompt's last token predicts continuation[0]; so
-    # teacher-forced reading starts at the prompt (all but its last token read first).
-    for runtime in runtimes.values():
-        runtime.forget(0)
-        feed(runtime, prompt[:-1], 0)
-    forced = [prompt[-1], *continuation[:-1]]
-    agree = {t: 0 for t in TYPES[1:]}
-    kls: dict[str, list[float]] = {t: [] for t in TYPES[1:]}
-    for offset in range(0, len(forced), CHUNK):
-        chunk = forced[offset:offset + CHUNK]
-        start = len(prompt) - 1 + offset
-        reference = chunk_logprobs(runtimes["f16"], chunk, start)
-        top = reference.argmax(axis=-1)
-        p = np.exp(reference)
-        for kv_type in TYPES[1:]:
-            other = chunk_logprobs(runtimes[kv_type], chunk, start)
-            agree[kv_type] += int((other.argmax(axis=-1) == top).sum())
-            kls[kv_type].extend((p * (reference - other)).sum(axis=-1).tolist())
+    text = runtimes["f16"].tokenize(TEXT * 40, add_special=False)[:args.tokens]
+    result = {"model": args.model.name, "positions": len(continuation),
+              "prompt_tokens": len(prompt),
+              "distinct_continuation_tokens": len(set(continuation)),
+              "types": compare(runtimes, prompt, continuation),
+              # the same over a varied passage: a random-weight model's greedy text repeats
+              "text_types": compare(runtimes, prompt, text)}
     for runtime in runtimes.values():
         runtime.close()
-
-    n = len(forced)
-    result = {"model": args.model.name, "positions": n, "prompt_tokens": len(prompt),
-              "distinct_continuation_tokens": len(set(continuation)),
-              "types": {t: {"top1_agreement": round(agree[t] / n, 4),
-                            "mean_kl": float(f"{np.mean(kls[t]):.3g}"),
-                            "max_kl": float(f"{np.max(kls[t]):.3g}"),
-                            "p99_kl": float(f"{np.percentile(kls[t], 99):.3g}")}
-                        for t in TYPES[1:]}}
     out = args.out or (Path(__file__).parent / "results"
                        / f"kv_fidelity-{args.model.stem}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
