@@ -23,7 +23,7 @@ _log_lines: list[bytes] = []
 
 @llama_cpp.llama_log_callback
 def _keep_kv_lines(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    if text and b"llama_kv_cache" in text:
+    if text and (b"llama_kv_cache" in text or b"buffer size" in text):
         _log_lines.append(text)
 
 
@@ -32,9 +32,23 @@ def capture_kv_log() -> None:
     llama_cpp.llama_log_set(_keep_kv_lines, ctypes.c_void_p(0))
 
 
+_BUFFER = re.compile(rb"(\S+) (model|KV|compute) buffer size = +([\d.]+) MiB")
+
+
+def logged_buffers() -> dict[str, int]:
+    """Bytes of each buffer llama.cpp logged since the last open_runtime, as "KV CUDA0": n."""
+    sizes: dict[str, int] = {}
+    for line in _log_lines:
+        for device, kind, mib in _BUFFER.findall(line):
+            key = f"{kind.decode()} {device.decode()}"
+            sizes[key] = sizes.get(key, 0) + int(float(mib) * 2**20)
+    return sizes
+
+
 def open_runtime(path: Path, kv_type: str, context: int, n_seq: int = 1,
                  threads: int = 2, n_gpu_layers: int = 0) -> tuple[LlamaRuntime, int, int]:
-    """A runtime with `kv_type` K and V, the KV bytes llama.cpp logged for it, and its cells."""
+    """A runtime with `kv_type` K and V (`context` per sequence), the KV bytes llama.cpp logged
+    for it, and its cells."""
     _log_lines.clear()
     runtime = LlamaRuntime(path, RuntimeOptions(n_gpu_layers=n_gpu_layers,
                                                 context_per_slot=context, n_seq=n_seq,
