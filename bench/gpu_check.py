@@ -157,10 +157,15 @@ def cmd_raw(args: argparse.Namespace) -> dict:
 def cmd_llama_bench(args: argparse.Namespace) -> dict:
     results = {}
     for kv_type in ("f16", "q8_0"):
-        command = [str(args.binary), "-m", str(args.model), "-p", "512", "-n", "128", "-r", "2",
+        command = [str(args.binary), "-m", str(args.model), "-p", str(args.prompt),
+                   "-n", str(args.tokens), "-r", str(args.rounds),
                    "-ngl", str(args.gpu_layers), "-fa", "1", "-ctk", kv_type, "-ctv", kv_type,
                    "-t", str(args.threads), "-o", "json"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[kv_type] = {"error": f"timed out after {args.timeout} s"}
+            continue
         if done.returncode != 0:
             results[kv_type] = {"error": done.stderr[-1000:]}
             continue
@@ -215,6 +220,7 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--gpu-layers", type=int, default=99)
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens per llama-bench test")
     p = sub.add_parser("merge")
     p.add_argument("dir", type=Path)
     p.add_argument("out", type=Path)

@@ -194,7 +194,9 @@ if [ -f "$model" ]; then
         --parallel 8 --tokens "$tokens" --rounds "$rounds" --threads "$threads"
     if [ -x "$bench_bin" ]; then
         step llama_bench "$(slack 150)" "${check[@]}" llama-bench "$bench_bin" "$model" \
-            "$work/step-llama_bench.json" --gpu-layers "$gpu_layers" --threads "$threads"
+            "$work/step-llama_bench.json" --gpu-layers "$gpu_layers" --threads "$threads" \
+            --tokens "$tokens" --rounds "$rounds" --prompt "$(( tokens * 4 ))" \
+            --timeout "$(slack 60)"
     else
         skip llama_bench "no llama-bench at $bench_bin"
     fi
