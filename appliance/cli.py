@@ -121,6 +121,13 @@ def _format_bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+def context_line(model: dict[str, Any]) -> str:
+    """`4 slots × 8192 tokens of context, f16 KV (auto: ...)` from a status model entry."""
+    line = (f"{model['slots']} slots × {model['context_per_slot']} tokens of context, "
+            f"{model.get('kv_cache_type', 'f16')} KV")
+    return line + (f" ({model['context_reason']})" if model.get("context_reason") else "")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _client(args).status()
     model = status.get("model")
@@ -134,6 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif status.get("failure"):
         line += f" (last load failed: {status['failure']})"
     print(line)
+    if model and "context_per_slot" in model:
+        print("  " + context_line(model))
     memory = status["memory"]
     for gpu in memory["gpus"]:
         print(f"  GPU {gpu['index']} {gpu['name']}: {_format_bytes(gpu['used'])} used of "

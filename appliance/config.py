@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,10 @@ else:  # pydantic-settings reads TOML with tomli before Python 3.11
     from tomli import TOMLDecodeError
 
 DEFAULT_PORT = 8471
+# Context tokens per slot, or "auto": sized to the memory there is (appliance.context_sizing).
+ContextLength = Annotated[int, Field(ge=256, le=2**24)] | Literal["auto"]
+# The K and V cache's type; "auto" picks f16, or q8_0 where f16 would not fit (context_sizing).
+KvCacheType = Literal["auto", "f16", "q8_0", "q4_0"]
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -62,7 +66,10 @@ class ModelOverrides(BaseModel):
     # environment into every model's settings.
     model_config = ConfigDict(extra="forbid")
 
-    context_length: int | None = Field(None, ge=256, description="context tokens per slot")
+    context_length: ContextLength | None = Field(
+        None, description="context tokens per slot, or auto (sized to free memory)")
+    kv_cache_type: KvCacheType | None = Field(
+        None, description="KV cache type: auto, f16, q8_0 or q4_0 (quantized needs flash_attn)")
     enable_thinking: bool | None = Field(None, description="Qwen3 thinking on by default")
     gpu_layers: int | None = Field(None, ge=0, description="force this many layers on the GPU")
     pin: bool = Field(False, description="never unload this model when idle or for room")
@@ -133,8 +140,12 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list,
                                     description="browser origins (scheme://host[:port]) allowed; "
                                     "empty means CORS off")
-    context_length: int = Field(8192, ge=256,
-                                description="context tokens per slot (each of `parallel`)")
+    context_length: ContextLength = Field(
+        "auto", description="context tokens per slot (each of `parallel`), or auto: the most "
+        "that keeps every layer on the GPU (CPU only: up to 8192)")
+    kv_cache_type: KvCacheType = Field(
+        "auto", description="KV cache type for chat models: auto (f16, q8_0 when f16 would not "
+        "fit), f16, q8_0 or q4_0; quantized types need flash_attn")
     enable_thinking: bool = Field(True, description="Qwen3 thinking default for chat")
     parallel: int = Field(4, ge=1, le=64, description="sequences decoded together (slots)")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond the slots; then 503")
@@ -197,6 +208,19 @@ class Settings(BaseSettings):
         if self.ollama_port == self.port:
             raise ValueError(f"ollama_port and port are both {self.port}: unset ollama_port, or "
                              "give it another port (Ollama's is 11434)")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_kv_needs_flash_attention(self) -> Settings:
+        # llama.cpp stores a quantized V cache only with flash attention (it refuses the context)
+        if self.flash_attn:
+            return self
+        chosen = [("kv_cache_type", self.kv_cache_type)] + [
+            (f"models.{mid}.kv_cache_type", o.kv_cache_type) for mid, o in self.models.items()]
+        for key, value in chosen:
+            if value in ("q8_0", "q4_0"):
+                raise ValueError(f"{key} = {value} needs flash attention, and flash_attn is "
+                                 "false: set flash_attn = true, or kv_cache_type = \"f16\"")
         return self
 
     @model_validator(mode="after")

@@ -26,12 +26,14 @@ def format_params(n: int | None) -> str:
 
 
 def _machine(settings: Any) -> Any:
+    from appliance.context_sizing import listing_context
     from appliance.gpu import open_probe
     from appliance.library.fit import read_machine
 
     probe = open_probe(settings.gpu)
     try:
-        return read_machine(probe, n_ctx_total=settings.context_length * settings.parallel,
+        n_ctx_total = listing_context(settings.context_length) * settings.parallel
+        return read_machine(probe, n_ctx_total=n_ctx_total,
                             margin_mib=settings.vram_margin_mib), bool(probe.devices())
     finally:
         probe.close()

@@ -88,7 +88,7 @@ def test_unprefixed_variables_never_reach_model_settings(write_config: WriteConf
     tiny, other = settings.model_overrides("tiny"), settings.model_overrides("other")
     assert (tiny.context_length, tiny.gpu_layers, tiny.enable_thinking) == (None, None, True)
     assert (other.context_length, other.gpu_layers, other.enable_thinking) == (None, None, None)
-    assert settings.context_length == 8192  # nor into the daemon-wide one
+    assert settings.context_length == "auto"  # nor into the daemon-wide one
 
 
 def test_model_section_values_are_checked(write_config: WriteConfig) -> None:

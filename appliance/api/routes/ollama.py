@@ -138,7 +138,8 @@ async def running(manager: ManagerDep, probe: ProbeDep, settings: SettingsDep,
     devices = await off_loop(probe.devices)  # NVML: blocking
     info = model.entry.info
     assert info is not None
-    kv = kv_bytes_per_layer(info, model.context_per_slot * settings.parallel) * info.n_layers
+    kv = kv_bytes_per_layer(info, model.context_per_slot * settings.parallel,
+                            model.plan.kv_cache_type) * info.n_layers
     now = time.time()
     return {"models": [{
         "name": ollama_name(model.id), "model": ollama_name(model.id),
