@@ -46,6 +46,10 @@ class NoGpu:
         pass
 
 
+# Present whenever the NVIDIA kernel driver is loaded, which NVML needs anyway.
+NVIDIA_DRIVER_NODES = ("/proc/driver/nvidia", "/dev/nvidiactl")
+
+
 class NvmlProbe:
     """Reads memory through NVML; raises at construction when no driver or GPU is there."""
 
@@ -88,6 +92,8 @@ def open_probe(kind: str = "auto") -> GpuProbe:
     """NVML when asked for and available, else the no-GPU probe (and a log line saying why)."""
     if kind == "none":
         return NoGpu()
+    if kind == "auto" and not any(os.path.exists(p) for p in NVIDIA_DRIVER_NODES):
+        return NoGpu()  # no driver loaded: skip importing pynvml (a CLI's start pays for it)
     try:
         return NvmlProbe()
     except Exception as e:  # no library, no driver, no device: all mean "no GPU here"
