@@ -49,6 +49,9 @@ class GGUFInfo:
     metadata: dict[str, Any]
     array_lengths: dict[str, int]
     tensors: list[TensorInfo] = field(default_factory=list)
+    # Where each array's items lie in the file (start, end): read them when needed (the
+    # vocabulary's digest for draft pairing) without parsing them on every scan.
+    array_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -128,7 +131,8 @@ class _Cursor:
         length = self.unpack("<Q")  # read first: `pos += unpack()` would add to the old pos
         self.pos += length
 
-    def value(self, vtype: int, key: str, lengths: dict[str, int]) -> Any:
+    def value(self, vtype: int, key: str, lengths: dict[str, int],
+              spans: dict[str, tuple[int, int]]) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == gguf.GGUFValueType.STRING:
@@ -137,6 +141,7 @@ class _Cursor:
             item_type = self.unpack("<I")
             count = self.unpack("<Q")
             lengths[key] = count
+            start = self.pos
             if item_type == gguf.GGUFValueType.STRING:
                 for _ in range(count):
                     self.skip_string()
@@ -144,6 +149,7 @@ class _Cursor:
                 self.pos += struct.calcsize(_SCALARS[item_type]) * count
             else:
                 raise GGUFError(f"metadata {key} has nested arrays")
+            spans[key] = (start, self.pos)
             return None
         raise GGUFError(f"metadata {key} has unknown value type {vtype}")
 
@@ -178,10 +184,11 @@ def _parse(path: Path, size: int, data: mmap.mmap) -> GGUFInfo:
         raise GGUFError("header counts are implausible; the file is corrupt")
     metadata: dict[str, Any] = {}
     lengths: dict[str, int] = {}
+    spans: dict[str, tuple[int, int]] = {}
     for _ in range(n_kv):
         key = cur.string()
         vtype = cur.unpack("<I")
-        metadata[key] = cur.value(vtype, key, lengths)
+        metadata[key] = cur.value(vtype, key, lengths, spans)
     tensors = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -208,7 +215,7 @@ def _parse(path: Path, size: int, data: mmap.mmap) -> GGUFInfo:
     if data_start + end > size:
         raise GGUFError(f"file is truncated: tensor data needs {data_start + end} bytes, "
                         f"the file has {size}")
-    return GGUFInfo(path, size, metadata, lengths, tensors)
+    return GGUFInfo(path, size, metadata, lengths, tensors, spans)
 
 
 # Keys whose values we compute with: (suffix after the architecture or full key, upper bound).
