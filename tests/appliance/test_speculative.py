@@ -1,0 +1,184 @@
+"""Speculative decoding on real llama.cpp: a Q8_0 target and a Q4_0 draft of the same random
+weights. Whatever the draft guesses, each request's output is token for token what the target
+alone produces: greedy and seeded, with a grammar, stop strings, penalties, n choices, logprobs,
+a thinking budget, and four streams at once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from appliance.api.grammar import response_grammar
+from appliance.api.schemas import ResponseFormat
+from appliance.engine.draft import DraftBudget, DraftModel
+from appliance.engine.runtime import LlamaRuntime, RuntimeOptions
+from appliance.engine.sampling import SamplingParams
+from appliance.engine.scheduler import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    GenerationRequest,
+    Scheduler,
+    TextEvent,
+)
+
+OPTIONS = RuntimeOptions(n_gpu_layers=0, context_per_slot=512, n_seq=4, n_threads=2)
+GREEDY = SamplingParams(temperature=0.0)
+SEEDED = SamplingParams(temperature=0.4, seed=11)
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+class EveryStep(DraftBudget):
+    """Draft at every step, whatever it costs: these tests are about output, not speed."""
+
+    def depth(self, streams: int, other_tokens: int) -> int:
+        return self.draft_max
+
+
+@dataclass
+class Outcome:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str = ""
+    choices: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Engines:
+    target: LlamaRuntime
+    draft: DraftModel
+
+    def run(self, specs: list[dict], drafted: bool) -> tuple[list[Outcome], tuple[int, int]]:
+        """Submit every request at once; their outcomes, and (proposed, accepted) drafts."""
+        scheduler = Scheduler(self.target, n_slots=4, max_queue=8,
+                              draft=self.draft if drafted else None,
+                              draft_budget=EveryStep(draft_max=6))
+        try:
+            outcomes = [Outcome() for _ in specs]
+            finished = threading.Semaphore(0)
+            ends = 0
+            for spec, outcome in zip(specs, outcomes, strict=True):
+                spec = dict(spec)
+                prompt = self.target.tokenize(spec.pop("prompt"), add_special=False)
+                n = spec.get("n", 1)
+                ends += n
+
+                def emit(event: Event, outcome: Outcome = outcome) -> None:  # engine thread
+                    if isinstance(event, TextEvent):
+                        outcome.choices[event.index] = outcome.choices.get(event.index, "") \
+                            + event.text
+                        if event.index == 0:
+                            outcome.text += event.text
+                            for lp in event.logprobs or []:
+                                outcome.tokens.append(lp.token)
+                                outcome.logprobs.append(lp.logprob)
+                        return
+                    if isinstance(event, ErrorEvent):
+                        outcome.finish = f"error: {event.error!r}"
+                    elif isinstance(event, DoneEvent) and event.index == 0:
+                        outcome.finish = event.finish_reason
+                    finished.release()
+
+                scheduler.submit(GenerationRequest(prompt, emit=emit, **{
+                    "max_tokens": 40, "stop": [], "sampling": GREEDY, "logprobs": 0, **spec}))
+            deadline = time.monotonic() + 300
+            for _ in range(ends):
+                assert finished.acquire(timeout=max(0.0, deadline - time.monotonic())), \
+                    "the engine stalled"
+            return outcomes, (scheduler.draft_proposed, scheduler.draft_accepted)
+        finally:
+            scheduler.stop()
+
+    def compare(self, specs: list[dict]) -> tuple[list[Outcome], tuple[int, int]]:
+        """Outcomes with the draft, after checking they equal those without it."""
+        alone, _ = self.run(specs, drafted=False)
+        drafted, counts = self.run(specs, drafted=True)
+        for a, b in zip(alone, drafted, strict=True):
+            assert not a.finish.startswith("error"), a.finish
+            assert b.tokens == a.tokens
+            assert (b.text, b.finish, b.choices) == (a.text, a.finish, a.choices)
+            # Same tokens from logits computed in a larger batch: equal up to float rounding.
+            assert b.logprobs == pytest.approx(a.logprobs, abs=2e-3)
+        assert counts[0] > 0, "the draft proposed nothing: the test would prove nothing"
+        return drafted, counts
+
+
+@pytest.fixture(scope="module")
+def engines(draft_pair: tuple[Path, Path]) -> Iterator[Engines]:
+    target_path, draft_path = draft_pair
+    target = LlamaRuntime(target_path, OPTIONS)
+    # Random weights are unsure of every token: propose even the unlikely ones, so that both
+    # accepted and rejected guesses occur.
+    draft = DraftModel(LlamaRuntime(draft_path, OPTIONS), "draft", p_min=0.0)
+    yield Engines(target, draft)
+    draft.close()
+    target.close()
+
+
+def chat(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_greedy_and_seeded_output_is_the_targets_own(engines: Engines) -> None:
+    _, (proposed, accepted) = engines.compare([
+        {"prompt": chat("Tell me a story"), "sampling": GREEDY},
+        {"prompt": chat("Tell me a story"), "sampling": SEEDED},
+    ])
+    # Both paths ran: guesses taken, and guesses refused.
+    assert 0 < accepted < proposed
+
+
+def test_a_json_schema_grammar_is_kept_and_the_output_unchanged(engines: Engines) -> None:
+    grammar = response_grammar(ResponseFormat.model_validate(
+        {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}))
+    outcomes, _ = engines.compare([
+        {"prompt": chat("Describe a person as JSON"), "max_tokens": 300,
+         "sampling": SamplingParams(temperature=0.0, grammar=grammar)},
+        {"prompt": chat("Describe a person as JSON"), "max_tokens": 300,
+         "sampling": SamplingParams(temperature=0.7, seed=3, grammar=grammar)},
+    ])
+    for outcome in outcomes:
+        assert outcome.finish == "stop", outcome.text
+        value = json.loads(outcome.text)
+        assert set(value) == {"name", "age", "tags"} and 0 <= value["age"] <= 120
+
+
+def test_stop_strings_cut_at_the_same_place(engines: Engines) -> None:
+    free, _ = engines.run([{"prompt": chat("Count")}], drafted=False)
+    stop = free[0].text[12:15]  # a string the output reaches mid-way
+    assert len(stop) == 3
+    outcomes, _ = engines.compare([{"prompt": chat("Count"), "stop": [stop]},
+                                   {"prompt": chat("Count"), "stop": [stop], "sampling": SEEDED}])
+    assert outcomes[0].finish == "stop" and stop not in outcomes[0].text
+
+
+def test_four_concurrent_streams_each_get_their_own_output(engines: Engines) -> None:
+    engines.compare([
+        {"prompt": chat("One"), "sampling": GREEDY, "max_tokens": 48},
+        {"prompt": chat("Two two"), "sampling": SamplingParams(temperature=0.8, seed=1)},
+        {"prompt": chat("Three three three"), "sampling": GREEDY, "max_tokens": 24},
+        {"prompt": chat("Four"), "sampling": SamplingParams(temperature=0.3, seed=9)},
+    ])
+
+
+def test_penalties_bias_n_choices_and_a_thinking_budget_keep_working(engines: Engines) -> None:
+    engines.compare([
+        {"prompt": chat("Penalties"), "sampling": SamplingParams(
+            temperature=0.0, repeat_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4,
+            logit_bias={13: 5.0, 11: -3.0})},
+        {"prompt": chat("Two choices"), "n": 2, "sampling": SamplingParams(temperature=0.5,
+                                                                         seed=4)},
+        {"prompt": chat("Think"), "open_thinking": True, "thinking_budget": 6,
+         "sampling": GREEDY},
+    ])
