@@ -6,6 +6,7 @@ a thinking budget, and four streams at once."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from appliance.engine.scheduler import (
     Scheduler,
     TextEvent,
 )
+from tests.appliance.conftest import Daemon, run_daemon
+from tests.conftest import MODEL_A
 
 OPTIONS = RuntimeOptions(n_gpu_layers=0, context_per_slot=512, n_seq=4, n_threads=2)
 GREEDY = SamplingParams(temperature=0.0)
@@ -182,3 +185,50 @@ def test_penalties_bias_n_choices_and_a_thinking_budget_keep_working(engines: En
         {"prompt": chat("Think"), "open_thinking": True, "thinking_budget": 6,
          "sampling": GREEDY},
     ])
+
+
+# -- through the daemon ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drafting_daemon(tiny_gguf: Path, tiny_checkpoint: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The tiny model with a Q4_0 of its own weights as its configured draft."""
+    from converter.pipeline import ConvertOptions, convert
+
+    folder = tmp_path_factory.mktemp("drafting-models")
+    shutil.copy(tiny_gguf, folder / f"{MODEL_A}.gguf")
+    convert(ConvertOptions(source=str(tiny_checkpoint), out=folder / "tiny-draft-q4_0.gguf",
+                           quant="Q4_0", quiet=True))
+    config = folder.parent / "drafting.toml"
+    config.write_text(f'[models.{MODEL_A}]\ndraft = "tiny-draft-q4_0"\n')
+    with run_daemon(folder, tmp_path_factory.mktemp("drafting-daemon"), config=str(config),
+                    default_model=MODEL_A, parallel="2") as daemon:
+        yield daemon
+
+
+def test_the_daemon_drafts_and_counts_it(drafting_daemon: Daemon) -> None:
+    from openai import OpenAI
+
+    with drafting_daemon.http() as http:
+        deadline = time.monotonic() + 120
+        while (http.get("/api/status").json().get("model") or {}).get("id") != MODEL_A:
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.2)
+        draft = http.get("/api/status").json()["model"]["draft"]
+        assert draft["model"] == "tiny-draft-q4_0" and draft["reason"] == "set in configuration"
+    client = OpenAI(base_url=drafting_daemon.base_url, api_key="unused", max_retries=0)
+    reply = client.completions.create(model=MODEL_A, prompt="Once upon a time", max_tokens=32,
+                                      temperature=0.0)
+    assert reply.usage.completion_tokens == 32
+    with drafting_daemon.http() as http:
+        metrics = http.get("/metrics").text
+        status = http.get("/api/status").json()["model"]["draft"]
+    proposed = metric(metrics, "appliance_draft_tokens_total")
+    accepted = metric(metrics, "appliance_draft_accepted_total")
+    assert proposed > 0 and 0 < accepted <= proposed
+    assert (status["proposed_tokens"], status["accepted_tokens"]) == (proposed, accepted)
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
