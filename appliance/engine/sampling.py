@@ -62,6 +62,7 @@ class SamplerChain:
         self.grammar: ctypes.c_void_p | None = None
         self._candidates: np.ndarray | None = None  # reused: 150k candidates per token
         self._ids: np.ndarray | None = None
+        self.resampled = 0  # picks the grammar refused (each cost a full grammar pass)
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         try:
             if params.grammar:
@@ -126,6 +127,7 @@ class SamplerChain:
         logits = runtime.logits(batch_index)
         token = self._pick(logits, with_grammar=False)
         if not self._allows(token):
+            self.resampled += 1
             token = self._pick(logits, with_grammar=True)
         self.accept(token)
         return token
