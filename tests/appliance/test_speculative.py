@@ -9,7 +9,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import pytest
 
 from appliance.api.grammar import response_grammar
 from appliance.api.schemas import ResponseFormat
-from appliance.engine.draft import DraftBudget, DraftModel
+from appliance.engine.draft import DraftBudget, DraftLength, DraftModel
 from appliance.engine.runtime import LlamaRuntime, RuntimeOptions
 from appliance.engine.sampling import SamplingParams
 from appliance.engine.scheduler import (
@@ -232,3 +232,42 @@ def test_the_daemon_drafts_and_counts_it(drafting_daemon: Daemon) -> None:
 
 def metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+# -- how much to draft (pure) -----------------------------------------------------------------
+
+
+def budget_after(step_s: Callable[[int], float], round_s: float,
+                 acceptance: float) -> DraftBudget:
+    budget = DraftBudget(draft_max=8)
+    for _ in range(20):
+        for n in (1, 3, 5, 9):
+            budget.observe_step(n, step_s(n))
+        budget.observe_draft(1, round_s, 10, round(10 * acceptance))
+    return budget
+
+
+def test_drafting_pays_where_a_step_of_several_tokens_costs_about_one() -> None:
+    gpu = budget_after(lambda n: 0.020 + 0.0002 * n, round_s=0.003, acceptance=0.7)
+    assert gpu.depth(1, 0) >= 3
+    # Many busy slots make the step compute-bound even on a GPU: less or no drafting.
+    assert gpu.depth(32, 0) < gpu.depth(1, 0)
+
+
+def test_drafting_stops_where_each_verified_token_costs_a_decoded_one() -> None:
+    cpu = budget_after(lambda n: 0.030 * n, round_s=0.010, acceptance=0.7)
+    assert cpu.depth(1, 0) == 0
+    # ...but it tries again now and then, to notice when that changes.
+    assert any(cpu.depth(1, 0) for _ in range(DraftBudget.EXPLORE_EVERY))
+
+
+def test_a_streams_draft_length_follows_its_acceptance() -> None:
+    length = DraftLength(limit=8)
+    start = length.length
+    length.update(proposed=start, accepted=start)
+    assert length.length == start + 2
+    length.update(proposed=6, accepted=1)
+    assert length.length == 2
+    for _ in range(10):
+        length.update(proposed=length.length, accepted=length.length)
+    assert length.length == 8
