@@ -73,6 +73,9 @@ class ModelOverrides(BaseModel):
     enable_thinking: bool | None = Field(None, description="Qwen3 thinking on by default")
     gpu_layers: int | None = Field(None, ge=0, description="force this many layers on the GPU")
     pin: bool = Field(False, description="never unload this model when idle or for room")
+    draft: str | None = Field(None, max_length=200,
+                              description="draft model id for speculative decoding; \"\" turns "
+                              "it off (unset: an installed Qwen3-0.6B drafts for Qwen3 models)")
 
 
 MAX_UPSTREAM_MODELS = 256  # ids listed under one [upstreams.NAME]
@@ -162,6 +165,9 @@ class Settings(BaseSettings):
     engine_nice: int = Field(5, ge=0, le=19,
                              description="nice value of the decoding threads (0: normal)")
     gpu: str = Field("auto", description="auto (NVML) or none")
+    draft_max: int = Field(8, ge=0, le=32,
+                           description="most tokens a draft model proposes per step (0: never "
+                           "draft)")
     vram_margin_mib: int = Field(512, ge=0, description="VRAM left free for other programs")
     flash_attn: bool = Field(True, description="flash attention where the build supports it")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted")

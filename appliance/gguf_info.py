@@ -81,6 +81,9 @@ class GGUFInfo:
     metadata: dict[str, Any]
     array_lengths: dict[str, int]
     tensors: list[TensorInfo] = field(default_factory=list)
+    # Where each array's items lie in the file (start, end): read them when needed (the
+    # vocabulary's digest for draft pairing) without parsing them on every scan.
+    array_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -141,6 +144,7 @@ class RawHeader:
     metadata: dict[str, Any]
     array_lengths: dict[str, int]
     tensors: list[TensorInfo]
+    array_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _Cursor:
@@ -206,7 +210,8 @@ class _Cursor:
         else:
             raise GGUFError(f"metadata {key[:80]} has nested arrays")
 
-    def value(self, vtype: int, key: str, lengths: dict[str, int]) -> Any:
+    def value(self, vtype: int, key: str, lengths: dict[str, int],
+              spans: dict[str, tuple[int, int]]) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == STRING:
@@ -215,7 +220,9 @@ class _Cursor:
             item_type = self.unpack(_U32)
             count = self.unpack(_U64)
             lengths[key] = count
+            start = self.pos
             self.skip_array(key, item_type, count)
+            spans[key] = (start, self.pos)
             return None
         raise GGUFError(f"metadata {key[:80]} has unknown value type {vtype}")
 
@@ -246,7 +253,7 @@ def to_info(path: Path, header: RawHeader) -> GGUFInfo:
     """The checked info of a model's (first) file."""
     _check_types(header.metadata)
     return GGUFInfo(path, header.file_size, header.metadata, header.array_lengths,
-                    header.tensors)
+                    header.tensors, header.array_spans)
 
 
 def join_parts(path: Path, first: RawHeader, later: list[RawHeader]) -> GGUFInfo:
@@ -261,7 +268,7 @@ def join_parts(path: Path, first: RawHeader, later: list[RawHeader]) -> GGUFInfo
     for part in later:
         tensors += part.tensors
         size += part.file_size
-    return GGUFInfo(path, size, info.metadata, info.array_lengths, tensors)
+    return GGUFInfo(path, size, info.metadata, info.array_lengths, tensors, info.array_spans)
 
 
 def _parse(size: int, data: mmap.mmap) -> RawHeader:
@@ -278,10 +285,11 @@ def _parse(size: int, data: mmap.mmap) -> RawHeader:
         raise GGUFError("header counts are implausible; the file is corrupt")
     metadata: dict[str, Any] = {}
     lengths: dict[str, int] = {}
+    spans: dict[str, tuple[int, int]] = {}
     for _ in range(n_kv):
         key = cur.name("metadata key")
         vtype = cur.unpack(_U32)
-        metadata[key] = cur.value(vtype, key, lengths)
+        metadata[key] = cur.value(vtype, key, lengths, spans)
     tensors = []
     for _ in range(n_tensors):
         name = cur.name("tensor name")
@@ -309,7 +317,7 @@ def _parse(size: int, data: mmap.mmap) -> RawHeader:
     if data_start + end > size:
         raise GGUFError(f"file is truncated: tensor data needs {data_start + end} bytes, "
                         f"the file has {size}")
-    return RawHeader(size, metadata, lengths, tensors)
+    return RawHeader(size, metadata, lengths, tensors, spans)
 
 
 # Keys whose values we compute with: (suffix after the architecture or full key, upper bound).

@@ -43,6 +43,11 @@ class Metrics:
                                     registry=r)
         self.prefix_hit_tokens = Counter("appliance_prefix_cache_hit_tokens",
                                          "prompt tokens reused from the KV cache", registry=r)
+        self.draft_tokens = Counter("appliance_draft_tokens",
+                                    "tokens a draft model proposed and the target verified",
+                                    registry=r)
+        self.draft_accepted = Counter("appliance_draft_accepted",
+                                      "drafted tokens the target accepted", registry=r)
         self.model_load_seconds = Gauge("appliance_model_load_seconds",
                                         "how long the last model load took", registry=r)
         self.queue_depth = Gauge("appliance_queue_depth", "requests waiting for a slot",
@@ -79,6 +84,10 @@ class Metrics:
     def on_admit(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None:
         self.queue_wait.observe(queue_wait_s)
         self.prefix_hit_tokens.inc(cached_tokens)
+
+    def on_draft(self, proposed: int, accepted: int) -> None:
+        self.draft_tokens.inc(proposed)
+        self.draft_accepted.inc(accepted)
 
     def render(self, refresh: Callable[[Metrics], None]) -> bytes:
         """The exposition text, after `refresh` has set the point-in-time gauges."""

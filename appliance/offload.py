@@ -48,14 +48,17 @@ class OffloadPlan:
     compute_in_ram: int = 0
     context_per_slot: int = 0  # set by appliance.context_sizing with the reason for it
     context_reason: str = ""
+    draft: OffloadPlan | None = None  # a speculative-decoding draft model loaded beside it
 
     @property
     def planned_vram(self) -> int:
-        return self.weights_on_gpu + self.kv_on_gpu + self.compute_buffer
+        own = self.weights_on_gpu + self.kv_on_gpu + self.compute_buffer
+        return own + (self.draft.planned_vram if self.draft else 0)
 
     @property
     def planned_ram(self) -> int:
-        return self.weights_in_ram + self.kv_in_ram + self.compute_in_ram
+        own = self.weights_in_ram + self.kv_in_ram + self.compute_in_ram
+        return own + (self.draft.planned_ram if self.draft else 0)
 
     @property
     def all_on_gpu(self) -> bool:
@@ -154,6 +157,19 @@ def _plan_gpu(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str, 
         reason = f"{count} of {n_layers} layers fit in free VRAM"
     return OffloadPlan(count, n_layers, device if count else "cpu", reason, kv_type, free_vram,
                        weights, kv_total, compute if count else 0, margin)
+
+
+def with_draft(plan: OffloadPlan, draft_info: GGUFInfo, *, n_ctx_total: int, margin: int,
+               gpu_build: bool) -> OffloadPlan | None:
+    """`plan` with a draft model planned in the VRAM the target leaves (the target never gives
+    up a layer for it), or None when drafting would not pay: a target all on the GPU with a
+    draft that is not would wait on the CPU at every step."""
+    left = max(0, plan.free_vram - plan.planned_vram)
+    draft = plan_offload(draft_info, n_ctx_total=n_ctx_total, free_vram=left,
+                         device=plan.device, margin=margin, gpu_build=gpu_build)
+    if plan.all_on_gpu and not draft.all_on_gpu:
+        return None
+    return replace(plan, draft=draft)
 
 
 def fewer_layers(n_gpu_layers: int) -> int:

@@ -64,6 +64,19 @@ def models_dir(tiny_gguf: Path, tiny_untied_checkpoint: Path,
     return folder
 
 
+@pytest.fixture(scope="session")
+def draft_pair(tiny_untied_checkpoint: Path, models_dir: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(target, draft) from the same random weights at two precisions, for speculative decoding:
+    MODEL_B (Q8_0) and a Q4_0 of its checkpoint, which agrees with it on many greedy tokens."""
+    from converter.pipeline import ConvertOptions, convert
+
+    draft = tmp_path_factory.mktemp("draft") / "tiny-qwen3-untied-q4_0.gguf"
+    convert(ConvertOptions(source=str(tiny_untied_checkpoint), out=draft, quant="Q4_0",
+                           quiet=True))
+    return models_dir / f"{MODEL_B}.gguf", draft
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run `appliance ARGS` as a user would, in a child process."""

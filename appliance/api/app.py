@@ -63,7 +63,8 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
         metrics = app.state.metrics
         registry = Registry(settings.models_dir.expanduser(), settings.aliases)
         await asyncio.to_thread(registry.scan)
-        loader = ModelLoader(settings, gpu, observer=metrics, runtime_factory=runtime_factory)
+        loader = ModelLoader(settings, gpu, observer=metrics, runtime_factory=runtime_factory,
+                             catalog=registry.scan)
         manager = ModelManager(settings, registry, loader)
         manager.load_seconds_observed = metrics.model_load_seconds.set
         app.state.registry, app.state.manager, app.state.probe = registry, manager, gpu

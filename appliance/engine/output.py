@@ -191,7 +191,9 @@ class ChatOutputParser:
                 # Not a real call: give its text back.
                 delta.content += TOOL_OPEN + call.text + (TOOL_CLOSE if closed else "")
             return
-        body = call.text[call.head_end:].rstrip()
+        body = call.text[call.head_end:]
+        # Output cut short inside the closing tag (max_tokens): the tag's start is no argument.
+        body = body[:len(body) - partial_suffix(body, TOOL_CLOSE)].rstrip()
         arguments = body[:-1].rstrip() if body.endswith("}") else body
         self._send_arguments(call, arguments, delta)
         call.call.arguments = call.sent

@@ -9,6 +9,13 @@ shares a prefix with them (same system prompt, next turn of a chat) only reads t
 A request for `n` choices takes `n` slots at once: the first reads the prompt, the others get a
 copy of its KV cells and sample from the same logits, each with its own sampler. A request may
 also carry a thinking budget: once its thinking reaches it, the engine appends `</think>` itself.
+
+With a draft model (draft.py), a generating sequence also puts the draft's guesses into the step:
+the target computes logits at each of them in the same batch, and the sequence's own sampler
+picks a token at each position in order while the picks equal the guesses. The sampler sees
+exactly the positions it would see without a draft, in the same order (its random state, the
+penalties and the grammar advance the same way), so the output is the target's own; the cells
+of guesses it did not take are removed.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from appliance.engine.draft import DraftBudget, DraftLength, DraftModel, DraftWant
 from appliance.engine.logprobs import Alternative, TokenLogprob, log_softmax_at
 from appliance.engine.runtime import LlamaRuntime
 from appliance.engine.sampling import SamplerChain, SamplingParams
@@ -92,6 +100,7 @@ class SchedulerObserver(Protocol):
     def on_step(self, batch_tokens: int, sequences: int, decode_s: float,
                 step_s: float) -> None: ...
     def on_admit(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None: ...
+    def on_draft(self, proposed: int, accepted: int) -> None: ...
 
 
 class _NoObserver:
@@ -100,6 +109,9 @@ class _NoObserver:
         pass
 
     def on_admit(self, queue_wait_s: float, prompt_tokens: int, cached_tokens: int) -> None:
+        pass
+
+    def on_draft(self, proposed: int, accepted: int) -> None:
         pass
 
 
@@ -121,6 +133,9 @@ class _Sequence:
     thinking: bool = False
     thought: int = 0
     held: list[TokenLogprob] = field(default_factory=list)  # logprobs whose text is held back
+    draft_length: DraftLength | None = None  # None: no draft model
+    drafts: list[int] = field(default_factory=list)  # guesses in this step's batch
+    batch_indices: list[int] = field(default_factory=list)  # logits: the input's last, guesses
 
     @property
     def generating(self) -> bool:
@@ -145,8 +160,14 @@ class Scheduler:
 
     def __init__(self, runtime: LlamaRuntime, n_slots: int, max_queue: int,
                  observer: SchedulerObserver | None = None, nice: int = 0,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 draft: DraftModel | None = None, draft_budget: DraftBudget | None = None
+                 ) -> None:
         self.runtime = runtime
+        self.draft = draft
+        self.draft_budget = draft_budget or DraftBudget(draft_max=8)
+        self.draft_proposed = 0  # guesses verified, and how many the target took
+        self.draft_accepted = 0
         self.on_fatal = on_fatal or (lambda _: None)
         self.fatal: BaseException | None = None  # why the engine thread ended, if it did
         self._step_started: float | None = None
@@ -161,6 +182,8 @@ class Scheduler:
         self._stop_reason = "the model was unloaded"
         self._abort: Exception | None = None
         self._token_times: collections.deque[float] = collections.deque(maxlen=4096)
+        self._draft_round = (0, 0.0)
+        self._step_drafts = [0, 0]
         self.prefix_hit_tokens = 0
         self.prompt_tokens_evaluated = 0
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -341,7 +364,9 @@ class Scheduler:
             return
         thinking = self._prompt_opens_thinking(prompt)
         seqs = [_Sequence(request, taken, chain, prefilled=reuse, cached_tokens=reuse, index=i,
-                          stopper=StopMatcher(request.stop), following=i > 0, thinking=thinking)
+                          stopper=StopMatcher(request.stop), following=i > 0, thinking=thinking,
+                          draft_length=DraftLength(self.draft_budget.draft_max)
+                          if self.draft else None)
                 for i, (taken, chain) in enumerate(zip(slots, chains, strict=True))]
         seqs[0].followers = seqs[1:]
         self._active.extend(seqs)
@@ -363,13 +388,17 @@ class Scheduler:
     def _step(self) -> None:
         started = time.perf_counter()
         rt = self.runtime
+        self._draft_round = (0, 0.0)  # draft rounds and seconds in this step
+        self._step_drafts = [0, 0]  # guesses verified and taken in this step
         for seq in list(self._active):
             if seq in self._active and seq.request.cancelled.is_set():
                 self._finish(seq, "cancelled")
         # Every generating sequence gets one token; prompts are read first come, first served
         # within the batch budget, less while others generate so their tokens keep flowing.
         generating = [s for s in self._active if s.generating]
-        budget = rt.options.n_batch - sum(len(s.feed) for s in generating)
+        guesses = self._propose(generating) if self.draft else {}
+        budget = rt.options.n_batch - sum(len(s.feed) + len(guesses.get(s.slot.index, ()))
+                                          for s in generating)
         if generating:
             budget = min(budget, PREFILL_CHUNK_BUSY)
         reads: dict[int, int] = {}  # slot index -> prompt tokens to read in this step
@@ -386,10 +415,17 @@ class Scheduler:
             if seq.following:
                 continue
             if seq.generating:
-                for i, token in enumerate(seq.feed):  # forced tokens are read like a prompt
-                    seq.batch_index = rt.add_to_batch(token, len(seq.slot.cached),
-                                                      seq.slot.index, i == len(seq.feed) - 1)
+                # Forced tokens are read like a prompt; logits at the last input and each guess.
+                seq.drafts = guesses.get(seq.slot.index, [])
+                seq.batch_indices = []
+                last = len(seq.feed) - 1
+                for i, token in enumerate(seq.feed + seq.drafts):
+                    index = rt.add_to_batch(token, len(seq.slot.cached), seq.slot.index,
+                                            i >= last)
                     seq.slot.cached.append(token)
+                    if i >= last:
+                        seq.batch_indices.append(index)
+                seq.batch_index = seq.batch_indices[0]
                 seq.feed = []
                 sampled.append(seq)
                 continue
@@ -413,6 +449,7 @@ class Scheduler:
         if status != 0:
             self._decode_failed(status)
             return
+        self.draft_budget.observe_step(n_tokens, decoded - decode_started)
         for seq in sampled:
             followers, seq.followers = seq.followers, []
             for sibling in followers:  # before the first choice can finish and free its slot
@@ -422,10 +459,71 @@ class Scheduler:
                 sibling.following = False
                 sibling.batch_index = seq.batch_index
             for each in (seq, *followers):
+                if each.drafts:
+                    self._verify(each, decoded)
+                    continue
                 self._token_times.append(decoded)
                 self._accept(each, each.chain.sample(rt, each.batch_index))
+        if self._step_drafts[0] or self._draft_round[0]:
+            self.draft_budget.observe_draft(*self._draft_round, *self._step_drafts)
+            self.observer.on_draft(*self._step_drafts)
         self.observer.on_step(n_tokens, sequences, decoded - decode_started,
                               time.perf_counter() - started)
+
+    def _propose(self, generating: list[_Sequence]) -> dict[int, list[int]]:
+        """The draft's guesses for this step by slot (none when drafting does not pay now)."""
+        assert self.draft is not None
+        rt = self.runtime
+        prompts = [s for s in self._active if not s.generating and not s.following]
+        depth = self.draft_budget.depth(
+            len(generating), sum(min(PREFILL_CHUNK_BUSY, len(s.request.prompt_tokens)
+                                     - s.prefilled) for s in prompts))
+        if depth == 0:
+            return {}
+        wants = []
+        for seq in generating:
+            assert seq.draft_length is not None
+            tokens = seq.slot.cached + seq.feed
+            limit = min(depth, seq.draft_length.length,
+                        seq.request.max_tokens - seq.generated - 1,
+                        rt.context_per_slot - len(tokens) - 1)
+            wants.append(DraftWant(seq.slot.index, tokens, max(0, limit)))
+        # Prompts being read are mirrored as they go, so a stream's first guess waits for little.
+        wants += [DraftWant(s.slot.index, list(s.slot.cached), 0) for s in prompts]
+        try:
+            proposal = self.draft.propose(wants)
+        except Exception:  # a guess is never worth a request: decode without one
+            log.exception("the draft model failed; this step goes without drafts")
+            return {}
+        self._draft_round = (proposal.rounds, proposal.seconds)
+        return proposal.drafts
+
+    def _verify(self, seq: _Sequence, decoded: float) -> None:
+        """Sample at each guessed position in order while the picks equal the guesses; the
+        first pick that differs (or the one after the last guess) is the step's new token."""
+        rt = self.runtime
+        drafts, seq.drafts = seq.drafts, []
+        cached = seq.slot.cached
+        del cached[len(cached) - len(drafts):]  # in the cells, not yet in the sequence
+        accepted = 0
+        for i, index in enumerate(seq.batch_indices):
+            seq.batch_index = index
+            token = seq.chain.sample(rt, index)
+            self._token_times.append(decoded)
+            self._accept(seq, token)
+            if (i == len(drafts) or token != drafts[i] or seq not in self._active
+                    or seq.feed != [token]):
+                break
+            cached.append(token)  # its cell was written by this step: nothing to read
+            seq.feed = []
+            accepted += 1
+        rt.forget(seq.slot.index, len(cached))
+        if seq.draft_length is not None:
+            seq.draft_length.update(len(drafts), accepted)
+        self.draft_proposed += len(drafts)
+        self.draft_accepted += accepted
+        self._step_drafts[0] += len(drafts)
+        self._step_drafts[1] += accepted
 
     def _decode_failed(self, status: int) -> None:
         message = ("the KV cache is full" if status == 1

@@ -32,7 +32,7 @@ from appliance.gguf_info import (
 log = logging.getLogger(__name__)
 
 HEADERS_FILE = "gguf_headers.json"
-FORMAT = 2  # bump when RawHeader or the reader's rules change: old entries are then ignored
+FORMAT = 3  # bump when RawHeader or the reader's rules change: old entries are then ignored
 MAX_ENTRIES = 256
 MAX_FILE_BYTES = 32 * 2**20  # a larger cache file is not ours: ignored
 MAX_ENTRY_BYTES = 2 * 2**20  # a header this large (crafted strings) is re-read, not cached
@@ -178,6 +178,7 @@ def _header_to_json(header: RawHeader) -> dict[str, Any]:
     # Tensors by column: one list per field reads and checks far faster than a list per tensor.
     return {"size": header.file_size, "metadata": header.metadata,
             "arrays": header.array_lengths,
+            "spans": {k: list(v) for k, v in header.array_spans.items()},
             "tensors": {"names": [t.name for t in header.tensors],
                         "shapes": [list(t.shape) for t in header.tensors],
                         "types": [t.type for t in header.tensors],
@@ -211,7 +212,12 @@ def _header_from_json(data: dict[str, Any]) -> RawHeader:
     size = data["size"]
     if not _is_int(size):
         raise ValueError("malformed size")
-    return RawHeader(size, metadata, arrays, tensors)
+    spans = data["spans"]
+    if not (isinstance(spans, dict) and all(
+            type(v) is list and len(v) == 2 and all(_is_int(x) and 0 <= x <= size for x in v)
+            for v in spans.values())):
+        raise ValueError("malformed array spans")
+    return RawHeader(size, metadata, arrays, tensors, {k: (v[0], v[1]) for k, v in spans.items()})
 
 
 def _is_int(value: Any) -> bool:

@@ -4,7 +4,8 @@ layers when memory runs out), assemble the engine; close everything on any failu
 `preflight` runs before the resident model is evicted, so a file that cannot work (bad header,
 a template that does not compile, a remembered failure) never costs the user the model they had.
 Embedding models (a GGUF with a pooling type) get an EmbeddingRuntime and its worker instead of
-a chat runtime and scheduler.
+a chat runtime and scheduler. A chat model may get a draft model beside it (draft_pairing.py):
+planned with it, loaded after it, and left out (never failing the load) when it cannot load.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import psutil
 from appliance.config import ModelOverrides, Settings
 from appliance.context_sizing import ContextChoice, allowed_types, choose_context
 from appliance.engine.chat import ChatFormatter, compile_template
+from appliance.engine.draft import DraftBudget, DraftModel
 from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime, EmbeddingWorker
 from appliance.engine.runtime import LlamaRuntime, RuntimeOptions, gpu_offload_supported
 from appliance.engine.scheduler import Scheduler, SchedulerObserver
 from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable
 from appliance.gpu import GpuProbe
-from appliance.offload import OffloadPlan, fewer_layers, plan_offload, with_ram
+from appliance.offload import OffloadPlan, fewer_layers, plan_offload, with_draft, with_ram
 from appliance.registry import ModelEntry
+from appliance.residency.draft_pairing import DraftChoice, DraftPairing
 from appliance.residency.model import EMBEDDING, EmbeddingModel, LoadedModel, model_kind
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,11 @@ class ModelLoader:
                  runtime_factory: RuntimeFactory = LlamaRuntime,
                  embedding_factory: EmbeddingFactory = EmbeddingRuntime,
                  ram_budget: Callable[[], int] = physical_ram_budget,
-                 ram_total: Callable[[], int] = physical_ram) -> None:
+                 ram_total: Callable[[], int] = physical_ram,
+                 catalog: Callable[[], list[ModelEntry]] = list) -> None:
         self.settings = settings
+        self.catalog = catalog  # the installed models, where drafts are found
+        self.pairing = DraftPairing()
         self.probe = probe
         self.observer = observer
         self.runtime_factory = runtime_factory
@@ -168,7 +174,14 @@ class ModelLoader:
         if embedding:  # one decode's cache, cleared after it: f16, no sizing
             return plan(context, "f16"), context
         choice = self._context_choice(entry, plan, free_vram, overrides)
-        return choice.plan, choice.context_per_slot
+        chosen, context = choice.plan, choice.context_per_slot
+        # The draft is counted beside the chosen plan (the context sizing does not shrink for it).
+        draft = self.draft_for(entry).entry
+        if draft is not None and draft.info is not None:
+            chosen = with_draft(chosen, draft.info, n_ctx_total=context * self.settings.parallel,
+                                margin=self.settings.vram_margin_mib * 2**20,
+                                gpu_build=self.gpu_build()) or chosen
+        return chosen, context
 
     def _context_choice(self, entry: ModelEntry, plan: Callable[[int, str], OffloadPlan],
                         free_vram: int, overrides: ModelOverrides) -> ContextChoice:
@@ -189,6 +202,13 @@ class ModelLoader:
         return allowed_types(entry.info, overrides.kv_cache_type or self.settings.kv_cache_type,
                              self.settings.flash_attn, entry.id)
 
+    def draft_for(self, entry: ModelEntry) -> DraftChoice:
+        """The draft model for chat model `entry`, or None, with the reason."""
+        if self.settings.draft_max == 0:
+            return DraftChoice(None, "drafting is off (draft_max = 0)")
+        configured = self.settings.model_overrides(entry.id).draft
+        return self.pairing.choose(entry, configured, self.catalog())
+
     def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> Resident:
         """Blocking: the runtime and engine for `entry`; a failure leaks nothing."""
         if model_kind(entry) == EMBEDDING:
@@ -202,10 +222,15 @@ class ModelLoader:
         except Exception as e:  # a crafted file can upset the planner or llama.cpp's loader
             self.failures.remember(entry, repr(e))
             raise LoadFailed(f"loading {entry.id} failed: {e!r}") from e
+        draft, note = self._open_draft(entry, plan, context)
+        if draft is None and plan.draft is not None:
+            plan = replace(plan, draft=None)
         try:
-            return self._assemble(entry, runtime, plan, on_fatal)
+            return self._assemble(entry, runtime, plan, on_fatal, draft, note)
         except BaseException as e:
             runtime.close()
+            if draft is not None:
+                draft.close()
             reason = e.message if isinstance(e, InvalidRequest) else repr(e)
             self.failures.remember(entry, reason)
             raise ModelUnusable(f"model {entry.id!r} is unusable: {reason}",
@@ -230,6 +255,24 @@ class ModelLoader:
         if layers != plan.n_gpu_layers:
             plan = self._retried(entry, plan, layers, context * self.settings.parallel)
         return runtime, plan
+
+    def _open_draft(self, entry: ModelEntry, plan: OffloadPlan,
+                    context: int) -> tuple[DraftModel | None, str]:
+        """The draft beside `entry`'s runtime, and why there is none when there is none."""
+        choice = self.draft_for(entry)
+        if choice.entry is None:
+            return None, choice.reason
+        if plan.draft is None:
+            return None, f"{choice.entry.id} does not fit in VRAM beside the model"
+        options = RuntimeOptions(n_gpu_layers=plan.draft.n_gpu_layers, context_per_slot=context,
+                                 n_seq=self.settings.parallel, n_threads=self.settings.threads,
+                                 flash_attn=self.settings.flash_attn)
+        try:
+            runtime = self.runtime_factory(choice.entry.path, options)
+        except Exception as e:  # the model works without its draft
+            log.warning("the draft %s did not load for %s: %s", choice.entry.id, entry.id, e)
+            return None, f"{choice.entry.id} did not load: {e}"
+        return DraftModel(runtime, choice.entry.id), choice.reason
 
     @staticmethod
     def _retried(entry: ModelEntry, plan: OffloadPlan, layers: int, n_ctx: int) -> OffloadPlan:
@@ -273,7 +316,8 @@ class ModelLoader:
         return EmbeddingModel(entry, runtime, worker, plan)
 
     def _assemble(self, entry: ModelEntry, runtime: LlamaRuntime, plan: OffloadPlan,
-                  on_fatal: Callable[[BaseException], None]) -> LoadedModel:
+                  on_fatal: Callable[[BaseException], None], draft: DraftModel | None = None,
+                  draft_note: str = "") -> LoadedModel:
         assert entry.info is not None
         meta = entry.info.metadata
         template = meta.get("tokenizer.chat_template")
@@ -285,10 +329,11 @@ class ModelLoader:
         control_texts = runtime.control_texts()
         thinking = self.settings.model_overrides(entry.id).enable_thinking
         scheduler = Scheduler(runtime, self.settings.parallel, self.settings.max_queue,
-                              self.observer, nice=self.settings.engine_nice, on_fatal=on_fatal)
+                              self.observer, nice=self.settings.engine_nice, on_fatal=on_fatal,
+                              draft=draft, draft_budget=DraftBudget(self.settings.draft_max))
         return LoadedModel(entry, runtime, scheduler, formatter, plan,
                            self.settings.enable_thinking if thinking is None else thinking,
-                           control_texts)
+                           control_texts, draft=draft, draft_note=draft_note)
 
     @staticmethod
     def close(model: Resident, reason: str) -> None:
@@ -298,6 +343,8 @@ class ModelLoader:
             return
         model.scheduler.stop(reason)
         model.runtime.close()
+        if model.draft is not None:
+            model.draft.close()
 
 
 def _special(meta: dict[str, Any], kind: str, runtime: LlamaRuntime) -> int:

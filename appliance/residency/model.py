@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engine.chat import ChatFormatter
+from appliance.engine.draft import DraftModel
 from appliance.engine.embedding import EmbeddingJob, EmbeddingRuntime, EmbeddingWorker
 from appliance.engine.prompt import ControlTextGuard
 from appliance.engine.runtime import LlamaRuntime
@@ -71,6 +72,8 @@ class LoadedModel(_Resident):
     plan: OffloadPlan
     enable_thinking: bool
     control_texts: set[str]
+    draft: DraftModel | None = None  # speculative decoding's draft model, beside the runtime
+    draft_note: str = ""  # why this draft, or why none
     load_seconds: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     in_flight: int = 0
@@ -136,6 +139,10 @@ class LoadedModel(_Resident):
             "tokens_per_second": round(sched.tokens_per_second(), 2),
             "load_seconds": round(self.load_seconds, 3),
             "in_flight": self.in_flight,
+            "draft": {"model": self.draft.model_id if self.draft else None,
+                      "reason": self.draft_note,
+                      "proposed_tokens": sched.draft_proposed,
+                      "accepted_tokens": sched.draft_accepted},
         }
 
 

@@ -222,3 +222,17 @@ def test_upstream_key_file_readable_by_others_is_refused(write_config: WriteConf
     write_config(f'[upstreams.team]\nurl = "http://box/v1"\napi_key_file = "{key}"\n')
     with pytest.raises(ValueError, match=r"upstreams\.team\.api_key_file.*chmod 600"):
         load_settings().read_upstream_keys()
+
+
+def test_a_draft_model_is_named_per_model_and_checked(write_config: WriteConfig) -> None:
+    write_config('draft_max = 4\n[models.qwen3-8b-q4_k_m]\ndraft = "qwen3-0.6b-q4_k_m"\n'
+                 '[models.other]\ndraft = ""\n')
+    settings = load_settings()
+    assert settings.draft_max == 4
+    assert settings.model_overrides("qwen3-8b-q4_k_m").draft == "qwen3-0.6b-q4_k_m"
+    assert settings.model_overrides("other").draft == ""
+    assert settings.model_overrides("unset").draft is None
+    write_config('[models.qwen3-8b-q4_k_m]\ndraft = 3\n')
+    assert "models.qwen3-8b-q4_k_m.draft" in str(error_of())
+    write_config('draft_max = 99\n')
+    assert "draft_max" in str(error_of())

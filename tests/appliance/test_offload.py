@@ -120,3 +120,33 @@ def test_loader_plans_from_the_probe(tiny_gguf: Path, tmp_path: Path) -> None:
     loader._gpu_build = True  # as on a CUDA build
     plan, context = loader.plan_for(registry.resolve("m"))
     assert context == 2048 and plan.n_gpu_layers == 3 and plan.free_vram == 20 * GIB
+
+
+def test_a_draft_is_planned_in_the_vram_the_target_leaves(tiny_gguf: Path,
+                                                          tmp_path: Path) -> None:
+    import shutil
+
+    from appliance.config import ModelOverrides
+
+    shutil.copy(tiny_gguf, tmp_path / "m.gguf")
+    shutil.copy(tiny_gguf, tmp_path / "d.gguf")  # same vocabulary and size: a configured pair
+    registry = Registry(tmp_path)
+    settings = Settings(models_dir=tmp_path, context_length=2048, parallel=2,
+                        models={"m": ModelOverrides(draft="d")})
+    loader = ModelLoader(settings, FakeGpu(24 * GIB, 20 * GIB), catalog=registry.scan)
+    loader._gpu_build = True
+    alone_gpu = ModelLoader(settings.model_copy(update={"models": {}}),
+                            FakeGpu(24 * GIB, 20 * GIB))
+    alone_gpu._gpu_build = True
+    alone, _ = alone_gpu.plan_for(registry.resolve("m"))
+    plan, _ = loader.plan_for(registry.resolve("m"))
+    assert plan.draft is not None and plan.draft.all_on_gpu and plan.all_on_gpu
+    # The draft's weights, KV and scratch are counted: twice one model's, for the same file.
+    assert plan.planned_vram == 2 * alone.planned_vram
+    assert plan.n_gpu_layers == alone.n_gpu_layers  # the target gave up nothing
+    # Where the target needs all the VRAM, the draft is left out rather than run from RAM.
+    tight = ModelLoader(settings, FakeGpu(24 * GIB, alone.planned_vram + settings.vram_margin_mib
+                                          * 2**20 + 1), catalog=registry.scan)
+    tight._gpu_build = True
+    plan, _ = tight.plan_for(registry.resolve("m"))
+    assert plan.all_on_gpu and plan.draft is None

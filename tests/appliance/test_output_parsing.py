@@ -122,6 +122,14 @@ def test_a_call_cut_short_keeps_what_it_streamed() -> None:
     assert "".join(d.arguments for d in deltas) == calls[0].arguments
 
 
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_a_call_cut_inside_its_closing_tag_keeps_only_its_arguments(step: int) -> None:
+    _, deltas, calls = stream_calls(
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1\n\t}\n}\n \t\n</tool', step)
+    assert json.loads(calls[0].arguments) == {"a": 1}
+    assert "".join(d.arguments for d in deltas) == calls[0].arguments
+
+
 def test_a_call_in_another_key_order_is_parsed_whole() -> None:
     content, deltas, calls = stream_calls(
         '<tool_call>\n{"arguments": {"x": 1}, "name": "f"}\n</tool_call>', 3)

@@ -54,3 +54,15 @@ def test_reuse_leaves_one_prompt_token_to_read() -> None:
     table[3].cached = list(prompt)
     slot, reuse = choose_slot(table, prompt)
     assert (slot.index, reuse) == (3, 49)
+
+
+def test_common_prefix_counts_the_shared_leading_tokens() -> None:
+    from appliance.engine.slots import common_prefix
+
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3], [1, 2, 3]) == 3
+    assert common_prefix([9, 2, 3], [1, 2, 3]) == 0
+    long = list(range(5000))
+    for cut in (1, 2, 777, 4098, 4999):
+        assert common_prefix(long, [*long[:cut], -1, *long[cut + 1:]]) == cut
