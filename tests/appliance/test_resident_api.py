@@ -82,7 +82,9 @@ def test_models_say_their_kind_and_the_embeddings_route_agrees(client: openai.Op
 def test_status_lists_each_resident_model(daemon: Daemon, client: openai.OpenAI) -> None:
     client.embeddings.create(model=EMBED, input=["one", "two"])
     started = time.time()
-    models = resident(daemon.url)
+    # The worker marks itself idle just after it hands the vectors back.
+    models = wait_for(lambda: (r := resident(daemon.url))[EMBED]["slots_busy"] == 0 and r,
+                      "the embedding worker to be idle")
     assert set(models) == {MODEL_A, EMBED}
     chat, embedding = models[MODEL_A], models[EMBED]
     assert (chat["kind"], embedding["kind"]) == ("chat", "embedding")
@@ -112,6 +114,7 @@ def test_appliance_status_prints_a_table_and_unload_takes_an_id(
     env = {"APPLIANCE_PORT": daemon.url.rsplit(":", 1)[1],
            "APPLIANCE_CONFIG": str(tmp_path / "absent.toml")}
     client.embeddings.create(model=EMBED, input="x")
+    wait_for(lambda: resident(daemon.url)[EMBED]["slots_busy"] == 0, "the worker to be idle")
     shown = run_cli("status", env=env)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()

@@ -231,7 +231,8 @@ def test_tray_shows_each_resident_model_and_unloads_one(
         r = httpx.post(daemon.url + "/v1/embeddings", json={"model": EMBED, "input": "x"},
                        timeout=120)
         assert r.status_code == 200, r.text
-        menu = menu_when(lambda m: len(lines(m)) == 2, "a line for the embedding model")
+        menu = menu_when(lambda m: len(lines(m)) == 2 and lines(m)[1].endswith(" 0/1 busy"),
+                         "a line for the embedding model, its worker idle")
         chat, embedding = menu.children[2:4]
         assert chat.label.startswith(f"{MODEL_A}: chat, ") and chat.ticked
         assert embedding.label.startswith(f"{EMBED}: embedding, ") and not embedding.ticked
