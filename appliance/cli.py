@@ -151,7 +151,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         ram = memory["ram"]
         print(f"  CPU only: RAM {_format_bytes(ram['used'])} used of {_format_bytes(ram['total'])},"
               f" daemon {_format_bytes(ram['process_rss'])}")
+    _print_residents(status)
     return 0
+
+
+def _print_residents(status: dict) -> None:
+    from appliance.status_view import resident_table, transition_line
+
+    table = resident_table(status.get("models") or [])
+    if table:
+        print()
+        print("\n".join(table))
+    transition = transition_line(status)
+    if transition:
+        print(transition)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -182,13 +195,18 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     status = _client(args).load(args.id)
-    print(f"loaded {status['model']['id']} ({status['model']['offload']['reason']})")
+    # `loaded` names it (an alias resolved); an embedding model is not the chat `model`.
+    loaded = next((m for m in status["models"] if m["id"] == status["loaded"]), None)
+    if loaded is None:  # already unloaded again (a keep-alive of 0 from another client)
+        print(f"loaded {status['loaded']}")
+    else:
+        print(f"loaded {loaded['id']} ({loaded['kind']}, {loaded['offload']['reason']})")
     return 0
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    _client(args).unload()
-    print("unloaded")
+    _client(args).unload(args.id)
+    print(f"unloaded {args.id}" if args.id else "unloaded")
     return 0
 
 
@@ -250,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     for name, handler, text in (("status", cmd_status, "show the daemon's state and memory"),
-                                ("unload", cmd_unload, "unload the current model")):
+                                ("unload", cmd_unload, "unload one model, or all of them")):
         p = sub.add_parser(name, help=text)
+        if name == "unload":
+            p.add_argument("id", nargs="?", help="the model to unload (default: every one)")
         _address_flags(p)
         p.add_argument("--url", help="daemon URL (default from settings)")
         p.set_defaults(handler=handler)

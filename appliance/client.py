@@ -117,8 +117,12 @@ class DaemonClient:
         path = f"/api/models/{quote(model_id, safe='')}/load"
         return self._call("POST", path, timeout=600)
 
-    def unload(self) -> dict[str, Any]:
-        return self._call("POST", "/api/unload", timeout=120)
+    def unload(self, model_id: str | None = None) -> dict[str, Any]:
+        """Unload one model (by id or alias), or every resident model when None."""
+        if model_id is None:
+            return self._call("POST", "/api/unload", timeout=120)
+        path = f"/api/models/{urllib.parse.quote(model_id, safe='')}/unload"
+        return self._call("POST", path, timeout=120)
 
     def delete_model(self, model_id: str, force: bool = False) -> dict[str, Any]:
         path = f"/api/models/{quote(model_id, safe='')}"

@@ -88,6 +88,23 @@ class NvmlProbe:
         self._nvml.nvmlShutdown()
 
 
+@dataclass(frozen=True)
+class VramReading:
+    """Summed over every GPU: what this process holds (NVML's per-process accounting; 0 where
+    the driver does not report it, e.g. a container whose pids differ) and what the GPUs hold."""
+
+    process_used: int
+    device_used: int
+    gpus: int
+
+
+def read_vram(probe: GpuProbe) -> VramReading:
+    """One reading of VRAM in use (blocking: NVML)."""
+    devices = probe.devices()
+    return VramReading(sum(d.process_used for d in devices), sum(d.used for d in devices),
+                       len(devices))
+
+
 def open_probe(kind: str = "auto") -> GpuProbe:
     """NVML when asked for and available, else the no-GPU probe (and a log line saying why)."""
     if kind == "none":

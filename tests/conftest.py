@@ -15,6 +15,7 @@ from converter.synthetic import build_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 MODEL_A = "tiny-qwen3-q4_k_m"
 MODEL_B = "tiny-qwen3-untied-q8_0"
+EMBED = "tiny-embedding-q8_0"
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +76,25 @@ def draft_pair(tiny_untied_checkpoint: Path, models_dir: Path,
     convert(ConvertOptions(source=str(tiny_untied_checkpoint), out=draft, quant="Q4_0",
                            quiet=True))
     return models_dir / f"{MODEL_B}.gguf", draft
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen3-Embedding (no LM head; last-token pooling)."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-embedding"), "tiny-embedding",
+                            shards=1, seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_gguf(tiny_embedding_checkpoint: Path,
+                        tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny embedding checkpoint through the real converter: a Q8_0 GGUF named EMBED."""
+    from converter.pipeline import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp("embedding-gguf") / f"{EMBED}.gguf"
+    convert(ConvertOptions(source=str(tiny_embedding_checkpoint), out=out, quant="Q8_0",
+                           quiet=True))
+    return out
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None,

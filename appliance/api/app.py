@@ -17,12 +17,13 @@ from appliance.api.errors import ErrorShapes, install_error_handlers
 from appliance.api.routes import anthropic, control, embeddings, library, ollama, openai
 from appliance.api.security import SecurityMiddleware
 from appliance.config import Settings
+from appliance.engine.embedding import EmbeddingRuntime
 from appliance.engine.runtime import LlamaRuntime
 from appliance.errors import ModelNotFound, ModelUnusable
 from appliance.gpu import GpuProbe, open_probe
 from appliance.metrics import Metrics
 from appliance.registry import Registry
-from appliance.residency.loader import ModelLoader, RuntimeFactory
+from appliance.residency.loader import EmbeddingFactory, ModelLoader, RuntimeFactory
 from appliance.residency.manager import ModelManager
 from appliance.upstream import UpstreamPool
 
@@ -52,8 +53,9 @@ class RequestCounter:
 
 
 def create_app(settings: Settings, *, probe: GpuProbe | None = None,
-               runtime_factory: RuntimeFactory = LlamaRuntime) -> FastAPI:
-    """Build the daemon's app; `probe` and `runtime_factory` are the hardware seams for tests."""
+               runtime_factory: RuntimeFactory = LlamaRuntime,
+               embedding_factory: EmbeddingFactory = EmbeddingRuntime) -> FastAPI:
+    """Build the daemon's app; `probe` and the runtime factories are the seams for tests."""
     api_key = settings.read_api_key()
     upstream_keys = settings.read_upstream_keys()
 
@@ -64,7 +66,8 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
         registry = Registry(settings.models_dir.expanduser(), settings.aliases)
         await asyncio.to_thread(registry.scan)
         loader = ModelLoader(settings, gpu, observer=metrics, runtime_factory=runtime_factory,
-                             catalog=registry.scan)
+                             catalog=registry.scan,
+                             embedding_factory=embedding_factory)
         manager = ModelManager(settings, registry, loader)
         manager.load_seconds_observed = metrics.model_load_seconds.set
         app.state.registry, app.state.manager, app.state.probe = registry, manager, gpu

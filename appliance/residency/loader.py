@@ -30,6 +30,7 @@ from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable
 from appliance.gpu import GpuProbe
 from appliance.offload import OffloadPlan, fewer_layers, plan_offload, with_draft, with_ram
 from appliance.registry import ModelEntry
+from appliance.residency import footprint
 from appliance.residency.draft_pairing import DraftChoice, DraftPairing
 from appliance.residency.model import EMBEDDING, EmbeddingModel, LoadedModel, model_kind
 
@@ -210,7 +211,14 @@ class ModelLoader:
         return self.pairing.choose(entry, configured, self.catalog())
 
     def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> Resident:
-        """Blocking: the runtime and engine for `entry`; a failure leaks nothing."""
+        """Blocking: the runtime and engine for `entry`, with the memory its load took; a
+        failure leaks nothing."""
+        before = footprint.sample(self.probe)
+        model = self._load(entry, on_fatal)
+        model.footprint = footprint.between(before, footprint.sample(self.probe))
+        return model
+
+    def _load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> Resident:
         if model_kind(entry) == EMBEDDING:
             return self._load_embedding(entry)
         try:

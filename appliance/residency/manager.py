@@ -34,6 +34,7 @@ from appliance.errors import InvalidRequest, ServiceUnavailable
 from appliance.registry import ModelEntry, Registry
 from appliance.residency.loader import ModelLoader, Resident, in_daemon_thread
 from appliance.residency.model import CHAT, EMBEDDING, LoadedModel, model_kind
+from appliance.residency.status import resident_status
 
 log = logging.getLogger(__name__)
 MIB = 2**20
@@ -374,10 +375,28 @@ class ModelManager:
             return
         await self.unload("the server is shutting down")
 
+    def serving_state(self) -> ModelState:
+        """The state clients see: a ready chat model stays ready while another model loads or
+        unloads beside it (a switch away from it removes it from the resident ones first)."""
+        current = self.current
+        if (self.state in (ModelState.LOADING, ModelState.UNLOADING) and current is not None
+                and self.target != current.id):
+            return ModelState.READY
+        return self.state
+
+    def transition(self) -> dict[str, str] | None:
+        """The load or unload running now, whichever model it concerns."""
+        if self.state in (ModelState.LOADING, ModelState.UNLOADING) and self.target:
+            return {"action": self.state.value, "model": self.target}
+        return None
+
     def status(self) -> dict[str, Any]:
-        model = self.current
-        return {"state": self.state.value, "target": self.target, "failure": self.failure,
+        models = [resident_status(m, keep_alive_s=self.keep_alive_for(m),
+                                  loads=self.loads.get(m.id, 0))
+                  for m in sorted(self.resident.values(), key=lambda m: (m.kind, m.id))]
+        current = self.current
+        return {"state": self.serving_state().value, "target": self.target,
+                "transition": self.transition(), "failure": self.failure,
                 "engine_failure": self.engine_failure,
-                "model": model.describe() if model is not None else None,
-                "models": [{**m.describe(), "loads": self.loads.get(m.id, 0)}
-                           for m in sorted(self.resident.values(), key=lambda m: (m.kind, m.id))]}
+                "model": next((m for m in models if current and m["id"] == current.id), None),
+                "models": models}

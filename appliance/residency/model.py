@@ -15,13 +15,19 @@ from typing import Any
 
 from appliance.engine.chat import ChatFormatter
 from appliance.engine.draft import DraftModel
-from appliance.engine.embedding import EmbeddingJob, EmbeddingRuntime, EmbeddingWorker
+from appliance.engine.embedding import (
+    POOLING_NAMES,
+    EmbeddingJob,
+    EmbeddingRuntime,
+    EmbeddingWorker,
+)
 from appliance.engine.prompt import ControlTextGuard
 from appliance.engine.runtime import LlamaRuntime
 from appliance.engine.scheduler import GenerationRequest, Scheduler
 from appliance.errors import InvalidValue
 from appliance.offload import OffloadPlan
 from appliance.registry import ModelEntry
+from appliance.residency.footprint import Footprint
 
 CHAT = "chat"
 EMBEDDING = "embedding"
@@ -35,6 +41,14 @@ def model_kind(entry: ModelEntry) -> str:
         return CHAT
     pooling = entry.info.arch_value("pooling_type")
     return EMBEDDING if isinstance(pooling, int) and pooling in EMBEDDING_POOLING else CHAT
+
+
+def pooling_name(entry: ModelEntry) -> str | None:
+    """An embedding model's pooling ("last", "mean", "cls"), None for a chat model."""
+    if model_kind(entry) != EMBEDDING:
+        return None
+    assert entry.info is not None  # model_kind read the pooling type from it
+    return POOLING_NAMES[entry.info.arch_value("pooling_type")]
 
 
 @dataclass
@@ -81,6 +95,7 @@ class LoadedModel(_Resident):
     pinned: bool = False
     keep_alive_s: float | None = None  # the last request's override; None: the kind's default
     expires_at: float | None = None  # time.time() of the keep-alive unload, when armed
+    footprint: Footprint | None = None  # measured at load
 
     def healthy(self) -> bool:
         return self.scheduler.alive()
@@ -130,7 +145,6 @@ class LoadedModel(_Resident):
         return {
             "id": self.id,
             "kind": self.kind,
-            **residency_fields(self),
             "offload": self.plan.describe(),
             **context_fields(self),
             "slots": len(sched.slots),
@@ -154,16 +168,6 @@ def context_fields(model: LoadedModel) -> dict[str, Any]:
             "context_reason": model.plan.context_reason}
 
 
-def residency_fields(model: LoadedModel | EmbeddingModel) -> dict[str, Any]:
-    """What /api/status shows of every resident model's memory and lifetime."""
-    return {"memory": {"planned_vram": model.plan.planned_vram,
-                       "planned_ram": model.plan.planned_ram},
-            "pinned": model.pinned,
-            "keep_alive_s": model.keep_alive_s,
-            "expires_at": None if model.expires_at is None else round(model.expires_at, 3),
-            "last_used_s_ago": round(time.monotonic() - model.last_used, 3)}
-
-
 @dataclass
 class EmbeddingModel(_Resident):
     """An embedding model: tokenize (blocking, callers use a thread), embed through its worker."""
@@ -179,6 +183,7 @@ class EmbeddingModel(_Resident):
     pinned: bool = False
     keep_alive_s: float | None = None
     expires_at: float | None = None
+    footprint: Footprint | None = None
 
     @property
     def dimensions(self) -> int:
@@ -205,10 +210,12 @@ class EmbeddingModel(_Resident):
         self.worker.submit(job)
 
     def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, **residency_fields(self),
+        # One worker embeds one request at a time (its inputs n_seq to a decode): one slot.
+        return {"id": self.id, "kind": self.kind,
                 "offload": self.plan.describe(), "dimensions": self.dimensions,
                 "pooling": self.runtime.pooling_name, "max_input_tokens": self.max_input_tokens,
-                "slots": self.runtime.n_seq, "slots_busy": 1 if self.worker.busy else 0,
+                "sequences_per_decode": self.runtime.n_seq,
+                "slots": 1, "slots_busy": 1 if self.worker.busy else 0,
                 "queue": self.worker.queue_depth, "load_seconds": round(self.load_seconds, 3),
                 "in_flight": self.in_flight}
 

@@ -62,6 +62,11 @@ class TrayActions:
     def unload(self, _: str | None = None) -> None:
         self.client.unload()
 
+    def unload_model(self, model_id: str | None) -> None:
+        if not model_id:
+            raise ValueError("unload_model needs a model id")
+        self.client.unload(model_id)
+
     def pull(self, ref: str | None) -> None:
         """Start a pull in the daemon and leave: it runs on without us; the poll shows its
         progress in the title and the announcer says when it is done."""

@@ -30,16 +30,35 @@ def state_line(s: Snapshot) -> str:
         return f"Error: {s.message[:80]}"
     if s.state is TrayState.LOADING:
         return f"Loading {s.model or 'a model'}…"
+    beside = f" (loading {s.loading_beside}…)" if s.loading_beside else ""
     if s.state is TrayState.BUSY:
-        return f"Busy, {s.tokens_per_s:.1f} tok/s"
+        return f"Busy, {s.tokens_per_s:.1f} tok/s{beside}"
     if s.state is TrayState.IDLE:
         return "Running, no model loaded"
-    return "Ready"
+    return f"Ready{beside}"
 
 
 def resident(s: Snapshot) -> str | None:
     """The model that is loaded and serving, if any (a loading or failed one is not)."""
     return s.model if s.state in (TrayState.READY, TrayState.BUSY) else None
+
+
+def resident_lines(s: Snapshot) -> tuple[Item, ...]:
+    """A line per resident model (id, kind, memory, slots busy), the current chat model ticked;
+    the text changes in place as slots fill and empty."""
+    if not s.running or not s.residents:
+        return (Item("No model loaded", enabled=False),)
+    current = resident(s)
+    return tuple(Item(r.line, enabled=False, checked=True if r.id == current else None,
+                      live=True) for r in s.residents)
+
+
+def unload_menu(s: Snapshot) -> Item:
+    """"Unload ▸": each resident model, then all of them."""
+    if not s.running or not s.residents:
+        return Item("Unload", submenu=(Item("No model loaded", enabled=False),), enabled=False)
+    each = tuple(Item(r.id, "unload_model", r.id) for r in s.residents)
+    return Item("Unload", submenu=(*each, SEPARATOR, Item("All models", "unload")))
 
 
 def offers_menu(s: Snapshot) -> tuple[Item, ...]:
@@ -57,7 +76,6 @@ def offers_menu(s: Snapshot) -> tuple[Item, ...]:
 def menu_spec(s: Snapshot) -> tuple[Item, ...]:
     running = s.running
     loading = s.state is TrayState.LOADING
-    model = resident(s)
     models = tuple(
         Item(m.id if m.usable else f"{m.id} (unusable: {(m.reason or '')[:60]})",
              "switch", m.id, enabled=running and m.usable and not loading,
@@ -67,12 +85,11 @@ def menu_spec(s: Snapshot) -> tuple[Item, ...]:
         Item(state_line(s), enabled=False, live=True),
         Item(memory_line(s) if running else "Start it to serve models", enabled=False, live=True),
         *(Item(u.line, enabled=False, live=True) for u in s.upstreams if running),
-        Item(model, enabled=False, checked=True) if model else
-        Item("No model loaded", enabled=False),
+        *resident_lines(s),
         SEPARATOR,
         Item("Switch model", submenu=models or (Item("No models found", enabled=False),),
              enabled=running),
-        Item("Unload model", "unload", enabled=bool(model)),
+        unload_menu(s),
         Item("Get a model…", submenu=offers_menu(s), enabled=running),
         SEPARATOR,
         Item("Start daemon", "start", enabled=not running, default=not running),

@@ -27,6 +27,40 @@ class ModelChoice:
 
 
 @dataclass(frozen=True)
+class ResidentModel:
+    """A model the daemon holds in memory, as its line in the menu shows it."""
+
+    id: str
+    kind: str  # "chat" or "embedding"
+    memory: int  # bytes: VRAM when the model is on a GPU, else the RAM planned for it
+    on_gpu: bool
+    measured: bool  # VRAM measured at load (NVML), not the planner's figure
+    slots_busy: int = 0
+    slots: int = 0
+
+    @property
+    def line(self) -> str:
+        where = "VRAM" if self.on_gpu else "RAM"
+        how = "" if self.measured else " planned"
+        return (f"{self.id}: {self.kind}, {size(self.memory)} {where}{how}, "
+                f"{self.slots_busy}/{self.slots} busy")
+
+
+def size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+
+
+def resident_model(m: dict[str, Any]) -> ResidentModel:
+    """One entry of /api/status `models`."""
+    memory = m.get("memory") or {}
+    vram = int(memory.get("vram") or 0)
+    return ResidentModel(m["id"], str(m.get("kind", "chat")),
+                         vram if vram else int(memory.get("planned_ram") or 0), bool(vram),
+                         memory.get("vram_source") == "measured",
+                         int(m.get("slots_busy") or 0), int(m.get("slots") or 0))
+
+
+@dataclass(frozen=True)
 class PullInfo:
     """A pull the daemon runs (or just finished)."""
 
@@ -94,6 +128,8 @@ class Snapshot:
     offers: tuple[Offer, ...] = field(default_factory=tuple)
     upstreams: tuple[UpstreamInfo, ...] = field(default_factory=tuple)
     context: str | None = None  # "4 × 8K context, f16 KV" for the loaded chat model
+    residents: tuple[ResidentModel, ...] = field(default_factory=tuple)
+    loading_beside: str | None = None  # a model loading while others serve
 
     @property
     def fill(self) -> float:
@@ -141,9 +177,14 @@ def from_api(status: dict[str, Any], models: dict[str, Any] | None,
     upstreams = tuple(UpstreamInfo(str(u.get("name")), u.get("up"), int(u.get("models") or 0),
                                    u.get("latency_ms"), u.get("error"))
                       for u in status.get("upstreams") or [])
+    residents = tuple(resident_model(m) for m in status.get("models") or [])
+    transition = status.get("transition") or {}
+    beside = (transition.get("model") if state in (TrayState.READY, TrayState.BUSY)
+              and transition.get("action") == "loading" else None)
     return Snapshot(state, model.get("id") or status.get("target"), bool(gpus), used, total, own,
                     float(model.get("tokens_per_second") or 0.0), status.get("failure"), choices,
-                    upstreams=upstreams, **from_library(library), context=context_summary(model))
+                    upstreams=upstreams, **from_library(library), context=context_summary(model),
+                    residents=residents, loading_beside=beside)
 
 
 def context_summary(model: dict[str, Any]) -> str | None:
@@ -171,6 +212,8 @@ def title(s: Snapshot) -> str:
         parts.append(f"{s.tokens_per_s:.1f} tok/s")
     if s.state is TrayState.ERROR and s.message:
         parts.append(s.message[:120])
+    # The plain X11 tray has no menu: the other resident models show here.
+    parts.extend(r.line for r in s.residents if r.id != s.model)
     parts.extend(p.line for p in s.pulls if not p.finished)
     return "\n".join(parts)
 

@@ -14,30 +14,19 @@ import numpy as np
 import openai
 import pytest
 
-from converter.synthetic import build_checkpoint
 from tests.appliance.conftest import FOREVER, Daemon, run_daemon
-from tests.conftest import MODEL_A
+from tests.conftest import EMBED, MODEL_A
 
-EMBED = "tiny-embedding-q8_0"
 TEXTS = ["The capital of France is Paris.", "def add(a, b): return a + b",
          "你好，世界", "Grüße aus Köln", "x"]
 
 
 @pytest.fixture(scope="module")
-def embedding_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_checkpoint(tmp_path_factory.mktemp("tiny-embedding"), "tiny-embedding",
-                            shards=1, seed=5)
-
-
-@pytest.fixture(scope="module")
-def daemon(tiny_gguf: Path, embedding_checkpoint: Path,
+def daemon(tiny_gguf: Path, tiny_embedding_gguf: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    from converter.pipeline import ConvertOptions, convert
-
     folder = tmp_path_factory.mktemp("embedding-models")
     shutil.copy(tiny_gguf, folder / f"{MODEL_A}.gguf")
-    convert(ConvertOptions(source=str(embedding_checkpoint), out=folder / f"{EMBED}.gguf",
-                           quant="Q8_0", quiet=True))
+    shutil.copy(tiny_embedding_gguf, folder / f"{EMBED}.gguf")
     with run_daemon(folder, tmp_path_factory.mktemp("daemon"), default_model=MODEL_A,
                     parallel="2") as d:
         yield d
@@ -57,17 +46,17 @@ def reference(folder: Path, texts: list[str]) -> np.ndarray:
 
 
 def test_vectors_match_transformers_in_every_input_form(client: openai.OpenAI,
-                                                        embedding_checkpoint: Path) -> None:
+                                                        tiny_embedding_checkpoint: Path) -> None:
     result = client.embeddings.create(model=EMBED, input=TEXTS)  # the client asks for base64
     got = np.array([d.embedding for d in result.data])
     assert [d.index for d in result.data] == list(range(len(TEXTS)))
-    ref = reference(embedding_checkpoint, TEXTS)
+    ref = reference(tiny_embedding_checkpoint, TEXTS)
     cosine = np.sum(got * ref, axis=1)
     assert cosine.min() > 0.99, cosine  # Q8_0 against float32 transformers
     assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-4)
     from converter.verify_embedding import hf_ids
 
-    ids = hf_ids(embedding_checkpoint, TEXTS)
+    ids = hf_ids(tiny_embedding_checkpoint, TEXTS)
     assert result.usage.prompt_tokens == sum(len(i) for i in ids)
     as_floats = client.embeddings.create(model=EMBED, input=TEXTS, encoding_format="float")
     assert np.allclose([d.embedding for d in as_floats.data], got, atol=1e-6)
@@ -111,7 +100,7 @@ def test_models_of_the_wrong_kind_are_refused_by_name(daemon: Daemon) -> None:
 
 
 def test_rerank_sorts_documents_by_relevance(daemon: Daemon,
-                                             embedding_checkpoint: Path) -> None:
+                                             tiny_embedding_checkpoint: Path) -> None:
     docs = ["Paris is the capital of France.", "Bananas are yellow.", "SELECT 1;"]
     with daemon.http() as http:
         r = http.post("/v1/rerank", json={"model": EMBED, "query": "capital of France",
@@ -124,8 +113,8 @@ def test_rerank_sorts_documents_by_relevance(daemon: Daemon,
     assert all(x["document"]["text"] == docs[x["index"]] for x in results)
     from converter.verify_embedding import QUERY_INSTRUCTION, hf_ids, reference_embeddings
 
-    ref = reference_embeddings(embedding_checkpoint, hf_ids(
-        embedding_checkpoint, [QUERY_INSTRUCTION + "capital of France", *docs]))
+    ref = reference_embeddings(tiny_embedding_checkpoint, hf_ids(
+        tiny_embedding_checkpoint, [QUERY_INSTRUCTION + "capital of France", *docs]))
     expected = list(np.argsort(-(ref[1:] @ ref[0]), kind="stable"))
     assert [x["index"] for x in results] == expected
 

@@ -7,6 +7,7 @@ runs, a notification server, the panel reading and clicking the menu) is written
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import httpx
 import pytest
 
 from tests.appliance.conftest import FOREVER, Daemon, free_port, run_daemon
-from tests.conftest import MODEL_A, MODEL_B, REPO
+from tests.conftest import EMBED, MODEL_A, MODEL_B, REPO
 from tests.tray.conftest import Desktop, wait_for
 
 BAD_MODEL = "tiny-badtok"  # a sound file whose tokenizer llama.cpp does not know: loads fail
@@ -78,16 +79,23 @@ def frame_colour(path: str) -> tuple[int, ...] | None:
 def tray(desktop: Desktop, tray_models: Path, tmp_path: Path,
          appindicator_python: str) -> Iterator[tuple[Daemon, subprocess.Popen[bytes], Path]]:
     """A daemon, and `appliance tray` (a child process) watching it in the test's desktop."""
-    with run_daemon(tray_models, tmp_path, default_model=MODEL_A) as daemon:
+    with tray_for(desktop, tray_models, tmp_path, appindicator_python) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def tray_for(desktop: Desktop, folder: Path, tmp_path: Path,
+             python: str) -> Iterator[tuple[Daemon, subprocess.Popen[bytes], Path]]:
+    with run_daemon(folder, tmp_path, default_model=MODEL_A) as daemon:
         port = daemon.url.rsplit(":", 1)[1]
         # The tray's own settings name the daemon; "Start daemon" spawns one with them.
-        env = {**desktop.env(), "APPLIANCE_PORT": port, "APPLIANCE_MODELS_DIR": str(tray_models),
+        env = {**desktop.env(), "APPLIANCE_PORT": port, "APPLIANCE_MODELS_DIR": str(folder),
                "APPLIANCE_CONFIG": str(tmp_path / "absent.toml"), "APPLIANCE_THREADS": "2",
                "APPLIANCE_CONTEXT_LENGTH": "4096", "APPLIANCE_GPU": "none",
                "APPLIANCE_DEFAULT_MODEL": MODEL_A, "XDG_STATE_HOME": str(tmp_path / "state")}
         stderr = tmp_path / "tray.err"
         with stderr.open("wb") as err:
-            process = subprocess.Popen([appindicator_python, "-m", "appliance.cli", "tray"],
+            process = subprocess.Popen([python, "-m", "appliance.cli", "tray"],
                                        env=env, stdout=err, stderr=subprocess.STDOUT, cwd=REPO)
         try:
             yield daemon, process, stderr
@@ -120,14 +128,15 @@ def test_tray_registers_and_its_menu_drives_the_daemon(desktop: Desktop, tray) -
     menu = menu_when(lambda m: m.labels()[0] == "Ready", "the menu to show the ready state")
     memory, resident = menu.children[1:3]
     assert memory.label.startswith("CPU only, RAM") and not memory.enabled
-    assert resident.label == MODEL_A and resident.ticked and not resident.enabled
+    assert resident.label.startswith(f"{MODEL_A}: chat, ") and resident.label.endswith(
+        " RAM planned, 0/4 busy") and resident.ticked and not resident.enabled
     switch = menu.find("Switch model")
     assert switch.props.get("children-display") == "submenu"
     models = {c.label.split(" ")[0]: c for c in switch.children}
     assert set(models) == {MODEL_A, MODEL_B, BAD_MODEL, "broken"}
     assert models[MODEL_A].ticked and not models[MODEL_B].ticked
     assert not models["broken"].enabled and "unusable" in models["broken"].label
-    for label in ("Unload model", "Stop daemon", "Open models folder", "Open logs", "Quit tray"):
+    for label in ("Unload", "Stop daemon", "Open models folder", "Open logs", "Quit tray"):
         assert menu.find(label).enabled, label
     assert not menu.find("Start daemon").enabled
 
@@ -146,7 +155,8 @@ def test_tray_registers_and_its_menu_drives_the_daemon(desktop: Desktop, tray) -
     # Switch model ▸ B, clicked the way a panel clicks: the daemon loads B.
     panel.click(item, models[MODEL_B])
     wait_for(lambda: serving(daemon.url, MODEL_B), 60, "the daemon to serve B")
-    menu = menu_when(lambda m: m.children[2].label == MODEL_B, "the menu to tick B")
+    menu = menu_when(lambda m: m.children[2].label.startswith(f"{MODEL_B}: chat"),
+                     "the menu to tick B")
     assert menu.children[2].ticked
     wait_for(lambda: notifications.matching(f"{MODEL_B} is ready"), 10, "B's ready notification")
 
@@ -193,6 +203,73 @@ def test_tray_registers_and_its_menu_drives_the_daemon(desktop: Desktop, tray) -
     panel.click(item, panel.menu(item).find("Quit tray"))
     assert process.wait(timeout=15) == 0
     wait_for(lambda: not panel.name_has_owner(item.bus_name), 5, "the item to leave the bus")
+
+
+def test_tray_shows_each_resident_model_and_unloads_one(
+        desktop: Desktop, models_dir: Path, tiny_embedding_gguf: Path, tmp_path: Path,
+        appindicator_python: str) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(models_dir / f"{MODEL_A}.gguf", folder)
+    shutil.copy(tiny_embedding_gguf, folder)
+    with tray_for(desktop, folder, tmp_path, appindicator_python) as (daemon, process, _):
+        panel = desktop.panel
+        item = wait_for(lambda: desktop.watcher.items and desktop.watcher.items[-1], 30,
+                        "the item to register")
+
+        def menu_when(condition, what: str):
+            return wait_for(lambda: (m := panel.menu(item)) and condition(m) and m, 15, what)
+
+        def lines(menu) -> list[str]:
+            """The resident models' lines: between the memory line and Switch model."""
+            labels = menu.labels()
+            return labels[2:labels.index("Switch model")]
+
+        menu = menu_when(lambda m: lines(m) and lines(m)[0].startswith(MODEL_A),
+                         "A's line")
+        assert len(lines(menu)) == 1
+        r = httpx.post(daemon.url + "/v1/embeddings", json={"model": EMBED, "input": "x"},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        menu = menu_when(lambda m: len(lines(m)) == 2 and lines(m)[1].endswith(" 0/1 busy"),
+                         "a line for the embedding model, its worker idle")
+        chat, embedding = menu.children[2:4]
+        assert chat.label.startswith(f"{MODEL_A}: chat, ") and chat.ticked
+        assert embedding.label.startswith(f"{EMBED}: embedding, ") and not embedding.ticked
+        assert embedding.label.endswith(" RAM planned, 0/1 busy") and not embedding.enabled
+        # The other model shows in the title too (the plain X11 tray has no menu).
+        assert f"{EMBED}: embedding" in panel.prop(item, "Title")
+
+        # A stream on A: its line counts the busy slot, in place (same items, no new layout).
+        ids = [c.id for c in menu.children]
+        body = {"model": MODEL_A, "prompt": "x", "max_tokens": 4000, "stream": True, **FOREVER}
+        with httpx.stream("POST", daemon.url + "/v1/completions", json=body,
+                          timeout=60) as running:
+            lines_iter = running.iter_lines()
+            next(lines_iter)
+            busy = menu_when(lambda m: m.children[2].label.endswith(", 1/4 busy"),
+                             "A's line to count the busy slot")
+            assert [c.id for c in busy.children] == ids
+
+        # Unload ▸ the embedding model: the daemon keeps A, the menu loses the line.
+        unload = menu_when(lambda m: m.find("Unload").enabled, "Unload").find("Unload")
+        assert unload.props.get("children-display") == "submenu"
+        assert unload.labels() == [MODEL_A, EMBED, "All models"]
+        panel.click(item, next(c for c in unload.children if c.label == EMBED))
+        wait_for(lambda: [m["id"] for m in status(daemon.url)["models"]] == [MODEL_A], 30,
+                 "the daemon to unload the embedding model only")
+        menu = menu_when(lambda m: len(lines(m)) == 1, "the embedding line to go")
+        assert menu.children[2].label.startswith(f"{MODEL_A}: chat")
+        assert serving(daemon.url, MODEL_A)
+
+        # Unload ▸ All models: nothing resident, the menu says so.
+        all_models = panel.menu(item).find("Unload").find("All models")
+        panel.click(item, all_models)
+        wait_for(lambda: status(daemon.url)["models"] == [], 30, "every model to unload")
+        menu = menu_when(lambda m: "No model loaded" in m.labels(), "No model loaded")
+        assert not menu.find("Unload").enabled
+        process.terminate()
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
 
 
 def test_at_login_the_tray_waits_for_the_panels_watcher(

@@ -6,15 +6,28 @@ import pytest
 
 from appliance.tray.icon import STATE_COLOURS, render_icon
 from appliance.tray.menu import SEPARATOR, menu_spec, structure
-from appliance.tray.snapshot import GIB, ModelChoice, Snapshot, TrayState, from_api, stopped, title
+from appliance.tray.snapshot import (
+    GIB,
+    ModelChoice,
+    ResidentModel,
+    Snapshot,
+    TrayState,
+    from_api,
+    stopped,
+    title,
+)
 
 MODELS = (ModelChoice("qwen3-8b", True, True), ModelChoice("qwen3-4b", True, False),
           ModelChoice("broken", False, False, "file is truncated"))
+CHAT = ResidentModel("qwen3-8b", "chat", int(5.5 * GIB), True, True, 1, 4)
+EMBEDDING = ResidentModel("qwen3-embedding-0.6b", "embedding", 700 * 2**20, True, False, 0, 1)
 
 
-def gpu_snapshot(state: TrayState = TrayState.READY, used: float = 12, **kw) -> Snapshot:
+def gpu_snapshot(state: TrayState = TrayState.READY, used: float = 12,
+                 residents: tuple[ResidentModel, ...] = (CHAT,), **kw) -> Snapshot:
+    serving = state in (TrayState.READY, TrayState.BUSY)
     return Snapshot(state, "qwen3-8b", True, int(used * GIB), 24 * GIB, int(6 * GIB), 31.5,
-                    models=MODELS, **kw)
+                    models=MODELS, residents=residents if serving else (), **kw)
 
 
 def items(spec) -> dict:
@@ -52,7 +65,7 @@ def test_daemon_down() -> None:
     menu = items(menu_spec(s))
     assert menu["Daemon not running"].enabled is False
     assert menu["Start daemon"].enabled and menu["Start daemon"].default
-    assert not menu["Stop daemon"].enabled and not menu["Unload model"].enabled
+    assert not menu["Stop daemon"].enabled and not menu["Unload"].enabled
     assert not menu["Switch model"].enabled and not menu["Open API docs"].enabled
     assert menu["No model loaded"].checked is None
     assert menu["Open logs"].enabled and menu["Open models folder"].enabled
@@ -63,11 +76,12 @@ def test_ready_on_gpu() -> None:
     s = gpu_snapshot()
     assert "VRAM 12.0 / 24.0 GiB (daemon 6.0)" in title(s)
     spec = menu_spec(s)
-    assert [i.label for i in spec[:3]] == ["Ready", "VRAM 12.0 / 24.0 GiB (daemon 6.0)", "qwen3-8b"]
+    assert [i.label for i in spec[:3]] == ["Ready", "VRAM 12.0 / 24.0 GiB (daemon 6.0)",
+                                           "qwen3-8b: chat, 5.5 GiB VRAM, 1/4 busy"]
     assert spec[2].checked is True and not spec[2].enabled and not spec[2].radio  # the tick
     menu = items(spec)
     assert not menu["Start daemon"].enabled and menu["Stop daemon"].enabled
-    assert menu["Unload model"].enabled
+    assert [i.label for i in menu["Unload"].submenu] == ["qwen3-8b", "-", "All models"]
     models = {m.label: m for m in menu["Switch model"].submenu}
     assert models["qwen3-8b"].checked and models["qwen3-8b"].radio
     assert models["qwen3-4b"].enabled and not models["qwen3-4b"].checked
@@ -98,7 +112,7 @@ def test_loading_disables_switching() -> None:
     assert spec[0].label == "Loading qwen3-8b…"
     menu = items(spec)
     assert all(not m.enabled for m in menu["Switch model"].submenu)
-    assert not menu["Unload model"].enabled and "No model loaded" in menu
+    assert not menu["Unload"].enabled and "No model loaded" in menu
 
 
 def test_failed_model_is_shown() -> None:
@@ -146,3 +160,45 @@ def test_one_live_line_per_upstream() -> None:
     status["upstreams"][0]["latency_ms"] = 30.0
     assert structure(menu_spec(from_api(status, None))) == structure(spec)
     assert not any(i.label.startswith("Upstream") for i in menu_spec(stopped()))
+
+
+def test_a_line_per_resident_model_and_unload_one() -> None:
+    s = gpu_snapshot(residents=(CHAT, EMBEDDING))
+    spec = menu_spec(s)
+    chat, embedding = spec[2], spec[3]
+    assert chat.label == "qwen3-8b: chat, 5.5 GiB VRAM, 1/4 busy" and chat.checked
+    # The plan's figure, not a measurement: the line says so.
+    assert embedding.label == "qwen3-embedding-0.6b: embedding, 700 MiB VRAM planned, 0/1 busy"
+    assert embedding.checked is None and not embedding.enabled
+    assert chat.live and embedding.live  # slots filling change their text, not the menu
+    unload = items(spec)["Unload"]
+    assert unload.enabled
+    each = {i.label: i for i in unload.submenu if i is not SEPARATOR}
+    assert each["qwen3-embedding-0.6b"].action == "unload_model"
+    assert each["qwen3-embedding-0.6b"].arg == "qwen3-embedding-0.6b"
+    assert each["All models"].action == "unload"
+    # The plain X11 tray has no menu: the other model shows in the title.
+    assert "qwen3-embedding-0.6b: embedding" in title(s)
+    busier = gpu_snapshot(residents=(CHAT, ResidentModel(
+        "qwen3-embedding-0.6b", "embedding", 700 * 2**20, True, False, 1, 1)))
+    assert structure(menu_spec(busier)) == structure(spec)
+    assert structure(menu_spec(gpu_snapshot())) != structure(spec)  # a model left: new menu
+
+
+def test_resident_models_from_the_status_answer() -> None:
+    status = {"state": "loading", "failure": None, "target": "e2",
+              "transition": {"action": "loading", "model": "e2"},
+              "model": {"id": "m", "slots_busy": 0, "queue": 0},
+              "models": [
+                  {"id": "m", "kind": "chat", "slots": 4, "slots_busy": 2,
+                   "memory": {"vram": 0, "vram_source": "planned", "planned_ram": 3 * GIB}},
+                  {"id": "e1", "kind": "embedding", "slots": 1, "slots_busy": 0,
+                   "memory": {"vram": 600 * 2**20, "vram_source": "measured",
+                              "planned_ram": GIB}}],
+              "memory": {"gpus": [], "ram": {"total": 16 * GIB, "used": 4 * GIB,
+                                              "process_rss": GIB}}}
+    s = from_api({**status, "state": "ready"}, {"models": []})
+    assert [r.line for r in s.residents] == ["m: chat, 3.0 GiB RAM planned, 2/4 busy",
+                                             "e1: embedding, 600 MiB VRAM, 0/1 busy"]
+    assert menu_spec(s)[0].label == "Ready (loading e2…)"
+    assert from_api(status, None).loading_beside is None  # the daemon's own state says it

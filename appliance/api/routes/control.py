@@ -13,12 +13,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from appliance import __version__
 from appliance.api.core import off_loop
 from appliance.api.deps import ManagerDep, MetricsDep, ProbeDep, RegistryDep, UpstreamsDep
+from appliance.errors import ModelNotFound
 from appliance.gpu import GpuProbe
 from appliance.metrics import Metrics
 from appliance.registry import Registry
 from appliance.residency.manager import ModelManager, ModelState
 
 router = APIRouter()
+MAX_MODEL_ID = 256  # ids are file names; longer is no model of ours
 
 
 def memory_status(probe: GpuProbe) -> dict[str, Any]:
@@ -36,10 +38,13 @@ def memory_status(probe: GpuProbe) -> dict[str, Any]:
 
 @router.get("/health", response_model=None)
 async def health(manager: ManagerDep) -> JSONResponse:
-    status = manager.status()
-    loading = manager.state in (ModelState.LOADING, ModelState.UNLOADING)
-    body = {"status": "loading" if loading else "ok", "state": status["state"],
-            "model": status["model"]["id"] if status["model"] else None}
+    # A ready chat model keeps the daemon healthy while an embedding model loads beside it.
+    state = manager.serving_state()
+    loading = state in (ModelState.LOADING, ModelState.UNLOADING)
+    current = manager.current
+    body: dict[str, Any] = {"status": "loading" if loading else "ok", "state": state.value,
+                            "model": current.id if current else None,
+                            "transition": manager.transition()}
     if manager.engine_failure:  # until the next load brings a working engine back
         body.update(status="error", reason=manager.engine_failure)
     unhealthy = loading or manager.engine_failure is not None
@@ -73,15 +78,21 @@ async def api_models(registry: RegistryDep, manager: ManagerDep) -> dict[str, An
 
 @router.post("/api/models/{model_id}/load")
 async def api_load(model_id: str, manager: ManagerDep) -> dict[str, Any]:
-    await manager.load(model_id, explicit=True)
-    return manager.status()
+    model = await manager.load(model_id, explicit=True)
+    return {**manager.status(), "loaded": model.id}
 
 
 @router.post("/api/models/{model_id}/unload")
-async def api_unload(model_id: str, manager: ManagerDep) -> dict[str, Any]:
+async def api_unload(model_id: str, manager: ManagerDep, registry: RegistryDep) -> dict[str, Any]:
+    """Unload one model (an id, an alias, or `current` for the chat model); a known model that
+    is not resident is no error, an unknown one is a 404."""
     wanted = model_id.lower()
-    if wanted == "current" and manager.current is not None:
-        wanted = manager.current.id
+    if len(wanted) > MAX_MODEL_ID:
+        raise ModelNotFound(f"model {model_id[:MAX_MODEL_ID]!r}… does not exist", param="model")
+    if wanted == "current":
+        wanted = manager.current.id if manager.current is not None else ""
+    elif wanted not in manager.resident:
+        wanted = (await off_loop(registry.resolve, model_id)).id  # ModelNotFound: 404
     if wanted in manager.resident:
         await manager.unload(model_id=wanted)
     return manager.status()

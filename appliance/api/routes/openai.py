@@ -31,7 +31,8 @@ from appliance.api.schemas import ChatCompletionRequest, CompletionRequest
 from appliance.engine.logprobs import TokenLogprob
 from appliance.engine.output import ChatOutputParser, Delta, ToolCall, ToolCallDelta
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
-from appliance.registry import Registry
+from appliance.registry import ModelEntry, Registry
+from appliance.residency.model import CHAT, EMBEDDING, pooling_name
 from appliance.upstream import UpstreamPool
 from appliance.upstream.proxy import routed
 
@@ -44,14 +45,27 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+def model_card(entry: ModelEntry) -> dict[str, Any]:
+    """What a model is: `kind` chat or embedding; `embedding` is how it embeds (its pooling:
+    last, mean or cls) or, for a chat model, "refused": /v1/embeddings does not pool chat
+    models, it names the embedding models installed instead."""
+    pooling = pooling_name(entry)
+    if pooling is None:
+        return {"kind": CHAT, "embedding": "refused"}
+    assert entry.info is not None
+    return {"kind": EMBEDDING, "embedding": pooling,
+            "dimensions": entry.info.arch_value("embedding_length")}
+
+
 def _model_list(registry: Registry) -> list[dict[str, Any]]:
     data = []
     for entry in registry.scan():
         if not entry.usable:
             continue
+        card = model_card(entry)
         for name in [entry.id, *registry.aliases_of(entry.id)]:
             data.append({"id": name, "object": "model", "created": int(entry.signature[1]),
-                         "owned_by": "qwen-appliance"})
+                         "owned_by": "qwen-appliance", **card})
     return data
 
 
