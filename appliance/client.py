@@ -23,6 +23,10 @@ class DaemonUnavailable(Exception):
     """The daemon is not running or not answering at the URL."""
 
 
+class DaemonTimeout(DaemonUnavailable):
+    """The daemon took the connection but did not answer in time: busy, not gone."""
+
+
 class DaemonError(Exception):
     """The daemon answered with an error; the message is the API's."""
 
@@ -100,6 +104,8 @@ class DaemonClient:
             body_bytes, status = e.read(), e.code
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                raise DaemonTimeout(f"the daemon at {self.url} did not answer in time") from None
             raise DaemonUnavailable(f"the daemon is not running at {self.url} ({reason})") from None
         return _answer(body_bytes, status, self.url + path, path == "/health")
 

@@ -16,7 +16,7 @@ import webbrowser
 from collections.abc import Callable
 from typing import Any
 
-from appliance.client import DaemonClient, DaemonError, DaemonUnavailable
+from appliance.client import DaemonClient, DaemonError, DaemonTimeout, DaemonUnavailable
 from appliance.tray.events import Announcer, Notice, load_failed
 from appliance.tray.icon import render_icon
 from appliance.tray.menu import SEPARATOR, Item, menu_spec, structure
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 1.5  # a state change shows within this (plus one render), the figure says <= 2 s
 MODELS_EVERY = 10  # polls between /api/models reads while nothing changes (files rarely do)
+LATE_POLLS_TOLERATED = 3
 EXPECTED_ERRORS = (DaemonUnavailable, DaemonError, OSError, subprocess.SubprocessError)
 
 
@@ -99,6 +100,7 @@ class TrayApp:
         self.client = client
         self.poll_s = poll_s
         self.snapshot: Snapshot = stopped()
+        self._late_polls = 0
         self.notifier = notifier or make_notifier()
         self.announcer = Announcer(self.notifier)
         self.actions = TrayActions(client, control, self.announcer)
@@ -133,7 +135,15 @@ class TrayApp:
                 self._library = self._read_library()
             elif self._library and any(not p.get("finished") for p in self._library["pulls"]):
                 self._library = self._read_library()  # every poll while a pull runs
+            self._late_polls = 0
             return from_api(status, self._models, self._library)
+        except DaemonTimeout as e:
+            # A daemon busy loading or decoding may miss a poll: that is not a stop (and no
+            # "stopped" notification); only several misses in a row say it is not answering.
+            self._late_polls += 1
+            if self._late_polls < LATE_POLLS_TOLERATED:
+                return self.snapshot
+            return Snapshot(TrayState.ERROR, message=str(e))
         except DaemonUnavailable as e:
             self._models = None
             return stopped(str(e))
