@@ -97,3 +97,9 @@ class EngineError(ApplianceError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class WorkerUnavailable(ServiceUnavailable):
+    """An RPC worker in `rpc_workers` does not answer (or cannot serve); the message names it."""
+
+    code = "rpc_worker_unavailable"

@@ -20,11 +20,19 @@ import psutil
 from appliance.config import Settings
 from appliance.engine.chat import ChatFormatter, compile_template
 from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime, EmbeddingWorker
+from appliance.engine.rpc import RpcWorkers, WorkerDevice
 from appliance.engine.runtime import LlamaRuntime, RuntimeOptions, gpu_offload_supported
 from appliance.engine.scheduler import Scheduler, SchedulerObserver
-from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable
+from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable, WorkerUnavailable
 from appliance.gpu import GpuProbe
-from appliance.offload import OffloadPlan, fewer_layers, plan_offload, with_ram
+from appliance.offload import (
+    DeviceShare,
+    OffloadPlan,
+    fewer_layers,
+    plan_offload,
+    plan_split,
+    with_ram,
+)
 from appliance.registry import ModelEntry
 from appliance.residency.model import EMBEDDING, EmbeddingModel, LoadedModel, model_kind
 
@@ -98,7 +106,8 @@ class ModelLoader:
                  observer: SchedulerObserver | None = None,
                  runtime_factory: RuntimeFactory = LlamaRuntime,
                  embedding_factory: EmbeddingFactory = EmbeddingRuntime,
-                 ram_budget: Callable[[], int] = physical_ram_budget) -> None:
+                 ram_budget: Callable[[], int] = physical_ram_budget,
+                 rpc: RpcWorkers | None = None) -> None:
         self.settings = settings
         self.probe = probe
         self.observer = observer
@@ -107,6 +116,9 @@ class ModelLoader:
         self.ram_budget = ram_budget  # bytes all resident models may plan in RAM together
         self.failures = FailureMemory()
         self._gpu_build: bool | None = None
+        workers = getattr(settings, "rpc_workers", None)
+        # Chat models split their layers over these; embedding models stay local (small).
+        self.rpc = rpc if rpc is not None else RpcWorkers(workers) if workers else None
 
     def gpu_build(self) -> bool:
         if self._gpu_build is None:
@@ -129,6 +141,9 @@ class ModelLoader:
                 self.failures.remember(entry, e.message)
                 raise ModelUnusable(f"model {entry.id!r} is unusable: {e.message}",
                                     param="model") from None
+        if self.rpc is not None and model_kind(entry) != EMBEDDING:
+            # Before anything resident is evicted for it: a worker that is down costs nothing.
+            self.rpc.survey()
 
     def plan_for(self, entry: ModelEntry, extra_vram: int = 0) -> tuple[OffloadPlan, int]:
         """The offload plan for `entry` now, and its context tokens per slot (embedding models:
@@ -140,6 +155,8 @@ class ModelLoader:
         embedding = model_kind(entry) == EMBEDDING
         if embedding:
             context = min(overrides.context_length or EMBEDDING_BATCH_TOKENS, trained)
+        if self.rpc is not None and not embedding and overrides.gpu_layers is None:
+            return self._plan_split(entry, context * self.settings.parallel), context
         devices = self.probe.devices()
         best = max(devices, key=lambda d: d.free, default=None)
         plan = plan_offload(
@@ -150,13 +167,31 @@ class ModelLoader:
             n_ubatch=min(EMBEDDING_UBATCH, context) if embedding else 512)
         return plan, context
 
+    def _plan_split(self, entry: ModelEntry, n_ctx_total: int) -> OffloadPlan:
+        """Layers over the RPC workers, this machine's GPUs (as llama.cpp sees them) and the
+        CPU (blocking: asks every worker for its free memory)."""
+        assert entry.info is not None and self.rpc is not None
+        devices = [DeviceShare(w.name, "rpc", w.free, endpoint=w.endpoint, index=w.index)
+                   for w in self.rpc.survey()]
+        if self.gpu_build() and getattr(self.settings, "gpu", "auto") != "none":
+            for index, handle in enumerate(self.rpc.library.local_gpus()):
+                free, _ = self.rpc.library.memory(handle)
+                devices.append(DeviceShare(f"GPU {index}", "gpu", free, index=index))
+        return plan_split(entry.info, devices, n_ctx_total=n_ctx_total,
+                          margin=self.settings.vram_margin_mib * 2**20)
+
     def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> Resident:
         """Blocking: the runtime and engine for `entry`; a failure leaks nothing."""
         if model_kind(entry) == EMBEDDING:
             return self._load_embedding(entry)
         try:
             plan, context = self.plan_for(entry)
-            runtime, plan = self._open_runtime(entry, plan, context)
+            if plan.split:
+                runtime = self._open_split(entry, plan, context)
+            else:
+                runtime, plan = self._open_runtime(entry, plan, context)
+        except WorkerUnavailable:
+            raise  # not the file's fault: the next try goes ahead
         except (LoadFailed, ModelUnusable) as e:
             self.failures.remember(entry, e.message)
             raise
@@ -171,6 +206,29 @@ class ModelLoader:
             self.failures.remember(entry, reason)
             raise ModelUnusable(f"model {entry.id!r} is unusable: {reason}",
                                 param="model") from None
+
+    def _open_split(self, entry: ModelEntry, plan: OffloadPlan, context: int) -> LlamaRuntime:
+        """The runtime with its layers where `plan.split` says; no retry with fewer layers (the
+        workers' memory was measured just now, and a worker's failure is not memory)."""
+        assert self.rpc is not None
+        # Only devices that hold layers: llama.cpp opens a connection to every device it is given.
+        on_devices = [s for s in plan.split if s.kind != "cpu" and s.layers]
+        workers = [s for s in on_devices if s.kind == "rpc"]
+        lease = self.rpc.lease(s.endpoint for s in workers if s.endpoint)
+        try:
+            handles = self.rpc.handles([_worker_device(s) for s in workers])
+            local = self.rpc.library.local_gpus()
+            devices = [handles.pop(0) if s.kind == "rpc" else local[s.index] for s in on_devices]
+            options = RuntimeOptions(n_gpu_layers=plan.n_gpu_layers, context_per_slot=context,
+                                     n_seq=self.settings.parallel, n_threads=self.settings.threads,
+                                     flash_attn=self.settings.flash_attn, devices=tuple(devices),
+                                     tensor_split=tuple(float(s.layers) for s in on_devices))
+            runtime = self.runtime_factory(entry.path, options)
+        except BaseException:
+            lease.release()
+            raise
+        runtime.lease = lease
+        return runtime
 
     def _open_runtime(self, entry: ModelEntry, plan: OffloadPlan,
                       context: int) -> tuple[LlamaRuntime, OffloadPlan]:
@@ -258,6 +316,11 @@ class ModelLoader:
             return
         model.scheduler.stop(reason)
         model.runtime.close()
+
+
+def _worker_device(share: DeviceShare) -> WorkerDevice:
+    assert share.endpoint is not None
+    return WorkerDevice(share.endpoint, share.index, share.free, 0)
 
 
 def _special(meta: dict[str, Any], kind: str, runtime: LlamaRuntime) -> int:
