@@ -217,8 +217,8 @@ def cors_origin(origin: str) -> str:
     return f"{parts.scheme}://{host.lower()}" + (f":{port}" if port is not None else "")
 
 
-_HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
-                       re.IGNORECASE)
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*", re.IGNORECASE)
 
 
 def rpc_endpoint(endpoint: str) -> str:

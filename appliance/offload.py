@@ -174,10 +174,13 @@ def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, 
     counts = [0] * len(devices)
     placed = 0
 
-    def fill(i: int, budget: float) -> None:
+    def fill(i: int, target: float) -> None:
+        """Units onto device i within its budget, up to `target` bytes (a unit counts when at
+        least half of it is within the target: a large output head must not skip a device)."""
         nonlocal placed
         used = 0
-        while placed < len(units) and used + units[placed] <= budget:
+        while (placed < len(units) and used + units[placed] <= budgets[i]
+               and used + units[placed] / 2 <= target):
             used += units[placed]
             placed += 1
             counts[i] += 1
@@ -190,7 +193,7 @@ def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, 
     for i in reversed(workers):  # the first worker also takes what rounding left over
         fill(i, budgets[i] if i == workers[0] else budgets[i] * share)
     shares, unit = [], 0
-    layer_sizes = [output_head_bytes(info)] + list(reversed(info.layer_bytes()))
+    layer_sizes = [output_head_bytes(info), *reversed(info.layer_bytes())]
     for i in reversed(range(len(devices))):
         mine = range(unit, unit + counts[i])
         unit += counts[i]

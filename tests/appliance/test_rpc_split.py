@@ -114,10 +114,10 @@ def test_setting_names_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     config = tmp_path / "config.toml"
     config.write_text('rpc_workers = ["10.0.0.2:50052", "10.0.0.2:50052"]\n')
     monkeypatch.setenv("APPLIANCE_CONFIG", str(config))
-    with pytest.raises(SettingsError, match="rpc_workers.*listed twice"):
+    with pytest.raises(SettingsError, match=r"rpc_workers.*listed twice"):
         load_settings()
     config.write_text('rpc_workers = ["10.0.0.2:50052", "Gpu-Box:50053"]\n')
     assert load_settings().rpc_workers == ["10.0.0.2:50052", "gpu-box:50053"]
     monkeypatch.setenv("APPLIANCE_RPC_WORKERS", '["nohost"]')
-    with pytest.raises(SettingsError, match="APPLIANCE_RPC_WORKERS.*host:port"):
+    with pytest.raises(SettingsError, match=r"APPLIANCE_RPC_WORKERS.*host:port"):
         load_settings()
