@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from appliance import __version__
 from appliance.errors import ApplianceError
-from appliance.library.errors import ModelInUse
 from converter.errors import ConversionError
 
 
@@ -66,17 +66,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _settings(args: argparse.Namespace):
-    from appliance.config import SettingsError, load_settings
-
+def _settings(args: argparse.Namespace, quick: bool = False):
+    """The settings; `quick` (the library's commands) may take the memo of an earlier call
+    with the same inputs, which spares importing pydantic-settings."""
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "models_dir")}
     if getattr(args, "model", None):
         overrides["default_model"] = args.model
+    if quick:
+        from appliance import settings_snapshot
+
+        remembered = settings_snapshot.load(overrides)
+        if remembered is not None:
+            return remembered
+    from appliance.config import SettingsError, load_settings
+
     try:
-        return load_settings(**overrides)
+        settings = load_settings(**overrides)
     except SettingsError as e:
         # EX_CONFIG: the units' RestartPreventExitStatus=78, so systemd does not retry a typo.
         raise UserError(str(e), e.hint, code=os.EX_CONFIG) from None
+    if quick:
+        settings_snapshot.store(settings, overrides)
+    return settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -87,13 +98,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.read_api_key()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot use the API key file: {e}", "create it with mode 0600") from None
+    try:
+        settings.read_upstream_keys()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot use an upstream's key file: {e}",
+                        "create it with mode 0600", code=os.EX_CONFIG) from None
     return serve(settings)
 
 
-def _client(args: argparse.Namespace, timeout: float = 5.0):
+def _client(args: argparse.Namespace, timeout: float = 5.0, settings: Any = None):
     from appliance.client import DaemonClient, base_url
 
-    settings = _settings(args)
+    settings = settings or _settings(args)
     try:
         key = settings.read_api_key()
     except (OSError, ValueError):
@@ -103,6 +119,13 @@ def _client(args: argparse.Namespace, timeout: float = 5.0):
 
 def _format_bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+def context_line(model: dict[str, Any]) -> str:
+    """`4 slots × 8192 tokens of context, f16 KV (auto: ...)` from a status model entry."""
+    line = (f"{model['slots']} slots × {model['context_per_slot']} tokens of context, "
+            f"{model.get('kv_cache_type', 'f16')} KV")
+    return line + (f" ({model['context_reason']})" if model.get("context_reason") else "")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -118,6 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif status.get("failure"):
         line += f" (last load failed: {status['failure']})"
     print(line)
+    if model and "context_per_slot" in model:
+        print("  " + context_line(model))
     for share in (model or {}).get("offload", {}).get("split") or ():
         print(f"  {share['name']}: {share['layers']} layers, "
               f"{_format_bytes(share['weights'] + share['kv'] + share['compute'])} planned")
@@ -135,25 +160,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from appliance.library.commands import cmd_models as list_models
 
-    return list_models(args, _settings(args), _client(args, timeout=1.0))
+    settings = _settings(args, quick=True)
+    return list_models(args, settings, _client(args, timeout=1.0, settings=settings))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from appliance.library.commands import cmd_pull as pull
 
-    return pull(args, _settings(args))
+    return pull(args, _settings(args, quick=True))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from appliance.library.commands import cmd_rm as rm
 
-    return rm(args, _settings(args), _client(args))
+    settings = _settings(args, quick=True)
+    return rm(args, settings, _client(args, settings=settings))
 
 
 def cmd_du(args: argparse.Namespace) -> int:
     from appliance.library.commands import cmd_du as du
 
-    return du(args, _settings(args))
+    return du(args, _settings(args, quick=True))
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -262,13 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the unquantized GGUF, to judge it and measure quantization loss")
     verify.set_defaults(handler=cmd_verify)
 
-    from appliance.config import describe_settings
-
     serve = sub.add_parser(
         "serve", help="run the daemon (OpenAI-compatible API on localhost)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="settings (environment, or the same names in config.toml):\n"
-               + describe_settings())
+        formatter_class=_ServeHelp)
     _address_flags(serve)
     serve.add_argument("--models-dir", type=Path, help="folder of .gguf models")
     serve.add_argument("--model", help="model to load at start-up")
@@ -345,6 +368,18 @@ def _library_parsers(sub: argparse._SubParsersAction) -> None:
     _address_flags(pull)
 
 
+class _ServeHelp(argparse.RawDescriptionHelpFormatter):
+    """`serve --help` ends with every setting; they are imported only for it (importing the
+    settings costs every other command most of a second)."""
+
+    def format_help(self) -> str:
+        from appliance.config import describe_settings
+
+        self.add_text("settings (environment, or the same names in config.toml):\n"
+                      + describe_settings())
+        return super().format_help()
+
+
 def _address_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8471)")
@@ -381,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _default_hint(e: ApplianceError) -> str:
+    from appliance.library.errors import ModelInUse
+
     return "pass --force to unload it first" if isinstance(e, ModelInUse) else ""
 
 

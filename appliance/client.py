@@ -10,9 +10,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.config import Settings
+if TYPE_CHECKING:  # importing the settings costs the CLI most of a second; only types here
+    from appliance.config import Settings
 
 
 class DaemonUnavailable(Exception):

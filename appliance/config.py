@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,6 +36,10 @@ else:  # pydantic-settings reads TOML with tomli before Python 3.11
 
 DEFAULT_PORT = 8471
 MAX_RPC_WORKERS = 16  # GGML_RPC_MAX_SERVERS
+# Context tokens per slot, or "auto": sized to the memory there is (appliance.context_sizing).
+ContextLength = Annotated[int, Field(ge=256, le=2**24)] | Literal["auto"]
+# The K and V cache's type; "auto" picks f16, or q8_0 where f16 would not fit (context_sizing).
+KvCacheType = Literal["auto", "f16", "q8_0", "q4_0"]
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
@@ -63,10 +67,52 @@ class ModelOverrides(BaseModel):
     # environment into every model's settings.
     model_config = ConfigDict(extra="forbid")
 
-    context_length: int | None = Field(None, ge=256, description="context tokens per slot")
+    context_length: ContextLength | None = Field(
+        None, description="context tokens per slot, or auto (sized to free memory)")
+    kv_cache_type: KvCacheType | None = Field(
+        None, description="KV cache type: auto, f16, q8_0 or q4_0 (quantized needs flash_attn)")
     enable_thinking: bool | None = Field(None, description="Qwen3 thinking on by default")
     gpu_layers: int | None = Field(None, ge=0, description="force this many layers on the GPU")
     pin: bool = Field(False, description="never unload this model when idle or for room")
+
+
+MAX_UPSTREAM_MODELS = 256  # ids listed under one [upstreams.NAME]
+
+
+class UpstreamSettings(BaseModel):
+    """Another OpenAI-compatible server under `[upstreams.NAME]`, whose models we route to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="OpenAI-compatible base URL, e.g. http://gpu-box:8000/v1")
+    api_key_file: Path | None = Field(None, description="file (mode 0600) with its bearer key")
+    models: Literal["*"] | list[str] = Field(
+        "*", description='ids routed there, or "*" for every model it lists')
+    timeout_s: float = Field(300.0, gt=0, le=3600,
+                             description="connect, and the longest wait for its next bytes")
+    max_response_bytes: int = Field(64 * 2**20, ge=2**16, le=2**31,
+                                    description="largest non-streamed answer read from it")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return upstream_url(value)
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return value
+        if not value or len(value) > MAX_UPSTREAM_MODELS:
+            raise ValueError(f'list 1 to {MAX_UPSTREAM_MODELS} model ids, or "*"')
+        for mid in value:
+            if not mid or len(mid) > 256 or not mid.isprintable():
+                raise ValueError(f"model id {mid[:40]!r} is empty, too long or not printable")
+        return list(dict.fromkeys(value))
+
+    def read_api_key(self) -> str | None:
+        """Its bearer key, refusing a key file that others can read."""
+        return None if self.api_key_file is None else read_key_file(self.api_key_file)
 
 
 class Settings(BaseSettings):
@@ -87,13 +133,20 @@ class Settings(BaseSettings):
     models: dict[str, ModelOverrides] = Field(
         default_factory=dict, description="per-model overrides under [models.ID] (any case)")
     api_key_file: Path | None = Field(None, description="file (mode 0600) holding the bearer key")
+    upstreams: dict[str, UpstreamSettings] = Field(
+        default_factory=dict, description="other OpenAI-compatible servers under "
+        "[upstreams.NAME] (url, api_key_file, models, timeout_s, max_response_bytes)")
     allowed_hosts: list[str] = Field(default_factory=list,
                                      description="Host header names accepted besides loopback")
     cors_origins: list[str] = Field(default_factory=list,
                                     description="browser origins (scheme://host[:port]) allowed; "
                                     "empty means CORS off")
-    context_length: int = Field(8192, ge=256,
-                                description="context tokens per slot (each of `parallel`)")
+    context_length: ContextLength = Field(
+        "auto", description="context tokens per slot (each of `parallel`), or auto: the most "
+        "that keeps every layer on the GPU (CPU only: up to 8192)")
+    kv_cache_type: KvCacheType = Field(
+        "auto", description="KV cache type for chat models: auto (f16, q8_0 when f16 would not "
+        "fit), f16, q8_0 or q4_0; quantized types need flash_attn")
     enable_thinking: bool = Field(True, description="Qwen3 thinking default for chat")
     parallel: int = Field(4, ge=1, le=64, description="sequences decoded together (slots)")
     max_queue: int = Field(64, ge=0, description="requests waiting beyond the slots; then 503")
@@ -172,6 +225,19 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _quantized_kv_needs_flash_attention(self) -> Settings:
+        # llama.cpp stores a quantized V cache only with flash attention (it refuses the context)
+        if self.flash_attn:
+            return self
+        chosen = [("kv_cache_type", self.kv_cache_type)] + [
+            (f"models.{mid}.kv_cache_type", o.kv_cache_type) for mid, o in self.models.items()]
+        for key, value in chosen:
+            if value in ("q8_0", "q4_0"):
+                raise ValueError(f"{key} = {value} needs flash attention, and flash_attn is "
+                                 "false: set flash_attn = true, or kv_cache_type = \"f16\"")
+        return self
+
+    @model_validator(mode="after")
     def _non_loopback_needs_key(self) -> Settings:
         if not is_loopback(self.host) and self.api_key_file is None:
             raise ValueError(f"host {self.host} is reachable from other machines: "
@@ -183,15 +249,44 @@ class Settings(BaseSettings):
 
     def read_api_key(self) -> str | None:
         """The bearer key, refusing a key file that others can read."""
-        if self.api_key_file is None:
-            return None
-        path = self.api_key_file.expanduser()
-        if path.stat().st_mode & 0o077:
-            raise ValueError(f"{path} is readable by other users: chmod 600 it")
-        key = path.read_text().strip()
-        if not key:
-            raise ValueError(f"{path} is empty")
-        return key
+        return None if self.api_key_file is None else read_key_file(self.api_key_file)
+
+    def read_upstream_keys(self) -> dict[str, str | None]:
+        """Each upstream's key; a ValueError or OSError names the upstream and the file."""
+        keys = {}
+        for name, upstream in self.upstreams.items():
+            try:
+                keys[name] = upstream.read_api_key()
+            except (OSError, ValueError) as e:
+                raise ValueError(f"upstreams.{name}.api_key_file: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+        return keys
+
+
+def read_key_file(path: Path) -> str:
+    """A key from a file only its owner can read (mode 0600 or stricter)."""
+    path = path.expanduser()
+    if path.stat().st_mode & 0o077:
+        raise ValueError(f"{path} is readable by other users: chmod 600 it")
+    key = path.read_text().strip()
+    if not key:
+        raise ValueError(f"{path} is empty")
+    return key
+
+
+def upstream_url(url: str) -> str:
+    """An upstream's base URL: http or https, a host, no credentials, query or fragment."""
+    refusal = (f"upstream url {url[:100]!r} is not an http(s) base URL such as "
+               "http://gpu-box:8000/v1 (credentials go in api_key_file)")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise ValueError(refusal) from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc
+            or parts.query or parts.fragment):
+        raise ValueError(refusal)
+    return url.strip().rstrip("/")
 
 
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
@@ -291,6 +386,7 @@ def _explain(error: ValidationError, given: dict[str, Any]) -> SettingsError:
     tail = f" (and {more} more)" if more else ""
     if first["type"] == "extra_forbidden":
         known = (ModelOverrides.model_fields if loc[:1] == ("models",) and len(loc) == 3
+                 else UpstreamSettings.model_fields if loc[:1] == ("upstreams",) and len(loc) == 3
                  else Settings.model_fields)
         close = difflib.get_close_matches(loc[-1], list(known), n=1)
         return SettingsError(f"unknown setting {key} in {where}{tail}",

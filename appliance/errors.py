@@ -103,3 +103,34 @@ class WorkerUnavailable(ServiceUnavailable):
     """An RPC worker in `rpc_workers` does not answer (or cannot serve); the message names it."""
 
     code = "rpc_worker_unavailable"
+
+
+class UpstreamUnavailable(ServiceUnavailable):
+    """An upstream server cannot be reached (refused, DNS, reset before answering)."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamBadAnswer(ApplianceError):
+    """An upstream answered with something we cannot pass on (too large, not JSON, a redirect,
+    our key refused, a stream broken off)."""
+
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
+
+
+class UpstreamTimeout(ApplianceError):
+    """An upstream did not answer within its timeout_s."""
+
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+class UpstreamDialectUnsupported(ApplianceError):
+    """The model is served by an upstream, which this dialect does not route to."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "upstream_dialect_unsupported"

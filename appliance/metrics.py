@@ -50,6 +50,21 @@ class Metrics:
         self.slots_busy = Gauge("appliance_slots_busy", "slots decoding a request", registry=r)
         self.vram_used = Gauge("appliance_vram_used_bytes", "GPU memory in use (NVML)", ["gpu"],
                                registry=r)
+        # Per upstream: what we proxied, how it went, and how long its answers took to start.
+        self.upstream_requests = Counter("appliance_upstream_requests",
+                                         "requests proxied to an upstream, by the status we "
+                                         "answered", ["upstream", "status"], registry=r)
+        self.upstream_errors = Counter("appliance_upstream_errors",
+                                       "proxied requests that failed on our side of the "
+                                       "upstream (unreachable, timeout, bad answer)",
+                                       ["upstream", "kind"], registry=r)
+        self.upstream_latency = Histogram("appliance_upstream_latency_seconds",
+                                          "from sending to an upstream to its response "
+                                          "headers (a whole answer when not streamed)",
+                                          ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_up = Gauge("appliance_upstream_up",
+                                 "1 if the upstream's last check or request reached it",
+                                 ["upstream"], registry=r)
         self.vram_total = Gauge("appliance_vram_total_bytes", "GPU memory in total (NVML)",
                                 ["gpu"], registry=r)
 

@@ -1,7 +1,8 @@
 """How many layers to put on the GPU, from measured free VRAM and the model's real tensor sizes.
 
 llama.cpp offloads the last `n_gpu_layers` repeating layers; n_layers + 1 also moves the output
-head. The token embedding stays on the CPU. Each GPU layer also holds its share of the KV cache.
+head. The token embedding stays on the CPU. Each GPU layer also holds its share of the KV cache,
+counted in the bytes of its type (f16, or ggml's q8_0/q4_0 blocks).
 
 The plan also says what stays in RAM (weights not offloaded, their KV cache, the CPU compute
 buffer): the residency manager admits a model beside the resident ones on both figures.
@@ -15,8 +16,19 @@ from typing import Any
 from appliance.gguf_info import GGUFInfo
 
 MIB = 2**20
-KV_BYTES_PER_VALUE = 2  # f16 K and V cache
 N_UBATCH = 512
+# KV cache types: (values per block, bytes per block), as ggml stores them. block_q8_0 is an f16
+# scale and 32 int8 (34 bytes per 32 values); block_q4_0 an f16 scale and 32 nibbles (18 per 32).
+KV_BLOCKS = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
+KV_CACHE_TYPES = tuple(KV_BLOCKS)
+
+
+def kv_type_fits(info: GGUFInfo, kv_type: str) -> bool:
+    """Whether llama.cpp can store this model's K and V rows in `kv_type`: a quantized row must
+    be whole blocks (llama_init_from_model refuses a head size its block does not divide)."""
+    block = KV_BLOCKS[kv_type][0]
+    k, v = head_sizes(info)
+    return k % block == 0 and v % block == 0
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class OffloadPlan:
     n_layers: int
     device: str  # "cpu" or the GPU's name
     reason: str
+    kv_cache_type: str = "f16"
     free_vram: int = 0
     weights_on_gpu: int = 0
     kv_on_gpu: int = 0
@@ -49,6 +62,8 @@ class OffloadPlan:
     kv_in_ram: int = 0
     compute_in_ram: int = 0
     split: tuple[DeviceShare, ...] = ()  # per device, when layers are split over RPC workers
+    context_per_slot: int = 0  # set by appliance.context_sizing with the reason for it
+    context_reason: str = ""
 
     @property
     def planned_vram(self) -> int:
@@ -74,18 +89,25 @@ def with_ram(plan: OffloadPlan, info: GGUFInfo, n_ctx_total: int,
     n_cpu_layers = max(0, plan.n_layers - min(plan.n_gpu_layers, plan.n_layers))
     weights_total = sum(t.nbytes for t in info.tensors)
     weights = max(0, weights_total - plan.weights_on_gpu)
-    kv = kv_bytes_per_layer(info, n_ctx_total) * n_cpu_layers
+    kv = kv_bytes_per_layer(info, n_ctx_total, plan.kv_cache_type) * n_cpu_layers
     compute = compute_buffer_bytes(info, n_ubatch) if plan.n_gpu_layers <= plan.n_layers else 0
     return replace(plan, weights_in_ram=weights, kv_in_ram=kv, compute_in_ram=compute)
 
 
-def kv_bytes_per_layer(info: GGUFInfo, n_ctx_total: int) -> int:
-    n_kv = int(info.arch_value("attention.head_count_kv", info.arch_value("attention.head_count", 1)))
+def head_sizes(info: GGUFInfo) -> tuple[int, int]:
+    """The K and V head sizes (Qwen3 sets them apart from embedding_length / head_count)."""
     head = int(info.arch_value("embedding_length", 0)) // max(
         int(info.arch_value("attention.head_count", 1)), 1)
-    k = int(info.arch_value("attention.key_length", head))
-    v = int(info.arch_value("attention.value_length", head))
-    return n_ctx_total * n_kv * (k + v) * KV_BYTES_PER_VALUE
+    return (int(info.arch_value("attention.key_length", head)),
+            int(info.arch_value("attention.value_length", head)))
+
+
+def kv_bytes_per_layer(info: GGUFInfo, n_ctx_total: int, kv_type: str = "f16") -> int:
+    """One layer's K and V cache for `n_ctx_total` cells, in `kv_type`'s real bytes."""
+    n_kv = int(info.arch_value("attention.head_count_kv", info.arch_value("attention.head_count", 1)))
+    k, v = head_sizes(info)
+    values, size = KV_BLOCKS[kv_type]
+    return n_ctx_total * n_kv * (-(-k // values) + -(-v // values)) * size
 
 
 def output_head_bytes(info: GGUFInfo) -> int:
@@ -104,25 +126,28 @@ def compute_buffer_bytes(info: GGUFInfo, n_ubatch: int = N_UBATCH) -> int:
 
 def plan_offload(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str,
                  margin: int, gpu_build: bool, forced_layers: int | None = None,
-                 n_ubatch: int = N_UBATCH) -> OffloadPlan:
+                 n_ubatch: int = N_UBATCH, kv_type: str = "f16") -> OffloadPlan:
     """Layers on the GPU from free VRAM, and what that leaves in RAM."""
     plan = _plan_gpu(info, n_ctx_total=n_ctx_total, free_vram=free_vram, device=device,
                      margin=margin, gpu_build=gpu_build, forced_layers=forced_layers,
-                     n_ubatch=n_ubatch)
+                     n_ubatch=n_ubatch, kv_type=kv_type)
     return with_ram(plan, info, n_ctx_total, n_ubatch)
 
 
 def _plan_gpu(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str, margin: int,
-              gpu_build: bool, forced_layers: int | None, n_ubatch: int) -> OffloadPlan:
+              gpu_build: bool, forced_layers: int | None, n_ubatch: int,
+              kv_type: str) -> OffloadPlan:
     n_layers = info.n_layers
     if forced_layers is not None:
         return OffloadPlan(min(forced_layers, n_layers + 1), n_layers,
-                           device if forced_layers > 0 else "cpu", "set in configuration")
+                           device if forced_layers > 0 else "cpu", "set in configuration",
+                           kv_type)
     if not gpu_build:
-        return OffloadPlan(0, n_layers, "cpu", "CPU only: llama.cpp was built without GPU support")
+        return OffloadPlan(0, n_layers, "cpu", "CPU only: llama.cpp was built without GPU support",
+                           kv_type)
     if free_vram <= 0:
-        return OffloadPlan(0, n_layers, "cpu", "CPU only: no NVIDIA GPU found")
-    kv = kv_bytes_per_layer(info, n_ctx_total)
+        return OffloadPlan(0, n_layers, "cpu", "CPU only: no NVIDIA GPU found", kv_type)
+    kv = kv_bytes_per_layer(info, n_ctx_total, kv_type)
     compute = compute_buffer_bytes(info, n_ubatch)
     budget = free_vram - margin - compute
     layers = info.layer_bytes()
@@ -143,7 +168,7 @@ def _plan_gpu(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str, 
         reason = "all layers on the GPU"
     else:
         reason = f"{count} of {n_layers} layers fit in free VRAM"
-    return OffloadPlan(count, n_layers, device if count else "cpu", reason, free_vram,
+    return OffloadPlan(count, n_layers, device if count else "cpu", reason, kv_type, free_vram,
                        weights, kv_total, compute if count else 0, margin)
 
 
@@ -153,7 +178,7 @@ def fewer_layers(n_gpu_layers: int) -> int:
 
 
 def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, margin: int,
-               n_ubatch: int = N_UBATCH) -> OffloadPlan:
+               n_ubatch: int = N_UBATCH, kv_type: str = "f16") -> OffloadPlan:
     """Layers across `devices` (in llama.cpp's device order: workers, then local GPUs) and the
     CPU. Local GPUs fill first (no network between them and the output); the workers share what
     is left in proportion to their free memory (as llama.cpp's own default split does); the CPU
@@ -165,7 +190,7 @@ def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, 
     figures are the local GPUs' share; a worker's share costs this machine nothing.
     """
     n_layers = info.n_layers
-    kv = kv_bytes_per_layer(info, n_ctx_total)
+    kv = kv_bytes_per_layer(info, n_ctx_total, kv_type)
     compute = compute_buffer_bytes(info, n_ubatch)
     # Offload units from the top: the output head (no KV), then layer n-1 down to 0.
     units = [output_head_bytes(info)] + [size + kv for size in reversed(info.layer_bytes())]
@@ -221,7 +246,7 @@ def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, 
     else:
         reason = f"{placed} of {n_layers + 1} layers on {', '.join(used)}, {n_cpu} on the CPU"
     return OffloadPlan(
-        placed, n_layers, "+".join(used) or "cpu", reason,
+        placed, n_layers, "+".join(used) or "cpu", reason, kv_type,
         free_vram=sum(s.free for s in local), weights_on_gpu=sum(s.weights for s in local),
         kv_on_gpu=sum(s.kv for s in local), compute_buffer=sum(s.compute for s in local),
         margin=margin, weights_in_ram=cpu.weights, kv_in_ram=cpu.kv,

@@ -1,31 +1,48 @@
-"""Which models exist: every .gguf in the models folder, with metadata read from its header."""
+"""Which models exist: every .gguf in the models folder, with metadata read from its header.
+
+A split GGUF (`NAME-00001-of-00003.gguf`, ...) is one model, NAME: its entry's path is the first
+part (llama.cpp finds the others beside it), its info joins every part's tensors, and it is
+unusable until every part is there.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.errors import ModelNotFound, ModelUnusable
-from appliance.gguf_info import GGUFError, GGUFInfo, read_gguf_info
+from appliance.gguf_info import GGUFError, GGUFInfo
+from appliance.library.headers import HeaderCache
+from appliance.library.manifest import group_models, missing_parts, split_id
 
 log = logging.getLogger(__name__)
 
 
 def model_id(path: Path) -> str:
-    """A readable id from the file name: `Qwen3-8B-Q4_K_M.gguf` → `qwen3-8b-q4_k_m`."""
-    return path.stem.lower()
+    """A readable id from the file name: `Qwen3-8B-Q4_K_M.gguf` → `qwen3-8b-q4_k_m` (a split
+    model's parts share their stem's id)."""
+    return split_id(path.stem)[0]
 
 
 @dataclass
 class ModelEntry:
     id: str
-    path: Path
+    path: Path  # what llama.cpp opens: the file, or a split model's first part
     info: GGUFInfo | None
     error: str | None  # why the model is unusable, or None
-    signature: tuple[int, float]  # (size, mtime): re-read the header when it changes
+    signature: tuple[int, float]  # (size, mtime) of `path`: re-read the header when it changes
+    files: list[Path] = field(default_factory=list)  # every part, the first one first
+    size: int = 0  # bytes of every part together
+
+    def __post_init__(self) -> None:
+        if not self.files:
+            self.files = [self.path]
+        if not self.size:
+            self.size = self.signature[0]
 
     @property
     def usable(self) -> bool:
@@ -33,7 +50,9 @@ class ModelEntry:
 
     def describe(self) -> dict[str, Any]:
         data: dict[str, Any] = {"id": self.id, "path": str(self.path), "usable": self.usable,
-                                "error": self.error, "file_size": self.signature[0]}
+                                "error": self.error, "file_size": self.size}
+        if len(self.files) > 1:
+            data["files"] = [f.name for f in self.files]
         if self.info is not None:
             data.update({
                 "architecture": self.info.architecture,
@@ -48,40 +67,51 @@ class ModelEntry:
 
 
 class Registry:
-    """The models folder, re-scanned on demand; headers are re-read only for changed files."""
+    """The models folder, re-scanned on demand; headers are re-read only for changed files
+    (and, with a disk-backed HeaderCache, not even across processes)."""
 
-    def __init__(self, models_dir: Path, aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, models_dir: Path, aliases: dict[str, str] | None = None,
+                 headers: HeaderCache | None = None) -> None:
         self.models_dir = models_dir
         self.aliases = {k.lower(): v.lower() for k, v in (aliases or {}).items()}
+        self.headers = headers or HeaderCache()
         self._entries: dict[str, ModelEntry] = {}
+        self._stamps: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._lock = threading.Lock()
 
     def scan(self) -> list[ModelEntry]:
         with self._lock:
             found: dict[str, ModelEntry] = {}
-            paths = sorted(self.models_dir.glob("*.gguf")) if self.models_dir.is_dir() else []
-            for path in paths:
+            stamps: dict[str, tuple[tuple[str, int, int], ...]] = {}
+            for mid, files in group_models(self.models_dir).items():
                 try:
-                    stat = path.stat()
+                    stats = [os.stat(f) for f in files]
                 except OSError:
                     continue
-                signature = (stat.st_size, stat.st_mtime)
-                mid = model_id(path)
+                stamp = tuple((str(f), s.st_size, s.st_mtime_ns) for f, s in zip(files, stats, strict=True))
+                stamps[mid] = stamp
                 old = self._entries.get(mid)
-                if old is not None and old.path == path and old.signature == signature:
+                if old is not None and self._stamps.get(mid) == stamp:
                     found[mid] = old
                     continue
-                try:
-                    info, error = read_gguf_info(path), None
-                except GGUFError as e:
-                    info, error = None, str(e)
-                    log.warning("model %s is unusable: %s", path, error)
-                except Exception as e:  # a crafted file must never stop a scan
-                    info, error = None, f"unreadable header: {e!r}"
-                    log.warning("model %s is unusable: %s", path, error)
-                found[mid] = ModelEntry(mid, path, info, error, signature)
-            self._entries = found
+                found[mid] = self._read(mid, files, stats)
+            self._entries, self._stamps = found, stamps
+            self.headers.save()
             return list(found.values())
+
+    def _read(self, mid: str, files: list[Path], stats: list[os.stat_result]) -> ModelEntry:
+        info, error = None, missing_parts(files)
+        if error is None:
+            try:
+                info = self.headers.model_info(files)
+            except GGUFError as e:
+                error = str(e)
+            except Exception as e:  # a crafted file must never stop a scan
+                error = f"unreadable header: {e!r}"
+        if error is not None:
+            log.warning("model %s is unusable: %s", files[0], error)
+        return ModelEntry(mid, files[0], info, error, (stats[0].st_size, stats[0].st_mtime),
+                          files, sum(s.st_size for s in stats))
 
     def resolve(self, name: str) -> ModelEntry:
         """The entry for an id or alias; raises ModelNotFound or ModelUnusable."""

@@ -128,8 +128,15 @@ class _Server(uvicorn.Server):
         # before uvicorn's own (longer) graceful timeout would cut their connections.
         state = self.config.app.state
         drain = asyncio.create_task(state.manager.drain(state.settings.switch_wait_s))
+        # Pulls are cancelled at once: their progress streams end (so their connections do not
+        # hold the stop) and each partial file is left whole for the next pull to resume.
+        jobs = getattr(state, "pull_jobs", None)
+        pulls = asyncio.create_task(asyncio.to_thread(jobs.stop)) if jobs is not None else None
         await super().shutdown(sockets)
         await drain
+        if pulls is not None and (left := await pulls):
+            log.warning("stopping while pulls of %s still run; their partial files are kept",
+                        ", ".join(left))
 
 
 def serve(settings: Settings) -> int:

@@ -107,11 +107,14 @@ command -v cc >/dev/null || command -v gcc >/dev/null \
 command -v c++ >/dev/null || command -v g++ >/dev/null \
     || die "no C++ compiler found" "sudo apt install build-essential"
 
-cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_RPC=ON"
+# Instruction sets: portable AVX2 unless APPLIANCE_LLAMA_CPU=native (installer/cpu-flags.sh).
+# RPC: the ggml RPC backend, for rpc_workers and `appliance worker`.
+cpu_flags="$("$repo/installer/cpu-flags.sh") -DGGML_RPC=ON"
+cmake_args="$cpu_flags"
 target="CPU"
 if [ "$cpu" = 0 ] && command -v nvcc >/dev/null && { command -v nvidia-smi >/dev/null || [ -e /dev/nvidia0 ]; }; then
     arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '.')
-    cmake_args="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_RPC=ON"
+    cmake_args="-DGGML_CUDA=on $cpu_flags"
     [ -n "$arch" ] && cmake_args="$cmake_args -DCMAKE_CUDA_ARCHITECTURES=$arch"
     target="CUDA${arch:+ (sm_$arch)}"
 elif [ "$cpu" = 0 ] && { command -v nvidia-smi >/dev/null || [ -e /dev/nvidia0 ]; }; then

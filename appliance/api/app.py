@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,11 +18,13 @@ from appliance.api.routes import anthropic, control, embeddings, library, ollama
 from appliance.api.security import SecurityMiddleware
 from appliance.config import Settings
 from appliance.engine.runtime import LlamaRuntime
+from appliance.errors import ModelNotFound, ModelUnusable
 from appliance.gpu import GpuProbe, open_probe
 from appliance.metrics import Metrics
 from appliance.registry import Registry
 from appliance.residency.loader import ModelLoader, RuntimeFactory
 from appliance.residency.manager import ModelManager
+from appliance.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
                runtime_factory: RuntimeFactory = LlamaRuntime) -> FastAPI:
     """Build the daemon's app; `probe` and `runtime_factory` are the hardware seams for tests."""
     api_key = settings.read_api_key()
+    upstream_keys = settings.read_upstream_keys()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +67,10 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
         manager = ModelManager(settings, registry, loader)
         manager.load_seconds_observed = metrics.model_load_seconds.set
         app.state.registry, app.state.manager, app.state.probe = registry, manager, gpu
+        upstreams = UpstreamPool(settings.upstreams, upstream_keys, metrics,
+                                 is_local=partial(_is_local, registry))
+        app.state.upstreams = upstreams
+        upstreams.start()
         tasks = []
         if settings.default_model:
             tasks.append(asyncio.create_task(_load_default(manager, settings.default_model)))
@@ -72,6 +80,7 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await upstreams.close()
             await manager.close()
             gpu.close()
 
@@ -101,6 +110,17 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key",
                                           "Anthropic-Version"])
     return app
+
+
+def _is_local(registry: Registry, name: str) -> bool:
+    """Whether `name` is a local model or alias (blocking: it may rescan the folder)."""
+    try:
+        registry.resolve(name)
+    except ModelNotFound:
+        return False
+    except ModelUnusable:
+        return True  # local, and its own error says why it cannot serve
+    return True
 
 
 async def _load_default(manager: ModelManager, name: str) -> None:

@@ -164,7 +164,7 @@ def tag_entries(registry: Registry, digests: FileDigests) -> list[dict[str, Any]
     for entry in registry.scan():
         if not entry.usable:
             continue
-        item = {"size": entry.signature[0], "digest": digests.get(entry),
+        item = {"size": entry.size, "digest": digests.get(entry),
                 "modified_at": iso_time(entry.signature[1]), "details": details(entry)}
         for name in [entry.id, *registry.aliases_of(entry.id)]:
             models.append({"name": ollama_name(name), "model": ollama_name(name), **item})

@@ -23,6 +23,10 @@ _backend_ready = False
 
 FLASH_ATTN_AUTO = -1
 FLASH_ATTN_DISABLED = 0
+FLASH_ATTN_ENABLED = 1
+# K and V cache types (ggml_type ids) by the names the settings use.
+KV_GGML_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+                 "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
 def ensure_backend() -> None:
@@ -58,6 +62,7 @@ class RuntimeOptions:
     flash_attn: bool = True
     n_batch: int = 512
     unified_kv: bool = False
+    kv_cache_type: str = "f16"  # K and V alike
     # A split over RPC workers: ggml_backend_dev_t of each device holding layers, in llama.cpp's
     # order, and the offload units each holds (llama.cpp's tensor_split). Empty: the defaults.
     devices: tuple[int, ...] = ()
@@ -102,13 +107,24 @@ class LlamaRuntime:
         # token attends to all cells in use (bench/batch_ceiling.py measures both).
         ctx_params.kv_unified = options.unified_kv
         ctx_params.flash_attn_type = FLASH_ATTN_AUTO if options.flash_attn else FLASH_ATTN_DISABLED
+        ctx_params.type_k = ctx_params.type_v = KV_GGML_TYPES[options.kv_cache_type]
+        if options.kv_cache_type != "f16":
+            # llama.cpp reads a quantized V cache only inside flash attention; "auto" could
+            # still settle on the plain path for a device, so it is asked for outright.
+            if not options.flash_attn:
+                llama_cpp.llama_model_free(self.model)
+                self.model = None
+                raise LoadFailed(f"kv_cache_type {options.kv_cache_type} needs flash attention "
+                                 "(flash_attn = true)")
+            ctx_params.flash_attn_type = FLASH_ATTN_ENABLED
         ctx_params.no_perf = False
         self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             self.model = None
             raise LoadFailed(f"llama.cpp could not create a context of "
-                             f"{ctx_params.n_ctx} tokens for {path.name}")
+                             f"{ctx_params.n_ctx} tokens ({options.kv_cache_type} KV) "
+                             f"for {path.name}")
         # A unified cache would let one sequence take every cell; the scheduler holds each to
         # its share so that all slots always fit.
         self.context_per_slot = min(llama_cpp.llama_n_ctx_seq(self.ctx), options.context_per_slot)

@@ -26,12 +26,14 @@ def format_params(n: int | None) -> str:
 
 
 def _machine(settings: Any) -> Any:
+    from appliance.context_sizing import listing_context
     from appliance.gpu import open_probe
     from appliance.library.fit import read_machine
 
     probe = open_probe(settings.gpu)
     try:
-        return read_machine(probe, n_ctx_total=settings.context_length * settings.parallel,
+        n_ctx_total = listing_context(settings.context_length) * settings.parallel
+        return read_machine(probe, n_ctx_total=n_ctx_total,
                             margin_mib=settings.vram_margin_mib), bool(probe.devices())
     finally:
         probe.close()
@@ -106,7 +108,8 @@ def cmd_du(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_models(args: argparse.Namespace, settings: Any, client: Any) -> int:
     from appliance.client import DaemonError, DaemonUnavailable
-    from appliance.library.fit import measure_and_cache
+    from appliance.library.fit import cache_dir, measure_and_cache
+    from appliance.library.headers import HEADERS_FILE, HeaderCache
     from appliance.library.listing import describe_all
     from appliance.library.manifest import disk_use, installed
 
@@ -132,7 +135,8 @@ def cmd_models(args: argparse.Namespace, settings: Any, client: Any) -> int:
             print(f"  not measured: {e}", file=sys.stderr)
         machine, _ = _machine(settings)
     forced = {mid: o.gpu_layers for mid, o in settings.models.items()}
-    models = describe_all(folder, machine, forced)
+    # Headers read once are kept (by path, size and mtime): a listing reads only new files.
+    models = describe_all(folder, machine, forced, HeaderCache(cache_dir() / HEADERS_FILE))
     if not models:
         print(f"no models in {folder} (appliance pull Qwen/Qwen3-8B-GGUF, or add .gguf files)")
         return 0

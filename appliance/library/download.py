@@ -7,15 +7,24 @@ where http.client reads 900 MB/s and curl 400 MB/s, and a pull must keep up with
 (the hub sends LFS files to a CDN) are followed, without the token on another host. Where a proxy
 is configured (HTTPS_PROXY and friends) the download goes through huggingface-hub's session,
 which honours it.
+
+Receiving, writing and hashing overlap: this thread only receives, into a few large reused
+buffers; a writer thread appends each one to the file and asks the kernel to start writing back
+every WRITEBACK bytes, so that the one fsync at the end finds little left to do; a hasher thread
+hashes them (hashlib and file writes drop the GIL). A cancel (the daemon stopping) shuts the socket, so a read
+that waits on a slow network returns at once; what was received stays in the partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import http.client
 import logging
+import os
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -36,7 +45,10 @@ from appliance.library.hub import OFFLINE_HINT, TOKEN_HINT, hub_errors
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 2**20  # measured: 1 MiB chunks cost ~10 % against curl on localhost, 4 MiB ~2 %
+CHUNK = 8 * 2**20  # one buffer; measured: 1 MiB chunks cost ~10 % against curl, 4 MiB ~2 %
+BUFFERS = 4  # in flight between receiving and writing: 32 MiB of memory at most
+HAND_OFF_S = 0.5  # a partly filled buffer goes to the writer after this: progress on slow links
+WRITEBACK = 64 * 2**20  # start the kernel writing back every this many bytes
 MAX_REDIRECTS = 5
 RETRIES = 5  # connection drops resumed in a row before giving up (a made progress resets it)
 BACKOFF_S = (0.5, 1, 2, 4, 8)
@@ -50,26 +62,37 @@ class Cancelled(LibraryError):
     code = "cancelled"
 
 
-class _Hasher:
-    """sha256 on its own thread: hashing (hashlib drops the GIL) overlaps with receiving."""
+CANCELLED = "the pull was cancelled (the daemon is stopping); pulling again resumes it"
+
+
+class Cancel(threading.Event):
+    """A pull's cancel flag; setting it also runs the hooks of what is under way (a download
+    shuts its socket, so a read blocked on a slow network wakes at once)."""
 
     def __init__(self) -> None:
-        self.sha = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
-        self._thread = threading.Thread(target=self._run, name="pull-hash", daemon=True)
-        self._thread.start()
+        super().__init__()
+        self._hooks: list[Callable[[], None]] = []
+        self._hooks_lock = threading.Lock()
 
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self.sha.update(chunk)
+    def set(self) -> None:
+        super().set()
+        with self._hooks_lock:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            with contextlib.suppress(Exception):
+                hook()
 
-    def update(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
-
-    def hexdigest(self) -> str:
-        self._queue.put(None)
-        self._thread.join()
-        return self.sha.hexdigest()
+    @contextlib.contextmanager
+    def hooked(self, hook: Callable[[], None]) -> Iterator[None]:
+        with self._hooks_lock:
+            self._hooks.append(hook)
+        try:
+            if self.is_set():
+                hook()
+            yield
+        finally:
+            with self._hooks_lock:
+                self._hooks.remove(hook)
 
 
 def hash_file(path: Path, limit: int | None = None) -> Any:
@@ -86,9 +109,115 @@ def hash_file(path: Path, limit: int | None = None) -> Any:
     return sha
 
 
+def _writeback() -> Callable[[int, int, int], Any]:
+    """sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE): start writing pages back without
+    waiting (Linux); elsewhere nothing, and the final fsync does it all."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    except (OSError, AttributeError):
+        return lambda fd, offset, n: None
+    return lambda fd, offset, n: call(fd, offset, n, 2)
+
+
+class _Sink:
+    """The partial file's two threads: the writer appends buffers in order and starts their
+    writeback, the hasher hashes them in the same order (after the bytes already there, for a
+    resumed pull) and hands each buffer back to the receiver. Each thread is its own share of a
+    busy machine's CPU, and hashlib and writes both drop the GIL."""
+
+    def __init__(self, out: Any, have: int, free: queue.Queue[bytearray]) -> None:
+        self.out = out
+        self.fd = out.fileno()
+        self.free = free
+        self.written = have
+        self.error: BaseException | None = None
+        self._existing = have
+        self._synced = have
+        self._sha = hashlib.sha256()
+        self._writeback = _writeback()
+        self._start()
+
+    def _start(self) -> None:
+        self._writes: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._hashes: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._threads = [threading.Thread(target=self._write, name="pull-write", daemon=True),
+                         threading.Thread(target=self._hash, name="pull-hash", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, buffer: bytearray, n: int) -> None:
+        self._writes.put((buffer, n))
+
+    def _write(self) -> None:
+        while (item := self._writes.get()) is not None:
+            buffer, n = item
+            if self.error is None:
+                try:
+                    self.out.write(memoryview(buffer)[:n])
+                    self.written += n
+                    if self.written - self._synced >= WRITEBACK:
+                        self._writeback(self.fd, self._synced, self.written - self._synced)
+                        self._synced = self.written
+                except BaseException as e:  # a full disk: the receiver stops and raises it
+                    self.error = e
+            self._hashes.put(item)
+        self._hashes.put(None)
+
+    def _hash(self) -> None:
+        if self._existing:
+            try:
+                self._sha = self._hash_existing()
+            except BaseException as e:  # reported by the receiving thread
+                self.error = e
+        while (item := self._hashes.get()) is not None:
+            buffer, n = item
+            if self.error is None:
+                self._sha.update(memoryview(buffer)[:n])
+            self.free.put(buffer)
+
+    def _hash_existing(self) -> Any:
+        sha = hashlib.sha256()
+        left = self._existing
+        offset = 0
+        while left > 0:
+            chunk = os.pread(self.fd, min(CHUNK, left), offset)
+            if not chunk:
+                break
+            sha.update(chunk)
+            left -= len(chunk)
+            offset += len(chunk)
+        return sha
+
+    def drain(self) -> None:
+        """Wait until every buffer handed over is written and hashed; raise what was hit."""
+        self._writes.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def restart(self) -> None:
+        """Empty the file and the hash (the server ignored a Range); the sink runs again."""
+        self.drain()
+        self.out.truncate(0)
+        self.out.seek(0)
+        self.written = self._existing = self._synced = 0
+        self._sha = hashlib.sha256()
+        self._start()
+
+    def finish(self) -> str:
+        """Every byte written and on the disk (one fsync); the sha256 in hex."""
+        self.drain()
+        self.out.flush()
+        os.fsync(self.fd)
+        return self._sha.hexdigest()
+
+
 def download(url: str, partial: Path, *, size: int, sha256: str | None,
              headers: dict[str, str], repo: str, on_bytes: Callable[[int], None],
-             cancel: threading.Event | None = None, timeout: float = 30.0) -> str:
+             cancel: Cancel | None = None, timeout: float = 30.0) -> str:
     """Fetch `url` into `partial`, resuming what is there; return its sha256 once it is whole
     and matches (`sha256` None: the hub gave none, a small git file). Deletes a mismatch."""
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -96,49 +225,73 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
     if have > size:
         partial.unlink()
         have = 0
-    hasher = _Hasher()
-    if have:  # resuming: the bytes on disk count towards the hash
-        hasher.sha = hash_file(partial, have)
+    if have:
         log.info("resuming %s at %d of %d bytes", partial.name, have, size)
     on_bytes(have)
+    cancel = cancel or Cancel()
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(BUFFERS):
+        free.put(bytearray(CHUNK))
     failures = 0
-    with partial.open("ab") as out:
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the pull was cancelled")
-            request_headers = {**headers, "Accept-Encoding": "identity"}
-            if have:
-                request_headers["Range"] = f"bytes={have}-"
-            try:
-                with _stream(url, request_headers, repo, timeout) as (status, read):
-                    if have and status != 206:
-                        # The server ignored the Range: start over rather than append twice.
-                        out.truncate(0)
-                        out.seek(0)
-                        have = 0
-                        hasher = _Hasher()
-                        on_bytes(0)
-                    while chunk := read(CHUNK):
-                        out.write(chunk)
-                        hasher.update(chunk)
-                        have += len(chunk)
-                        on_bytes(have)
-                        failures = 0
-                        if cancel is not None and cancel.is_set():
-                            raise Cancelled("the pull was cancelled")
-                if have >= size:
-                    break
-                raise HubUnreachable(f"the connection ended at {have} of {size} bytes")
-            except HubUnreachable as e:
-                out.flush()
-                failures += 1
-                if failures > RETRIES:
-                    raise HubUnreachable(f"the download from {repo} broke off {failures} times "
-                                         f"at {have} of {size} bytes ({e})", OFFLINE_HINT) from None
-                log.warning("download broke off at %d of %d bytes (%s); resuming", have, size, e)
-                time.sleep(BACKOFF_S[min(failures, len(BACKOFF_S)) - 1])
-        out.flush()
-    digest = hasher.hexdigest()
+    with partial.open("a+b") as out:  # read too: a resume hashes what is there
+        sink = _Sink(out, have, free)
+        try:
+            while have < size:  # a partial already whole (cut short before its install) is
+                if cancel.is_set():  # only hashed again
+                    raise Cancelled(CANCELLED)
+                request_headers = {**headers, "Accept-Encoding": "identity"}
+                if have:
+                    request_headers["Range"] = f"bytes={have}-"
+                try:
+                    with _stream(url, request_headers, repo, timeout) as (status, read, abort), \
+                            cancel.hooked(abort):
+                        if have and status != 206:
+                            # The server ignored the Range: start over rather than append twice.
+                            sink.restart()
+                            have = 0
+                            on_bytes(0)
+                        while have < size:
+                            buffer = free.get()
+                            if sink.error is not None:
+                                free.put(buffer)
+                                sink.drain()  # raises the writer's error
+                            try:
+                                n = _fill(buffer, read, cancel)
+                            except BaseException:
+                                free.put(buffer)  # its bytes are fetched again on the retry
+                                raise
+                            if n:
+                                sink.put(buffer, n)
+                                have += n
+                                on_bytes(have)
+                                failures = 0
+                            else:
+                                free.put(buffer)
+                            if cancel.is_set():
+                                raise Cancelled(CANCELLED)
+                            if not n:
+                                break
+                    if have >= size:
+                        break
+                    raise HubUnreachable(f"the connection ended at {have} of {size} bytes")
+                except HubUnreachable as e:
+                    if cancel.is_set():
+                        raise Cancelled(CANCELLED) from None
+                    failures += 1
+                    if failures > RETRIES:
+                        raise HubUnreachable(f"the download from {repo} broke off {failures} "
+                                             f"times at {have} of {size} bytes ({e})",
+                                             OFFLINE_HINT) from None
+                    log.warning("download broke off at %d of %d bytes (%s); resuming", have,
+                                size, e)
+                    if cancel.wait(BACKOFF_S[min(failures, len(BACKOFF_S)) - 1]):
+                        raise Cancelled(CANCELLED) from None
+            digest = sink.finish()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                sink.drain()  # what arrived is written: a later pull resumes after it
+            out.flush()
+            raise
     actual = partial.stat().st_size
     if actual != size:
         partial.unlink(missing_ok=True)
@@ -152,14 +305,32 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
     return digest
 
 
-Reader = Callable[[int], bytes]
+Reader = Callable[[int], bytes]  # up to n bytes with at most one system call; b"" at the end
+
+
+def _fill(buffer: bytearray, read: Reader, cancel: threading.Event) -> int:
+    """Receive into `buffer` until it is full, the body ends, or HAND_OFF_S passed with some
+    bytes in it (so progress flows on slow links); the count received."""
+    view = memoryview(buffer)
+    n = 0
+    started = time.monotonic()
+    while n < len(buffer):
+        data = read(len(buffer) - n)
+        if not data:
+            break
+        view[n:n + len(data)] = data
+        n += len(data)
+        if cancel.is_set() or time.monotonic() - started > HAND_OFF_S:
+            break
+    return n
 
 
 @contextlib.contextmanager
 def _stream(url: str, headers: dict[str, str], repo: str,
-            timeout: float) -> Iterator[tuple[int, Reader]]:
-    """(status, read) for a GET of `url`; http.client, or huggingface-hub's session behind a
-    proxy. Transport failures and 5xx become HubUnreachable (retried), 4xx our typed errors."""
+            timeout: float) -> Iterator[tuple[int, Reader, Callable[[], None]]]:
+    """(status, read, abort) for a GET of `url`; http.client, or huggingface-hub's session
+    behind a proxy. Transport failures and 5xx become HubUnreachable (retried), 4xx our typed
+    errors. `abort` (from another thread) makes a waiting read return."""
     scheme = urlsplit(url).scheme
     if urllib.request.getproxies().get(scheme):
         from huggingface_hub.utils import get_session, hf_raise_for_status
@@ -168,8 +339,8 @@ def _stream(url: str, headers: dict[str, str], repo: str,
                                                     follow_redirects=True,
                                                     timeout=timeout) as response:
             hf_raise_for_status(response)
-            chunks = response.iter_bytes(CHUNK)
-            yield response.status_code, lambda _: next(chunks, b"")
+            chunks = response.iter_bytes(2**20)
+            yield response.status_code, lambda _: next(chunks, b""), response.close
         return
     with _direct(url, headers, repo, timeout) as answer:
         yield answer
@@ -181,7 +352,7 @@ def _unreachable(repo: str, e: Exception) -> HubUnreachable:
 
 @contextlib.contextmanager
 def _direct(url: str, headers: dict[str, str], repo: str,
-            timeout: float) -> Iterator[tuple[int, Reader]]:
+            timeout: float) -> Iterator[tuple[int, Reader, Callable[[], None]]]:
     origin = urlsplit(url).netloc
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
@@ -201,6 +372,7 @@ def _direct(url: str, headers: dict[str, str], repo: str,
             try:
                 connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
                                    headers=sent)
+                sock = connection.sock  # the response may take it over from the connection
                 response = connection.getresponse()
             except (OSError, http.client.HTTPException) as e:
                 raise _unreachable(repo, e) from None
@@ -215,14 +387,21 @@ def _direct(url: str, headers: dict[str, str], repo: str,
                 _raise_for(response.status, response.getheader("X-Error-Code"), repo)
 
             def read(n: int, response: http.client.HTTPResponse = response) -> bytes:
-                # Only the network's failures are retried; a full disk (the caller's write)
-                # is not one of them.
+                # Only the network's failures are retried; a full disk (the writer's) is not.
                 try:
-                    return response.read(n)
+                    data = response.read1(n)
                 except (OSError, http.client.HTTPException) as e:
                     raise _unreachable(repo, e) from None
+                if not data and response.length:  # closed before its Content-Length
+                    raise HubUnreachable(f"the connection for {repo} ended early",
+                                         OFFLINE_HINT)
+                return data
 
-            yield response.status, read
+            def abort(sock: socket.socket | None = sock) -> None:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+
+            yield response.status, read, abort
             return
         finally:
             connection.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +66,16 @@ def cache_dir() -> Path:
 
 def machine_key() -> str:
     """Speed figures belong to one machine and one llama.cpp: a new one is measured afresh."""
-    cpu = platform.processor() or platform.machine()
+    # os.uname, not platform.processor(): that runs `uname -p` in a child process at every
+    # `appliance models`, and on Linux it answers the machine type (or nothing) anyway.
+    node, cpu = os.uname().nodename, os.uname().machine
     try:
         from importlib.metadata import version
 
         llama = version("llama-cpp-python")
     except Exception:  # not installed: the figure is useless anyway
         llama = "?"
-    return f"{platform.node()}|{cpu}|{os.cpu_count()}|llama-cpp-python {llama}"
+    return f"{node}|{cpu}|{os.cpu_count()}|llama-cpp-python {llama}"
 
 
 def read_speed(folder: Path | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from appliance.errors import ServiceUnavailable
+from appliance.library.download import Cancel
 from appliance.library.errors import LibraryError
 from appliance.library.progress import Progress, Throttle
 from appliance.library.pull import Library, PullPlan
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 MAX_PULLS = 2  # downloads share one network link; more at once only slows each
 MAX_WAITING = 8  # pulls queued beyond the running ones; then 503
 KEEP_FINISHED_S = 60.0  # a finished job's outcome stays visible (a late joiner, the tray)
+STOP_WAIT_S = 10.0  # a stopping daemon waits this long for its pulls to put their files down
 
 
 class PullJob:
@@ -36,7 +38,8 @@ class PullJob:
         self.finished = False
         self.finished_at: float | None = None
         self.error: LibraryError | None = None
-        self.cancel = threading.Event()
+        self.cancel = Cancel()
+        self.thread: threading.Thread | None = None
         self._changed = asyncio.Event()  # set and replaced on each change
 
     # -- the worker thread's side ----------------------------------------------------------
@@ -121,8 +124,10 @@ class PullJobs:
                                      retry_after=30)
         job = PullJob(plan, asyncio.get_running_loop())
         self.jobs[plan.model_id] = job
-        threading.Thread(target=self._run, args=(job, force), name=f"pull-{plan.model_id}",
-                         daemon=True).start()  # daemon: a stopping daemon keeps the partial
+        # A daemon thread: a stop cancels it and waits a bounded time (stop()), never more.
+        job.thread = threading.Thread(target=self._run, args=(job, force),
+                                      name=f"pull-{plan.model_id}", daemon=True)
+        job.thread.start()
         return job
 
     def _run(self, job: PullJob, force: bool) -> None:
@@ -152,6 +157,19 @@ class PullJobs:
     def cancel_all(self) -> None:
         for job in self.jobs.values():
             job.cancel.set()
+
+    def stop(self, wait_s: float = STOP_WAIT_S) -> list[str]:
+        """Blocking (call it off the event loop): cancel every pull and wait, up to `wait_s`,
+        for each to reach a clean point: its partial file written and closed (a later pull
+        resumes it), never a model half renamed into the folder. Returns the ids still
+        running after the wait (a conversion inside llama.cpp cannot be interrupted)."""
+        self.cancel_all()
+        deadline = time.monotonic() + wait_s
+        for job in list(self.jobs.values()):
+            if job.thread is not None:
+                job.thread.join(max(0.0, deadline - time.monotonic()))
+        return [j.model_id for j in self.jobs.values()
+                if j.thread is not None and j.thread.is_alive()]
 
     def describe(self) -> list[dict[str, Any]]:
         self._forget_old()

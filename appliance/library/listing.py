@@ -6,37 +6,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from appliance.gguf_info import GGUFError, GGUFInfo, TensorInfo, read_gguf_info
+from appliance.gguf_info import GGUFError, GGUFInfo
 from appliance.library.fit import Machine, fit_model
-from appliance.library.manifest import Installed, installed
+from appliance.library.headers import HeaderCache
+from appliance.library.manifest import Installed, installed, missing_parts
 
 
-def read_model_info(model: Installed) -> GGUFInfo:
+def read_model_info(model: Installed, headers: HeaderCache | None = None) -> GGUFInfo:
     """The header of a model; for a split one, the first part's metadata with every part's
-    tensors (later parts hold only split keys and tensors, so they read fast)."""
-    info = read_gguf_info(model.path)
-    if len(model.files) == 1:
-        return info
-    if not model.complete:
-        raise GGUFError(f"split model is incomplete: {len(model.files)} parts present")
-    import gguf
-
-    tensors = list(info.tensors)
-    size = info.file_size
-    for part in model.files[1:]:
-        try:
-            reader = gguf.GGUFReader(part)
-        except (ValueError, OSError) as e:
-            raise GGUFError(f"part {part.name} is unreadable: {e}") from None
-        size += part.stat().st_size
-        tensors += [TensorInfo(t.name, tuple(int(d) for d in reversed(t.shape.tolist())),
-                               t.tensor_type, int(t.data_offset), int(t.n_bytes))
-                    for t in reader.tensors]
-    return GGUFInfo(model.path, size, info.metadata, info.array_lengths, tensors)
+    tensors. `headers` keeps what was read (on disk, for the CLI)."""
+    missing = missing_parts(model.files)
+    if missing is not None:
+        raise GGUFError(missing)
+    return (headers or HeaderCache()).model_info(model.files)
 
 
-def describe(model: Installed, machine: Machine | None,
-             forced_layers: int | None = None) -> dict[str, Any]:
+def describe(model: Installed, machine: Machine | None, forced_layers: int | None = None,
+             headers: HeaderCache | None = None) -> dict[str, Any]:
     manifest = model.manifest
     item: dict[str, Any] = {
         "id": model.id, "files": [f.name for f in model.files], "size": model.size,
@@ -45,7 +31,7 @@ def describe(model: Installed, machine: Machine | None,
         "usable": True, "error": None,
     }
     try:
-        info = read_model_info(model)
+        info = read_model_info(model, headers)
     except GGUFError as e:
         item.update(usable=False, error=str(e))
         return item
@@ -61,5 +47,10 @@ def describe(model: Installed, machine: Machine | None,
 
 
 def describe_all(models_dir: Path, machine: Machine | None,
-                 forced: dict[str, int | None] | None = None) -> list[dict[str, Any]]:
-    return [describe(m, machine, (forced or {}).get(m.id)) for m in installed(models_dir)]
+                 forced: dict[str, int | None] | None = None,
+                 headers: HeaderCache | None = None) -> list[dict[str, Any]]:
+    headers = headers or HeaderCache()
+    described = [describe(m, machine, (forced or {}).get(m.id), headers)
+                 for m in installed(models_dir)]
+    headers.save()
+    return described

@@ -102,8 +102,7 @@ class Installed:
 
     @property
     def complete(self) -> bool:
-        match = SPLIT.match(self.files[0].stem)
-        return match is None or len(self.files) == int(match.group("count"))
+        return missing_parts(self.files) is None
 
 
 def split_id(stem: str) -> tuple[str, int]:
@@ -114,18 +113,32 @@ def split_id(stem: str) -> tuple[str, int]:
     return stem.lower(), 0
 
 
-def installed(models_dir: Path) -> list[Installed]:
-    """Every model in the folder, split parts grouped under one id, sorted by id."""
+def group_models(models_dir: Path) -> dict[str, list[Path]]:
+    """The folder's .gguf files by model id, a split model's parts in order."""
     groups: dict[str, list[tuple[int, Path]]] = {}
     if models_dir.is_dir():
         for path in models_dir.glob("*.gguf"):
             mid, part = split_id(path.stem)
             groups.setdefault(mid, []).append((part, path))
-    found = []
-    for mid in sorted(groups):
-        parts = [p for _, p in sorted(groups[mid])]
-        found.append(Installed(mid, parts, read_manifest(models_dir, mid)))
-    return found
+    return {mid: [p for _, p in sorted(parts)] for mid, parts in sorted(groups.items())}
+
+
+def missing_parts(files: list[Path]) -> str | None:
+    """Why a split model is incomplete, or None when it is whole (or not split)."""
+    match = SPLIT.match(files[0].stem)
+    if match is None:
+        return None if len(files) == 1 else f"{len(files)} files share one id"
+    count = int(match.group("count"))
+    numbers = [int(m.group("part")) if (m := SPLIT.match(f.stem)) else 0 for f in files]
+    if numbers != list(range(1, count + 1)):
+        return f"split model is incomplete: parts {numbers} of {count} are here"
+    return None
+
+
+def installed(models_dir: Path) -> list[Installed]:
+    """Every model in the folder, split parts grouped under one id, sorted by id."""
+    return [Installed(mid, files, read_manifest(models_dir, mid))
+            for mid, files in group_models(models_dir).items()]
 
 
 def find(models_dir: Path, model_id: str) -> Installed | None:

@@ -15,14 +15,13 @@ import fcntl
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from appliance import __version__
-from appliance.library.download import Cancelled, download, hash_file
+from appliance.library.download import CANCELLED, Cancel, Cancelled, download, hash_file
 from appliance.library.errors import (
     BadReference,
     ModelExists,
@@ -179,11 +178,12 @@ class Library:
     # -- pulling ---------------------------------------------------------------------------
 
     def pull(self, plan: PullPlan, report: Reporter = ignore,
-             cancel: threading.Event | None = None, force: bool = False) -> Installed:
+             cancel: Cancel | None = None, force: bool = False) -> Installed:
         """Carry out a plan; on any failure nothing new is left in the models folder."""
         with self._locked(plan.model_id, report):
             existing = find(self.models_dir, plan.model_id)
-            if existing is not None and not force:
+            # An incomplete split model is what an install cut short left: it is replaced.
+            if existing is not None and not force and existing.complete:
                 if self._up_to_date(plan) or (plan.kind == "local" and plan.up_to_date):
                     report(Progress("done", "success", model=plan.model_id))
                     return existing
@@ -222,7 +222,7 @@ class Library:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _download_all(self, plan: HubPlan, folder: Path, report: Reporter,
-                      cancel: threading.Event | None) -> list[tuple[HubFile, Path, str]]:
+                      cancel: Cancel | None) -> list[tuple[HubFile, Path, str]]:
         """Every file of the plan into `folder` (partials resumed), each checked."""
         throttle = Throttle(report)
         total = plan.download_bytes
@@ -247,7 +247,7 @@ class Library:
         return results
 
     def _pull_gguf(self, plan: PullPlan, report: Reporter,
-                   cancel: threading.Event | None) -> Installed:
+                   cancel: Cancel | None) -> Installed:
         from appliance.gguf_info import GGUFError, read_gguf_info
 
         assert plan.hub is not None
@@ -278,7 +278,7 @@ class Library:
         return Installed(plan.model_id, targets, manifest)
 
     def _pull_converted(self, plan: PullPlan, report: Reporter,
-                        cancel: threading.Event | None) -> Installed:
+                        cancel: Cancel | None) -> Installed:
         assert plan.hub is not None
         hub = plan.hub
         report(Progress("resolve", "pulling manifest", model=plan.model_id))
@@ -288,10 +288,13 @@ class Library:
         for f, partial, _ in files:  # the converter reads the files by their own names
             target = source / f.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial, target)
+            target.unlink(missing_ok=True)
+            # A link, not a move: the partial stays whole, so a pull cancelled while converting
+            # resumes without downloading again (the staging folder goes once it is done).
+            os.link(partial, target)
         if cancel is not None and cancel.is_set():
-            raise Cancelled("the pull was cancelled")
-        result = self._convert(plan, source, staging, report)
+            raise Cancelled(CANCELLED)
+        result = self._convert(plan, source, staging, report, cancel)
         target = self.models_dir / f"{plan.model_id}.gguf"
         report(Progress("install", "writing manifest", model=plan.model_id))
         digest = hash_file(result).hexdigest()
@@ -305,7 +308,8 @@ class Library:
         write_manifest(self.models_dir, manifest)
         return Installed(plan.model_id, [target], manifest)
 
-    def _convert(self, plan: PullPlan, source: Path, staging: Path, report: Reporter) -> Path:
+    def _convert(self, plan: PullPlan, source: Path, staging: Path, report: Reporter,
+                 cancel: Cancel | None = None) -> Path:
         """source folder → unquantized GGUF → quantized GGUF → checked; returns the file."""
         from appliance.gguf_info import GGUFError, read_gguf_info
         from converter.errors import ConversionError
@@ -325,6 +329,8 @@ class Library:
 
             def on_tensor(job: Any, _: int) -> None:
                 nonlocal done
+                if cancel is not None and cancel.is_set():  # between tensors: a clean stop
+                    raise Cancelled(CANCELLED)
                 done += job.nbytes
                 throttle(Progress("convert", "converting", done, total, model=plan.model_id))
 

@@ -13,11 +13,13 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import psutil
 
-from appliance.config import Settings
+from appliance.config import ModelOverrides, Settings
+from appliance.context_sizing import ContextChoice, allowed_types, choose_context
 from appliance.engine.chat import ChatFormatter, compile_template
 from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime, EmbeddingWorker
 from appliance.engine.rpc import RpcWorkers, WorkerDevice
@@ -49,8 +51,14 @@ EMBEDDING_UBATCH = 512  # llama.cpp's micro-batch: bounds the compute buffer (lo
 RAM_SHARE = 0.75  # of physical RAM for resident models: the user unit's MemoryMax
 
 
+def physical_ram() -> int:
+    return int(psutil.virtual_memory().total)
+
+
 def physical_ram_budget() -> int:
-    return int(psutil.virtual_memory().total * RAM_SHARE)
+    return int(physical_ram() * RAM_SHARE)
+
+
 T = TypeVar("T")
 
 
@@ -107,6 +115,7 @@ class ModelLoader:
                  runtime_factory: RuntimeFactory = LlamaRuntime,
                  embedding_factory: EmbeddingFactory = EmbeddingRuntime,
                  ram_budget: Callable[[], int] = physical_ram_budget,
+                 ram_total: Callable[[], int] = physical_ram,
                  rpc: RpcWorkers | None = None) -> None:
         self.settings = settings
         self.probe = probe
@@ -114,6 +123,7 @@ class ModelLoader:
         self.runtime_factory = runtime_factory
         self.embedding_factory = embedding_factory
         self.ram_budget = ram_budget  # bytes all resident models may plan in RAM together
+        self.ram_total = ram_total  # physical RAM: auto context's KV share on CPU
         self.failures = FailureMemory()
         self._gpu_build: bool | None = None
         workers = getattr(settings, "rpc_workers", None)
@@ -141,35 +151,66 @@ class ModelLoader:
                 self.failures.remember(entry, e.message)
                 raise ModelUnusable(f"model {entry.id!r} is unusable: {e.message}",
                                     param="model") from None
-        if self.rpc is not None and model_kind(entry) != EMBEDDING:
-            # Before anything resident is evicted for it: a worker that is down costs nothing.
-            self.rpc.survey()
+        if model_kind(entry) != EMBEDDING:
+            self._kv_types(entry)  # a KV type the model cannot have: refused before eviction
+            if self.rpc is not None:
+                # Before anything resident is evicted for it: a worker that is down costs nothing.
+                self.rpc.survey()
 
     def plan_for(self, entry: ModelEntry, extra_vram: int = 0) -> tuple[OffloadPlan, int]:
         """The offload plan for `entry` now, and its context tokens per slot (embedding models:
         per decode). `extra_vram`: VRAM that evicting idle models would free."""
         assert entry.info is not None
         overrides = self.settings.model_overrides(entry.id)
-        trained = entry.info.context_length or self.settings.context_length
-        context = min(overrides.context_length or self.settings.context_length, trained)
-        embedding = model_kind(entry) == EMBEDDING
-        if embedding:
-            context = min(overrides.context_length or EMBEDDING_BATCH_TOKENS, trained)
-        if self.rpc is not None and not embedding and overrides.gpu_layers is None:
-            return self._plan_split(entry, context * self.settings.parallel), context
         devices = self.probe.devices()
         best = max(devices, key=lambda d: d.free, default=None)
-        plan = plan_offload(
-            entry.info, n_ctx_total=context if embedding else context * self.settings.parallel,
-            free_vram=best.free + extra_vram if best else 0, device=best.name if best else "cpu",
-            margin=self.settings.vram_margin_mib * 2**20, gpu_build=self.gpu_build(),
-            forced_layers=overrides.gpu_layers,
-            n_ubatch=min(EMBEDDING_UBATCH, context) if embedding else 512)
-        return plan, context
+        free_vram = best.free + extra_vram if best else 0
+        embedding = model_kind(entry) == EMBEDDING
+        n_ubatch = 512
+        if embedding:
+            trained = entry.info.context_length or EMBEDDING_BATCH_TOKENS
+            wanted = overrides.context_length
+            context = min(wanted if isinstance(wanted, int) else EMBEDDING_BATCH_TOKENS, trained)
+            n_ubatch = min(EMBEDDING_UBATCH, context)
 
-    def _plan_split(self, entry: ModelEntry, n_ctx_total: int) -> OffloadPlan:
+        def plan(n_ctx_total: int, kv_type: str) -> OffloadPlan:
+            return plan_offload(
+                entry.info, n_ctx_total=n_ctx_total, free_vram=free_vram,
+                device=best.name if best else "cpu",
+                margin=self.settings.vram_margin_mib * 2**20, gpu_build=self.gpu_build(),
+                forced_layers=overrides.gpu_layers, n_ubatch=n_ubatch, kv_type=kv_type)
+
+        if embedding:  # one decode's cache, cleared after it: f16, no sizing
+            return plan(context, "f16"), context
+        if self.rpc is not None and overrides.gpu_layers is None:
+            # Sized like a CPU load (the RAM share): the workers' memory is not this machine's.
+            return self._split_choice(entry, overrides)
+        choice = self._context_choice(entry, plan, free_vram, overrides)
+        return choice.plan, choice.context_per_slot
+
+    def _context_choice(self, entry: ModelEntry, plan: Callable[[int, str], OffloadPlan],
+                        free_vram: int, overrides: ModelOverrides) -> ContextChoice:
+        assert entry.info is not None
+        wanted = overrides.context_length or self.settings.context_length
+        trained = entry.info.context_length or None
+        fixed = None if wanted == "auto" else min(wanted, trained or wanted)
+        types = self._kv_types(entry)
+        gpu_sizing = self.gpu_build() and free_vram > 0 and overrides.gpu_layers is None
+        return choose_context(entry.info, plan=plan, n_seq=self.settings.parallel,
+                              context=fixed, types=types, gpu_sizing=gpu_sizing,
+                              ram_total=self.ram_total())
+
+    def _kv_types(self, entry: ModelEntry) -> list[str]:
+        """The KV types this model may get; ModelUnusable for a type it cannot have."""
+        assert entry.info is not None
+        overrides = self.settings.model_overrides(entry.id)
+        return allowed_types(entry.info, overrides.kv_cache_type or self.settings.kv_cache_type,
+                             self.settings.flash_attn, entry.id)
+
+    def _split_choice(self, entry: ModelEntry, overrides: ModelOverrides) -> tuple[OffloadPlan, int]:
         """Layers over the RPC workers, this machine's GPUs (as llama.cpp sees them) and the
-        CPU (blocking: asks every worker for its free memory)."""
+        CPU, with the context sized as for a CPU load (blocking: asks every worker for its free
+        memory, once)."""
         assert entry.info is not None and self.rpc is not None
         devices = [DeviceShare(w.name, "rpc", w.free, endpoint=w.endpoint, index=w.index)
                    for w in self.rpc.survey()]
@@ -177,8 +218,18 @@ class ModelLoader:
             for index, handle in enumerate(self.rpc.library.local_gpus()):
                 free, _ = self.rpc.library.memory(handle)
                 devices.append(DeviceShare(f"GPU {index}", "gpu", free, index=index))
-        return plan_split(entry.info, devices, n_ctx_total=n_ctx_total,
-                          margin=self.settings.vram_margin_mib * 2**20)
+
+        def plan(n_ctx_total: int, kv_type: str) -> OffloadPlan:
+            return plan_split(entry.info, devices, n_ctx_total=n_ctx_total,
+                              margin=self.settings.vram_margin_mib * 2**20, kv_type=kv_type)
+
+        wanted = overrides.context_length or self.settings.context_length
+        trained = entry.info.context_length or None
+        fixed = None if wanted == "auto" else min(wanted, trained or wanted)
+        choice = choose_context(entry.info, plan=plan, n_seq=self.settings.parallel,
+                                context=fixed, types=self._kv_types(entry), gpu_sizing=False,
+                                ram_total=self.ram_total())
+        return choice.plan, choice.context_per_slot
 
     def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> Resident:
         """Blocking: the runtime and engine for `entry`; a failure leaks nothing."""
@@ -221,7 +272,8 @@ class ModelLoader:
             devices = [handles.pop(0) if s.kind == "rpc" else local[s.index] for s in on_devices]
             options = RuntimeOptions(n_gpu_layers=plan.n_gpu_layers, context_per_slot=context,
                                      n_seq=self.settings.parallel, n_threads=self.settings.threads,
-                                     flash_attn=self.settings.flash_attn, devices=tuple(devices),
+                                     flash_attn=self.settings.flash_attn,
+                                     kv_cache_type=plan.kv_cache_type, devices=tuple(devices),
                                      tensor_split=tuple(float(s.layers) for s in on_devices))
             runtime = self.runtime_factory(entry.path, options)
         except BaseException:
@@ -236,7 +288,8 @@ class ModelLoader:
         while True:
             options = RuntimeOptions(n_gpu_layers=layers, context_per_slot=context,
                                      n_seq=self.settings.parallel, n_threads=self.settings.threads,
-                                     flash_attn=self.settings.flash_attn)
+                                     flash_attn=self.settings.flash_attn,
+                                     kv_cache_type=plan.kv_cache_type)
             try:
                 runtime = self.runtime_factory(entry.path, options)
                 break
@@ -252,9 +305,9 @@ class ModelLoader:
     @staticmethod
     def _retried(entry: ModelEntry, plan: OffloadPlan, layers: int, n_ctx: int) -> OffloadPlan:
         assert entry.info is not None
-        retried = OffloadPlan(layers, plan.n_layers, plan.device if layers else "cpu",
-                              f"retried with {layers} GPU layers after a failed load",
-                              plan.free_vram, margin=plan.margin)
+        retried = replace(plan, n_gpu_layers=layers, device=plan.device if layers else "cpu",
+                          reason=f"retried with {layers} GPU layers after a failed load",
+                          weights_on_gpu=0, kv_on_gpu=0, compute_buffer=0)
         return with_ram(retried, entry.info, n_ctx)
 
     def _load_embedding(self, entry: ModelEntry) -> EmbeddingModel:

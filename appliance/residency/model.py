@@ -129,7 +129,7 @@ class LoadedModel(_Resident):
             "kind": self.kind,
             **residency_fields(self),
             "offload": self.plan.describe(),
-            "context_per_slot": self.context_per_slot,
+            **context_fields(self),
             "slots": len(sched.slots),
             "slots_busy": sched.busy_slots,
             "queue": sched.queue_depth,
@@ -137,6 +137,14 @@ class LoadedModel(_Resident):
             "load_seconds": round(self.load_seconds, 3),
             "in_flight": self.in_flight,
         }
+
+
+def context_fields(model: LoadedModel) -> dict[str, Any]:
+    """What /api/status shows of a chat model's context: tokens per slot, the KV cache's type,
+    and why (auto sizing says which rule chose them)."""
+    return {"context_per_slot": model.context_per_slot,
+            "kv_cache_type": model.plan.kv_cache_type,
+            "context_reason": model.plan.context_reason}
 
 
 def residency_fields(model: LoadedModel | EmbeddingModel) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def menu_spec(s: Snapshot) -> tuple[Item, ...]:
     return (
         Item(state_line(s), enabled=False, live=True),
         Item(memory_line(s) if running else "Start it to serve models", enabled=False, live=True),
+        *(Item(u.line, enabled=False, live=True) for u in s.upstreams if running),
         Item(model, enabled=False, checked=True) if model else
         Item("No model loaded", enabled=False),
         SEPARATOR,

@@ -60,6 +60,26 @@ class Offer:
 
 
 @dataclass(frozen=True)
+class UpstreamInfo:
+    """An upstream server the daemon routes models to, as its last check found it."""
+
+    name: str
+    up: bool | None
+    models: int = 0
+    latency_ms: float | None = None
+    error: str | None = None
+
+    @property
+    def line(self) -> str:
+        if self.up is None:
+            return f"Upstream {self.name}: checking…"
+        if not self.up:
+            return f"Upstream {self.name}: down ({(self.error or 'unreachable')[:60]})"
+        latency = f", {self.latency_ms:.0f} ms" if self.latency_ms is not None else ""
+        return f"Upstream {self.name}: up, {self.models} models{latency}"
+
+
+@dataclass(frozen=True)
 class Snapshot:
     state: TrayState
     model: str | None = None
@@ -72,6 +92,8 @@ class Snapshot:
     models: tuple[ModelChoice, ...] = field(default_factory=tuple)
     pulls: tuple[PullInfo, ...] = field(default_factory=tuple)
     offers: tuple[Offer, ...] = field(default_factory=tuple)
+    upstreams: tuple[UpstreamInfo, ...] = field(default_factory=tuple)
+    context: str | None = None  # "4 × 8K context, f16 KV" for the loaded chat model
 
     @property
     def fill(self) -> float:
@@ -116,9 +138,21 @@ def from_api(status: dict[str, Any], models: dict[str, Any] | None,
         used, total, own = ram.get("used", 0), ram.get("total", 0), ram.get("process_rss", 0)
     choices = tuple(ModelChoice(m["id"], m["usable"], m["loaded"], m.get("error"))
                     for m in (models or {}).get("models", []))
+    upstreams = tuple(UpstreamInfo(str(u.get("name")), u.get("up"), int(u.get("models") or 0),
+                                   u.get("latency_ms"), u.get("error"))
+                      for u in status.get("upstreams") or [])
     return Snapshot(state, model.get("id") or status.get("target"), bool(gpus), used, total, own,
                     float(model.get("tokens_per_second") or 0.0), status.get("failure"), choices,
-                    **from_library(library))
+                    upstreams=upstreams, **from_library(library), context=context_summary(model))
+
+
+def context_summary(model: dict[str, Any]) -> str | None:
+    """Slots × context per slot and the KV cache's type, from a status model entry."""
+    per_slot = model.get("context_per_slot")
+    if not per_slot or not model.get("slots"):
+        return None
+    size = f"{per_slot // 1024}K" if per_slot % 1024 == 0 else str(per_slot)
+    return f"{model['slots']} × {size} context, {model.get('kv_cache_type') or 'f16'} KV"
 
 
 def stopped(message: str | None = None) -> Snapshot:
@@ -131,6 +165,8 @@ def title(s: Snapshot) -> str:
         return "Qwen Appliance: daemon not running"
     parts = [f"Qwen Appliance: {s.model or 'no model'} ({s.state.value})"]
     parts.append(memory_line(s))
+    if s.context and s.state in (TrayState.READY, TrayState.BUSY):
+        parts.append(s.context)
     if s.state is TrayState.BUSY and s.tokens_per_s:
         parts.append(f"{s.tokens_per_s:.1f} tok/s")
     if s.state is TrayState.ERROR and s.message:

@@ -48,8 +48,10 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def run_daemon(models_dir: Path, tmp: Path, **settings: str) -> Iterator[Daemon]:
-    port = free_port()
+def run_daemon(models_dir: Path, tmp: Path, port: int | None = None,
+               **settings: str) -> Iterator[Daemon]:
+    """`port`: a given one (a daemon restarted where its clients expect it), else a free one."""
+    port = port or free_port()
     env = {**os.environ, "APPLIANCE_PORT": str(port), "APPLIANCE_MODELS_DIR": str(models_dir),
            "APPLIANCE_CONFIG": str(tmp / "absent.toml"), "APPLIANCE_THREADS": "2",
            "APPLIANCE_CONTEXT_LENGTH": "4096", "APPLIANCE_GPU": "none",

@@ -88,7 +88,7 @@ def test_unprefixed_variables_never_reach_model_settings(write_config: WriteConf
     tiny, other = settings.model_overrides("tiny"), settings.model_overrides("other")
     assert (tiny.context_length, tiny.gpu_layers, tiny.enable_thinking) == (None, None, True)
     assert (other.context_length, other.gpu_layers, other.enable_thinking) == (None, None, None)
-    assert settings.context_length == 8192  # nor into the daemon-wide one
+    assert settings.context_length == "auto"  # nor into the daemon-wide one
 
 
 def test_model_section_values_are_checked(write_config: WriteConfig) -> None:
@@ -175,3 +175,50 @@ def test_cors_origins_accepted_as_browsers_send_them(origin: str, kept: str,
                                                      write_config: WriteConfig) -> None:
     write_config(f'cors_origins = ["{origin}"]\n')
     assert load_settings().cors_origins == [kept]
+
+
+# -- [upstreams.NAME] -------------------------------------------------------------------------
+
+def test_upstream_section_is_read(write_config: WriteConfig, tmp_path: Path) -> None:
+    key = tmp_path / "team.key"
+    key.write_text("secret\n")
+    key.chmod(0o600)
+    write_config(f'[upstreams.team]\nurl = "https://gpu-box:8000/v1/"\n'
+                 f'api_key_file = "{key}"\nmodels = ["Qwen/Qwen3-32B"]\ntimeout_s = 20\n'
+                 '[upstreams.lab]\nurl = "http://10.0.0.5/v1"\n')
+    settings = load_settings()
+    team = settings.upstreams["team"]
+    assert team.url == "https://gpu-box:8000/v1" and team.models == ["Qwen/Qwen3-32B"]
+    assert team.timeout_s == 20 and settings.upstreams["lab"].models == "*"
+    assert settings.read_upstream_keys() == {"team": "secret", "lab": None}
+
+
+def test_unknown_key_in_an_upstream_section(write_config: WriteConfig) -> None:
+    path = write_config('[upstreams.team]\nurl = "http://box/v1"\nmodel = ["a"]\n')
+    error = error_of()
+    assert "unknown setting upstreams.team.model" in str(error) and str(path) in str(error)
+    assert "models" in error.hint
+
+
+@pytest.mark.parametrize("url", ["ftp://box/v1", "box:8000/v1", "http://user:pw@box/v1",
+                                 "http://box/v1?x=1", "http://:80/v1", "http://box:99999/v1"])
+def test_upstream_url_must_be_http_base_url(url: str, write_config: WriteConfig) -> None:
+    write_config(f'[upstreams.team]\nurl = "{url}"\n')
+    error = error_of()
+    assert "upstreams.team.url" in str(error) and "http(s) base URL" in str(error)
+
+
+@pytest.mark.parametrize("models", ['[]', '["a", ""]', '"all"', '["x\\ny"]'])
+def test_upstream_models_are_ids_or_star(models: str, write_config: WriteConfig) -> None:
+    write_config(f'[upstreams.team]\nurl = "http://box/v1"\nmodels = {models}\n')
+    assert "upstreams.team.models" in str(error_of())
+
+
+def test_upstream_key_file_readable_by_others_is_refused(write_config: WriteConfig,
+                                                         tmp_path: Path) -> None:
+    key = tmp_path / "team.key"
+    key.write_text("secret\n")
+    key.chmod(0o640)
+    write_config(f'[upstreams.team]\nurl = "http://box/v1"\napi_key_file = "{key}"\n')
+    with pytest.raises(ValueError, match=r"upstreams\.team\.api_key_file.*chmod 600"):
+        load_settings().read_upstream_keys()

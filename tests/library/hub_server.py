@@ -15,6 +15,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Faults:
     cut_once: dict[str, float] = field(default_factory=dict)  # file -> fraction sent, first GET
     corrupt: set[str] = field(default_factory=set)  # files served with one byte flipped
     down: bool = False  # every request gets its connection closed
+    rate: int | None = None  # bytes per second of each file GET (a slow network), or no limit
 
 
 class LocalHub:
@@ -198,11 +200,16 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 data = bytearray(f.path.read_bytes()[start:start + send])
                 data[len(data) // 2] ^= 0xFF
                 self.wfile.write(bytes(data))
+            elif hub.faults.rate:
+                _send_slowly(self, f.path, start, send, hub.faults.rate)
             else:
                 with f.path.open("rb") as src:
                     offset, left = start, send
                     while left > 0:  # sendfile: the bench compares us with curl, not the server
-                        n = os.sendfile(self.connection.fileno(), src.fileno(), offset, left)
+                        try:
+                            n = os.sendfile(self.connection.fileno(), src.fileno(), offset, left)
+                        except (BrokenPipeError, ConnectionResetError):
+                            return  # the client left (a cancelled pull)
                         if n == 0:
                             break
                         offset, left = offset + n, left - n
@@ -212,6 +219,28 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     self.connection.shutdown(2)
 
     return Handler
+
+
+def _send_slowly(handler: BaseHTTPRequestHandler, path: Path, start: int, length: int,
+                 rate: int) -> None:
+    """`length` bytes from `start` at about `rate` bytes per second, in small pieces."""
+    piece = max(1, rate // 20)
+    with path.open("rb") as src:
+        src.seek(start)
+        began = time.monotonic()
+        sent = 0
+        while sent < length:
+            data = src.read(min(piece, length - sent))
+            if not data:
+                return
+            try:
+                handler.wfile.write(data)
+            except OSError:  # the client left (a cancelled pull)
+                return
+            sent += len(data)
+            ahead = sent / rate - (time.monotonic() - began)
+            if ahead > 0:
+                time.sleep(ahead)
 
 
 @contextlib.contextmanager
@@ -228,3 +257,21 @@ def serve(hub: LocalHub) -> Iterator[LocalHub]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def main() -> None:
+    """Serve files as one hub repo from a process of its own, so a bench's pull shares no
+    interpreter (no GIL) with the server, as with a real hub: prints the URL, serves until its
+    stdin closes.  python -m tests.library.hub_server owner/name NAME=PATH ..."""
+    import sys
+
+    repo, *files = sys.argv[1:]
+    hub = LocalHub()
+    hub.add(repo, {name: Path(path) for name, path in (f.split("=", 1) for f in files)})
+    with serve(hub):
+        print(hub.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

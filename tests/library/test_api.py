@@ -14,7 +14,7 @@ import pytest
 
 from tests.appliance.conftest import run_daemon
 from tests.conftest import MODEL_A
-from tests.library.conftest import GGUF_REPO, ST_REPO
+from tests.library.conftest import GGUF_REPO, SPLIT_REPO, ST_REPO
 from tests.library.hub_server import LocalHub
 from tests.tray.conftest import wait_for
 
@@ -158,3 +158,91 @@ def test_pull_from_a_web_page_is_refused(served) -> None:
         r = http.post("/api/models/pull", content=b"model=x",
                       headers={"Content-Type": "application/x-www-form-urlencoded"})
         assert r.status_code == 400
+
+
+def test_sigterm_cancels_a_pull_and_keeps_its_partial(hub: LocalHub, tmp_path: Path,
+                                                      models_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon stopped mid-pull (the hub slowed to 256 kB/s: a minute for the file) exits
+    cleanly and soon, the client's stream ends with the reason, nothing half-installed shows
+    in the models folder, and the partial file is resumed by the next pull."""
+    import signal
+    import subprocess
+    import time
+
+    from appliance.library.hub import Hub
+    from appliance.library.pull import Library
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(models_dir / f"{MODEL_A}.gguf", folder)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"]
+    hub.faults.rate = 256 * 1024
+    lines: list[dict] = []
+    with run_daemon(folder, tmp_path, switch_wait_s="5") as daemon:
+        def follow() -> None:
+            with daemon.http() as http, http.stream(
+                    "POST", "/api/models/pull", json={"model": GGUF_REPO}) as r:
+                lines.extend(lines_of(r))
+
+        client = threading.Thread(target=follow)
+        client.start()
+        partial = folder / ".pulls" / "tiny-q4_k_m" / f"{source.sha256}.partial"
+        wait_for(lambda: partial.exists() and partial.stat().st_size > 0, 60,
+                 "the first bytes of the pull")
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        try:  # its stop timeout: switch_wait_s + 5 s
+            code = daemon.process.wait(timeout=10 + 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the daemon did not stop while a pull ran:\n" + daemon.log())
+        took = time.monotonic() - started
+        client.join(timeout=30)
+    assert code == 0, daemon.log()
+    assert took < 10, f"the stop took {took:.1f} s"
+    assert lines and lines[-1]["status"] == "error" and "cancel" in lines[-1]["error"], lines
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        f"{MODEL_A}.gguf"]
+    kept = partial.stat().st_size
+    assert 0 < kept < source.size
+    assert [p.name for p in partial.parent.iterdir()] == [partial.name]
+    assert partial.read_bytes() == source.path.read_bytes()[:kept]  # every byte it has is right
+    # The next pull (the CLI's, or the daemon's after a restart) fetches only the rest.
+    hub.faults.rate = None
+    model = Library(folder, hub=Hub(hub.url, token=False)).pull(
+        Library(folder, hub=Hub(hub.url, token=False)).plan(GGUF_REPO))
+    assert hub.starts[-1] == (f"{GGUF_REPO}/Tiny-Q4_K_M.gguf", kept)
+    assert model.path.read_bytes() == source.path.read_bytes()
+
+
+def test_a_split_model_is_one_model_everywhere(served, hub: LocalHub) -> None:
+    """Pulled split GGUF: one id in /v1/models and /api/tags (its size all parts together),
+    loaded from its first part by llama.cpp, and removed whole."""
+    import ollama
+    from openai import OpenAI
+
+    daemon, folder = served
+    with daemon.http() as http:
+        r = http.post("/api/models/pull", json={"model": SPLIT_REPO, "stream": False})
+        assert r.status_code == 200, r.text
+    parts = sorted(folder.glob("tiny-split-q4_k_m-*-of-*.gguf"))
+    assert len(parts) >= 2
+    with OpenAI(base_url=daemon.base_url, api_key="unused", max_retries=0, timeout=120) as oa:
+        ids = [m.id for m in oa.models.list()]
+        assert ids.count("tiny-split-q4_k_m") == 1 and not any("-of-" in i for i in ids)
+        answer = oa.completions.create(model="tiny-split-q4_k_m", prompt="Hello",
+                                       max_tokens=4)
+        assert answer.usage is not None and answer.usage.completion_tokens > 0
+    tags = {m.model: m for m in ollama.Client(host=daemon.url).list().models}
+    assert tags["tiny-split-q4_k_m:latest"].size == sum(p.stat().st_size for p in parts)
+    assert not any("-of-" in (name or "") for name in tags)
+    with daemon.http() as http:
+        assert http.delete("/api/models/tiny-split-q4_k_m").status_code == 409  # loaded
+        r = http.delete("/api/models/tiny-split-q4_k_m", params={"force": "true"})
+        assert r.status_code == 200 and sorted(r.json()["removed"]) == [p.name for p in parts]
+        assert "tiny-split-q4_k_m" not in [m["id"] for m in http.get("/api/models").json()[
+            "models"]]
+    assert not list(folder.glob("tiny-split-q4_k_m*"))

@@ -3,6 +3,7 @@ local hub, no daemon running): plain log lines when the output is not a terminal
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.conftest import run_cli
@@ -79,3 +80,75 @@ def test_models_measures_decode_speed_once(hub: LocalHub, tmp_path: Path) -> Non
     assert "tok/s" in first.stdout
     second = run_cli("models", env=env)
     assert "measuring" not in second.stderr and "tok/s" in second.stdout
+
+
+def test_models_imports_little_and_follows_setting_changes(tiny_gguf: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """`appliance models` takes its settings from the memo of an earlier call with the same
+    inputs (no pydantic-settings import), reads headers from the cache (no gguf, no numpy),
+    and any change to the environment or the config file is seen at once."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from appliance import settings_snapshot
+    from appliance.config import default_config_file
+    from tests.conftest import REPO
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, name in ((first, "one-q4_k_m.gguf"), (second, "two-q4_k_m.gguf")):
+        folder.mkdir()
+        shutil.copy(tiny_gguf, folder / name)
+    config = tmp_path / "config.toml"
+    env = {"APPLIANCE_MODELS_DIR": str(first), "APPLIANCE_CONFIG": str(config),
+           "APPLIANCE_PORT": "9", "APPLIANCE_GPU": "none", "XDG_CACHE_HOME": str(tmp_path / "c")}
+    listed = run_cli("models", env=env)
+    assert listed.returncode == 0 and "one-q4_k_m" in listed.stdout, listed.stderr
+    memo = tmp_path / "c" / "qwen-appliance"
+    assert (memo / "settings-snapshot.json").stat().st_mode & 0o077 == 0
+    assert json.loads((memo / "gguf_headers.json").read_text())["entries"]
+
+    probe = ("import sys; from appliance.cli import main; code = main(['models']); "
+             "heavy = [m for m in ('pydantic_settings', 'pydantic', 'gguf', 'numpy') "
+             "if m in sys.modules]; print('HEAVY', heavy); sys.exit(code)")
+    quick = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           cwd=REPO, env={**os.environ, **env})
+    assert quick.returncode == 0, quick.stderr
+    assert "HEAVY []" in quick.stdout and "one-q4_k_m" in quick.stdout
+
+    moved = run_cli("models", env={**env, "APPLIANCE_MODELS_DIR": str(second)})
+    assert "two-q4_k_m" in moved.stdout and "one-q4_k_m" not in moved.stdout
+    env.pop("APPLIANCE_MODELS_DIR")
+    config.write_text(f'models_dir = "{second}"\n')
+    assert "two-q4_k_m" in run_cli("models", env=env).stdout
+    config.write_text(f'models_dir = "{first}"\n')
+    assert "one-q4_k_m" in run_cli("models", env=env).stdout
+    config.write_text(f'models_dir = "{first}"\ncontex_length = 5\n')  # a typo: refused
+    typo = run_cli("models", env=env)
+    assert typo.returncode == 78 and "contex_length" in typo.stderr
+
+    # The memo's rule for the config file is the settings' own.
+    for variables in ({}, {"XDG_CONFIG_HOME": str(tmp_path / "x")},
+                      {"APPLIANCE_CONFIG": str(tmp_path / "y.toml")}):
+        for name in ("XDG_CONFIG_HOME", "APPLIANCE_CONFIG"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        assert settings_snapshot._config_file() == default_config_file()
+
+
+def test_damaged_settings_memo_is_ignored(tiny_gguf: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(tiny_gguf, folder / "one-q4_k_m.gguf")
+    env = {"APPLIANCE_MODELS_DIR": str(folder), "APPLIANCE_CONFIG": str(tmp_path / "no.toml"),
+           "APPLIANCE_PORT": "9", "APPLIANCE_GPU": "none", "XDG_CACHE_HOME": str(tmp_path / "c")}
+    memo = tmp_path / "c" / "qwen-appliance" / "settings-snapshot.json"
+    memo.parent.mkdir(parents=True)
+    for damage in ("", "{", '{"inputs": 1, "values": 2}', "[]", "x" * 300_000):
+        memo.write_text(damage)
+        listed = run_cli("models", env=env)
+        assert listed.returncode == 0 and "one-q4_k_m" in listed.stdout, (damage[:9], listed)

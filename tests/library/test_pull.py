@@ -278,3 +278,25 @@ def test_remove(library: Library) -> None:
         library.remove("tiny-split-q4_k_m")
     with pytest.raises(BadReference):
         library.remove("../../etc")
+
+
+def test_a_whole_partial_is_checked_and_installed_without_a_request(library: Library,
+                                                                    hub: LocalHub) -> None:
+    """A pull cut short after its last byte (before the install) left a whole partial: the next
+    pull hashes it and installs it, with no request for the file; a damaged one is refused."""
+    source = hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"]
+    plan = library.plan(GGUF_REPO)
+    partial = library.staging(plan.model_id) / f"{source.sha256}.partial"
+    partial.parent.mkdir(parents=True)
+    damaged = bytearray(source.path.read_bytes())
+    damaged[len(damaged) // 3] ^= 1
+    partial.write_bytes(bytes(damaged))
+    with pytest.raises(IntegrityError, match="does not match"):
+        library.pull(library.plan(GGUF_REPO))
+    assert not partial.exists() and visible(library.models_dir) == []
+    partial.write_bytes(source.path.read_bytes())
+    plan = library.plan(GGUF_REPO)
+    assert plan.download_bytes == 0
+    model = library.pull(plan)
+    assert sha256(model.path) == source.sha256
+    assert hub.gets[f"{GGUF_REPO}/Tiny-Q4_K_M.gguf"] == 0

@@ -128,3 +128,21 @@ def test_from_api_states() -> None:
     failed = from_api({**base, "state": "failed", "failure": "bad file", "model": None}, None)
     assert failed.state is TrayState.ERROR and failed.message == "bad file"
     assert from_api({**base, "state": "unloaded", "model": None}, None).state is TrayState.IDLE
+
+
+def test_one_live_line_per_upstream() -> None:
+    status = {"state": "ready", "model": {"id": "qwen3-8b"}, "memory": {},
+              "upstreams": [{"name": "team", "up": True, "models": 3, "latency_ms": 12.4},
+                            {"name": "lab", "up": False, "models": 1,
+                             "error": "cannot connect (Connection refused)"},
+                            {"name": "new", "up": None, "models": 0}]}
+    spec = menu_spec(from_api(status, None))
+    lines = [i for i in spec if i.label.startswith("Upstream ")]
+    assert [i.label for i in lines] == ["Upstream team: up, 3 models, 12 ms",
+                                        "Upstream lab: down (cannot connect (Connection refused))",
+                                        "Upstream new: checking…"]
+    assert all(i.live and not i.enabled for i in lines)
+    # A new latency changes the text in place, not the menu's structure.
+    status["upstreams"][0]["latency_ms"] = 30.0
+    assert structure(menu_spec(from_api(status, None))) == structure(spec)
+    assert not any(i.label.startswith("Upstream") for i in menu_spec(stopped()))

@@ -31,7 +31,7 @@ from appliance.api.core import (
     start_generation,
     until_disconnect,
 )
-from appliance.api.deps import ManagerDep, MetricsDep, SettingsDep
+from appliance.api.deps import ManagerDep, MetricsDep, SettingsDep, UpstreamsDep
 from appliance.api.grammar import response_grammar, tool_call_grammar
 from appliance.api.routes.anthropic_request import (
     Conversation,
@@ -76,7 +76,9 @@ async def _prompt(model: LoadedModel, body: Conversation, messages: list[dict[st
 
 
 @router.post(f"{PREFIX}/count_tokens")
-async def count_tokens(body: Conversation, manager: ManagerDep) -> dict[str, int]:
+async def count_tokens(body: Conversation, manager: ManagerDep,
+                       upstreams: UpstreamsDep) -> dict[str, int]:
+    await upstreams.refuse_in_dialect(body.model, "Anthropic")
     messages = chat_messages(body)
     async with manager.use(body.model) as model:
         prompt = await _prompt(model, body, messages)
@@ -85,7 +87,9 @@ async def count_tokens(body: Conversation, manager: ManagerDep) -> dict[str, int
 
 @router.post(PREFIX, response_model=None)
 async def create_message(body: MessagesRequest, request: Request, manager: ManagerDep,
-                         metrics: MetricsDep, settings: SettingsDep) -> Response:
+                         metrics: MetricsDep, settings: SettingsDep,
+                         upstreams: UpstreamsDep) -> Response:
+    await upstreams.refuse_in_dialect(body.model, "Anthropic")
     messages = chat_messages(body)  # a malformed conversation is a 400 before any model work
     tools = body.offered_tools
     forced = body.forced_tool

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance import __version__
 from appliance.api.core import off_loop
-from appliance.api.deps import ManagerDep, MetricsDep, ProbeDep, RegistryDep
+from appliance.api.deps import ManagerDep, MetricsDep, ProbeDep, RegistryDep, UpstreamsDep
 from appliance.gpu import GpuProbe
 from appliance.metrics import Metrics
 from appliance.registry import Registry
@@ -48,9 +48,10 @@ async def health(manager: ManagerDep) -> JSONResponse:
 
 
 @router.get("/api/status")
-async def api_status(manager: ManagerDep, probe: ProbeDep) -> dict[str, Any]:
+async def api_status(manager: ManagerDep, probe: ProbeDep,
+                     upstreams: UpstreamsDep) -> dict[str, Any]:
     return {"version": __version__, "pid": os.getpid(), **manager.status(),
-            "memory": await off_loop(memory_status, probe)}
+            "memory": await off_loop(memory_status, probe), "upstreams": upstreams.status()}
 
 
 def _describe_models(registry: Registry, current: str | None) -> list[dict[str, Any]]:

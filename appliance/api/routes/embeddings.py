@@ -24,10 +24,11 @@ from appliance.api.core import (
     truncate_dimensions,
     until_disconnect,
 )
-from appliance.api.deps import ManagerDep
+from appliance.api.deps import ManagerDep, UpstreamsDep
 from appliance.api.schemas import RequestBody, _Lenient
 from appliance.errors import InvalidRequest
 from appliance.residency.model import EMBEDDING
+from appliance.upstream.proxy import routed
 
 router = APIRouter()
 CLIENT_GONE = 499
@@ -69,9 +70,11 @@ def _encode(row: np.ndarray, encoding: str) -> list[float] | str:
 
 
 @router.post("/v1/embeddings", response_model=None)
-async def embeddings(body: EmbeddingsRequest, request: Request,
-                     manager: ManagerDep) -> Response:
-    inputs = embedding_inputs(body.input)
+async def embeddings(body: EmbeddingsRequest, request: Request, manager: ManagerDep,
+                     upstreams: UpstreamsDep) -> Response:
+    inputs = embedding_inputs(body.input)  # bounded here, for upstream models too
+    if (answer := await routed(upstreams, request, body.model, "embeddings")) is not None:
+        return answer
     async with manager.use(body.model, kind=EMBEDDING, keep_alive_s=body.keep_alive) as model:
         if body.dimensions is not None and body.dimensions > model.dimensions:
             raise InvalidRequest(f"dimensions must be at most {model.dimensions} for "

@@ -19,6 +19,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.api.deps import ManagerDep, ProbeDep, SettingsDep
+from appliance.context_sizing import listing_context
 from appliance.library.catalog import RECOMMENDED
 from appliance.library.errors import ModelInUse
 from appliance.library.fit import fit_size, read_machine
@@ -137,7 +138,8 @@ async def api_delete(model_id: str, jobs: JobsDep, manager: ManagerDep,
 
 
 def _library_view(settings: Any, probe: Any, jobs: PullJobs) -> dict[str, Any]:
-    machine = read_machine(probe, n_ctx_total=settings.context_length * settings.parallel,
+    n_ctx_total = listing_context(settings.context_length) * settings.parallel
+    machine = read_machine(probe, n_ctx_total=n_ctx_total,
                            margin_mib=settings.vram_margin_mib)
     models_dir = settings.models_dir.expanduser()
     forced = {mid: o.gpu_layers for mid, o in settings.models.items()}

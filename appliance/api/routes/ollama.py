@@ -35,7 +35,14 @@ from appliance.api.core import (
     truncate_dimensions,
     until_disconnect,
 )
-from appliance.api.deps import ManagerDep, MetricsDep, ProbeDep, RegistryDep, SettingsDep
+from appliance.api.deps import (
+    ManagerDep,
+    MetricsDep,
+    ProbeDep,
+    RegistryDep,
+    SettingsDep,
+    UpstreamsDep,
+)
 from appliance.api.errors import ErrorShapes, error_response
 from appliance.api.grammar import response_grammar, schema_grammar
 from appliance.api.ollama_models import FileDigests, iso_time, ollama_name, resolve, show, tag_entries
@@ -131,11 +138,12 @@ async def running(manager: ManagerDep, probe: ProbeDep, settings: SettingsDep,
     devices = await off_loop(probe.devices)  # NVML: blocking
     info = model.entry.info
     assert info is not None
-    kv = kv_bytes_per_layer(info, model.context_per_slot * settings.parallel) * info.n_layers
+    kv = kv_bytes_per_layer(info, model.context_per_slot * settings.parallel,
+                            model.plan.kv_cache_type) * info.n_layers
     now = time.time()
     return {"models": [{
         "name": ollama_name(model.id), "model": ollama_name(model.id),
-        "size": model.entry.signature[0] + kv,  # weights and KV cache, planned
+        "size": model.entry.size + kv,  # weights (every part) and KV cache, planned
         "digest": digests.get(model.entry), "details": model_details(model.entry),
         "expires_at": iso_time(now + FOREVER_S if math.isinf(expires) else expires),
         "size_vram": sum(d.process_used for d in devices),  # measured by NVML, 0 on CPU
@@ -146,8 +154,9 @@ async def running(manager: ManagerDep, probe: ProbeDep, settings: SettingsDep,
 @router.post("/api/embed")
 @router.post("/api/embeddings")
 async def embed(body: EmbedRequest, request: Request, registry: RegistryDep,
-                manager: ManagerDep) -> Response:
+                manager: ManagerDep, upstreams: UpstreamsDep) -> Response:
     """Embeddings through the same core as /v1/embeddings: many inputs per llama.cpp batch."""
+    await upstreams.refuse_in_dialect(body.model_name, "Ollama")
     legacy = request.url.path == "/api/embeddings"
     entry = await off_loop(resolve, registry, body.model_name)
     raw = body.prompt if legacy else body.input
@@ -418,7 +427,8 @@ def _chat_message(message: Message) -> dict[str, Any]:
 
 @router.post("/api/chat", response_model=None)
 async def chat(body: ChatRequest, request: Request, manager: ManagerDep, registry: RegistryDep,
-               settings: SettingsDep, metrics: MetricsDep) -> Response:
+               settings: SettingsDep, metrics: MetricsDep, upstreams: UpstreamsDep) -> Response:
+    await upstreams.refuse_in_dialect(body.model, "Ollama")
     messages = _chat_messages(body)  # refuses images before any model is loaded
     tools = [t.model_dump() for t in body.tools] if body.tools else None
 
@@ -463,7 +473,8 @@ def _refuse_generate_fields(body: GenerateRequest) -> None:
 @router.post("/api/generate", response_model=None)
 async def generate(body: GenerateRequest, request: Request, manager: ManagerDep,
                    registry: RegistryDep, settings: SettingsDep,
-                   metrics: MetricsDep) -> Response:
+                   metrics: MetricsDep, upstreams: UpstreamsDep) -> Response:
+    await upstreams.refuse_in_dialect(body.model, "Ollama")
     _refuse_generate_fields(body)
 
     async def build(model: LoadedModel, thinking: bool

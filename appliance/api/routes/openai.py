@@ -24,7 +24,7 @@ from appliance.api.core import (
     sampling_params,
     until_disconnect,
 )
-from appliance.api.deps import ManagerDep, MetricsDep, RegistryDep, SettingsDep
+from appliance.api.deps import ManagerDep, MetricsDep, RegistryDep, SettingsDep, UpstreamsDep
 from appliance.api.errors import error_body
 from appliance.api.grammar import response_grammar, tool_call_grammar
 from appliance.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -32,6 +32,8 @@ from appliance.engine.logprobs import TokenLogprob
 from appliance.engine.output import ChatOutputParser, Delta, ToolCall, ToolCallDelta
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.registry import Registry
+from appliance.upstream import UpstreamPool
+from appliance.upstream.proxy import routed
 
 router = APIRouter()
 CLIENT_GONE = 499  # nginx's "client closed request": logged, never seen by anyone
@@ -53,15 +55,26 @@ def _model_list(registry: Registry) -> list[dict[str, Any]]:
     return data
 
 
+async def _all_models(registry: Registry, upstreams: UpstreamPool) -> list[dict[str, Any]]:
+    """Ours, then the upstreams' (from their cached listings) that no local name shadows."""
+    local = await off_loop(_model_list, registry)
+    return local + upstreams.listing({m["id"] for m in local})
+
+
 @router.get("/v1/models")
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
-    return {"object": "list", "data": await off_loop(_model_list, registry)}
+async def list_models(registry: RegistryDep, upstreams: UpstreamsDep) -> dict[str, Any]:
+    return {"object": "list", "data": await _all_models(registry, upstreams)}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, registry: RegistryDep) -> dict[str, Any]:
-    for model in await off_loop(_model_list, registry):
-        if model["id"] == model_id.lower():
+async def get_model(model_id: str, registry: RegistryDep,
+                    upstreams: UpstreamsDep) -> dict[str, Any]:
+    models = await _all_models(registry, upstreams)
+    for model in models:  # upstream ids keep their case; ours are lower case
+        if model["id"] == model_id:
+            return model
+    for model in models:
+        if model["id"].lower() == model_id.lower():
             return model
     raise ModelNotFound(f"model {model_id[:256]!r} does not exist", param="model")
 
@@ -143,7 +156,11 @@ def _chat_grammar(body: ChatCompletionRequest) -> tuple[str | None, bool]:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request, manager: ManagerDep,
-                           metrics: MetricsDep, settings: SettingsDep) -> Response:
+                           metrics: MetricsDep, settings: SettingsDep,
+                           upstreams: UpstreamsDep) -> Response:
+    if (answer := await routed(upstreams, request, body.model, "chat/completions",
+                               body.stream)) is not None:
+        return answer
     messages = _messages(body)
     tools = body.tools if body.tools and body.tool_choice != "none" else None
     grammar, forced_tool = await off_loop(_chat_grammar, body)
@@ -274,7 +291,10 @@ async def _chat_stream(generation: Generation, parsers: list[ChatOutputParser],
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, manager: ManagerDep,
-                      metrics: MetricsDep) -> Response:
+                      metrics: MetricsDep, upstreams: UpstreamsDep) -> Response:
+    if (answer := await routed(upstreams, request, body.model, "completions",
+                               body.stream)) is not None:
+        return answer
     stack = contextlib.AsyncExitStack()
     model = await stack.enter_async_context(manager.use(body.model))
     try:
