@@ -13,6 +13,7 @@ memory is read through llama.cpp's connection instead.
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import struct
 import threading
@@ -107,18 +108,25 @@ def _read(sock: socket.socket, n: int) -> bytes:
     return bytes(chunks)
 
 
+def llama_lib_dir() -> Path:
+    """The folder llama-cpp-python loads libllama (and with it libggml) from: $LLAMA_CPP_LIB_PATH
+    when set (its own override), else the wheel's llama_cpp/lib. ggml's device registry lives in
+    libggml, so ours must be the very copy llama.cpp uses: a second copy would hold its own
+    registry, and devices added there would be unknown to the model loader."""
+    import llama_cpp
+
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    return Path(override) if override else Path(llama_cpp.__file__).parent / "lib"
+
+
 class RpcLibrary:
     """ggml's device registry and RPC client, through ctypes on the wheel's own libraries."""
 
     def __init__(self, lib_dir: Path | None = None) -> None:
-        if lib_dir is None:
-            import llama_cpp
-
-            lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        self.lib_dir = lib_dir
-        self._ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
-        self._base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-        rpc_path = lib_dir / "libggml-rpc.so"
+        self.lib_dir = lib_dir or llama_lib_dir()
+        self._ggml = ctypes.CDLL(str(self.lib_dir / "libggml.so"))
+        self._base = ctypes.CDLL(str(self.lib_dir / "libggml-base.so"))
+        rpc_path = self.lib_dir / "libggml-rpc.so"
         self._rpc = ctypes.CDLL(str(rpc_path)) if rpc_path.exists() else None
         vp, cp, size = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
         for lib, name, args, result in (

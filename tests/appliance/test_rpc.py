@@ -105,6 +105,7 @@ def test_an_unreachable_worker_is_named() -> None:
 @needs_rpc
 def test_split_over_two_workers_matches_local_and_survives_a_lost_worker(
         models_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "local").mkdir()
     with run_daemon(models_dir, tmp_path / "local", default_model=MODEL_A) as local:
         expected = greedy(local.url)
     with run_worker(tmp_path) as first, run_worker(tmp_path) as second:
