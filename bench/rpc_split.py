@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -93,6 +94,7 @@ def main() -> None:
     args = parser.parse_args()
 
     info = read_gguf_info(args.model)
+    load_before = os.getloadavg()
     with worker(args.threads) as first, worker(args.threads) as second:
         workers = RpcWorkers([first, second])
         plan = plan_split(info, [DeviceShare(w.name, "rpc", w.free, endpoint=w.endpoint,
@@ -129,7 +131,10 @@ def main() -> None:
         "ratio_median": statistics.median(r["ratio"] for r in rounds),
         "same_tokens": all(r["same_tokens"] for r in rounds),
         "machine": {"cpu": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    # A shared machine: the load around the run says how far to trust it.
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                    "llama_lib": str(workers.library.lib_dir)},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     out = REPO / "bench" / "results" / f"rpc_split-{args.model.stem}.json"
