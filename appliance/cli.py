@@ -143,6 +143,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(line)
     if model and "context_per_slot" in model:
         print("  " + context_line(model))
+    for share in (model or {}).get("offload", {}).get("split") or ():
+        print(f"  {share['name']}: {share['layers']} layers, "
+              f"{_format_bytes(share['weights'] + share['kv'] + share['compute'])} planned")
     memory = status["memory"]
     for gpu in memory["gpus"]:
         print(f"  GPU {gpu['index']} {gpu['name']}: {_format_bytes(gpu['used'])} used of "
@@ -225,6 +228,51 @@ def cmd_tray(args: argparse.Namespace) -> int:
     return 0
 
 
+def rpc_server_binary() -> Path | None:
+    """llama.cpp's rpc-server: $APPLIANCE_RPC_SERVER, else beside this Python (the installer
+    puts it in the venv's bin/), else on PATH."""
+    import shutil
+
+    given = os.environ.get("APPLIANCE_RPC_SERVER")
+    if given:
+        return Path(given)
+    beside = Path(sys.executable).parent / "ggml-rpc-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("ggml-rpc-server")
+    return Path(found) if found else None
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from appliance.config import is_loopback
+
+    host = args.host or os.environ.get("APPLIANCE_WORKER_HOST") or "127.0.0.1"
+    port = args.port or int(os.environ.get("APPLIANCE_WORKER_PORT") or 50052)
+    allow = args.allow_network or os.environ.get("APPLIANCE_WORKER_ALLOW_NETWORK") == "1"
+    if not 1 <= port <= 65535:
+        raise UserError(f"port {port} is out of range", "give 1-65535")
+    if not is_loopback(host):
+        if not allow:
+            raise UserError(f"{host} is reachable from other machines and rpc-server has no "
+                            "authentication: anyone who reaches it can run code on its devices",
+                            "pass --allow-network on a trusted LAN only, or keep 127.0.0.1 "
+                            "and reach it through an SSH tunnel (ssh -L)")
+        print(f"appliance worker: warning: listening on {host}:{port} WITHOUT authentication; "
+              "use only on a trusted LAN", file=sys.stderr)
+    binary = rpc_server_binary()
+    if binary is None or not binary.is_file():
+        raise UserError("ggml-rpc-server (llama.cpp's RPC worker) is not installed",
+                        "run installer/install.sh, or build it with installer/rpc-server.sh "
+                        "and set APPLIANCE_RPC_SERVER")
+    argv = [str(binary), "--host", host, "--port", str(port)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    sys.stdout.flush()
+    # exec: systemd's signals and the exit status are rpc-server's own.
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--version", action="version", version=f"appliance {__version__}")
@@ -280,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     tray.add_argument("--url", help="daemon URL (default from settings)")
     tray.set_defaults(handler=cmd_tray)
     _library_parsers(sub)
+    worker = sub.add_parser(
+        "worker", help="lend this machine's GPU (or CPU) to another daemon over llama.cpp RPC",
+        description="Run llama.cpp's rpc-server: a daemon that lists this machine as host:port "
+                    "in rpc_workers puts some of a model's layers here. It has no "
+                    "authentication: loopback by default (reach it through an SSH tunnel); "
+                    "another address needs --allow-network, on a trusted LAN only. Also "
+                    "APPLIANCE_WORKER_HOST, APPLIANCE_WORKER_PORT, APPLIANCE_WORKER_ALLOW_NETWORK=1.")
+    worker.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    worker.add_argument("--port", type=int, help="port (default 50052)")
+    worker.add_argument("--allow-network", action="store_true",
+                        help="allow a non-loopback address (no authentication: trusted LAN only)")
+    worker.add_argument("--threads", type=int, help="CPU threads when the worker has no GPU")
+    worker.set_defaults(handler=cmd_worker)
     load = sub.add_parser("load", help="load (switch to) a model")
     load.add_argument("id")
     _address_flags(load)

@@ -35,6 +35,7 @@ else:  # pydantic-settings reads TOML with tomli before Python 3.11
     from tomli import TOMLDecodeError
 
 DEFAULT_PORT = 8471
+MAX_RPC_WORKERS = 16  # GGML_RPC_MAX_SERVERS
 # Context tokens per slot, or "auto": sized to the memory there is (appliance.context_sizing).
 ContextLength = Annotated[int, Field(ge=256, le=2**24)] | Literal["auto"]
 # The K and V cache's type; "auto" picks f16, or q8_0 where f16 would not fit (context_sizing).
@@ -173,6 +174,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted")
     max_tokens_default: int | None = Field(None, description="cap when a request sets none")
     log_level: str = Field("info", description="debug, info, warning or error")
+    rpc_workers: list[str] = Field(
+        default_factory=list, description="llama.cpp RPC workers (host:port, `appliance "
+        "worker` there) whose memory holds layers of chat models; trusted network only")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -208,6 +212,16 @@ class Settings(BaseSettings):
     @classmethod
     def _origins_only(cls, value: list[str]) -> list[str]:
         return [cors_origin(origin) for origin in value]
+
+    @field_validator("rpc_workers")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        endpoints = [rpc_endpoint(item) for item in value]
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError("a worker is listed twice")
+        if len(endpoints) > MAX_RPC_WORKERS:
+            raise ValueError(f"at most {MAX_RPC_WORKERS} workers (llama.cpp's limit)")
+        return endpoints
 
     @model_validator(mode="after")
     def _two_ports(self) -> Settings:
@@ -302,6 +316,24 @@ def cors_origin(origin: str) -> str:
     host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
     # Browsers send the scheme and host in lower case; CORSMiddleware compares exactly.
     return f"{parts.scheme}://{host.lower()}" + (f":{port}" if port is not None else "")
+
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*", re.IGNORECASE)
+
+
+def rpc_endpoint(endpoint: str) -> str:
+    """`endpoint` as host:port for llama.cpp's RPC client, or a ValueError saying why not."""
+    host, sep, port = endpoint.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"RPC worker {endpoint!r} is not host:port (e.g. 192.168.1.20:50052)")
+    # llama.cpp splits the endpoint at its first colon: an IPv6 address cannot be given.
+    if ":" in host or host.startswith("["):
+        raise ValueError(f"RPC worker {endpoint!r}: llama.cpp's RPC client takes no IPv6 "
+                         "address; use an IPv4 address or a host name")
+    if not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"RPC worker {endpoint!r}: {host!r} is not a host name or address")
+    return f"{host.lower()}:{int(port)}"
 
 
 def is_loopback(host: str) -> bool:

@@ -99,6 +99,12 @@ class EngineError(ApplianceError):
     code = "engine_error"
 
 
+class WorkerUnavailable(ServiceUnavailable):
+    """An RPC worker in `rpc_workers` does not answer (or cannot serve); the message names it."""
+
+    code = "rpc_worker_unavailable"
+
+
 class UpstreamUnavailable(ServiceUnavailable):
     """An upstream server cannot be reached (refused, DNS, reset before answering)."""
 

@@ -32,6 +32,21 @@ def kv_type_fits(info: GGUFInfo, kv_type: str) -> bool:
 
 
 @dataclass(frozen=True)
+class DeviceShare:
+    """What one device holds in a split: a local GPU, an RPC worker's device, or the CPU."""
+
+    name: str
+    kind: str  # "gpu", "rpc" or "cpu"
+    free: int = 0  # as the device reported it when planned
+    layers: int = 0  # offload units: repeating layers, and the output head as one more
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+    endpoint: str | None = None  # host:port of a worker
+    index: int = 0  # the device's number on its worker, or among the local GPUs
+
+
+@dataclass(frozen=True)
 class OffloadPlan:
     n_gpu_layers: int
     n_layers: int
@@ -46,6 +61,7 @@ class OffloadPlan:
     weights_in_ram: int = 0
     kv_in_ram: int = 0
     compute_in_ram: int = 0
+    split: tuple[DeviceShare, ...] = ()  # per device, when layers are split over RPC workers
     context_per_slot: int = 0  # set by appliance.context_sizing with the reason for it
     context_reason: str = ""
     draft: OffloadPlan | None = None  # a speculative-decoding draft model loaded beside it
@@ -175,3 +191,79 @@ def with_draft(plan: OffloadPlan, draft_info: GGUFInfo, *, n_ctx_total: int, mar
 def fewer_layers(n_gpu_layers: int) -> int:
     """The next try after a failed load: a quarter fewer layers (0 ends the retries)."""
     return max(0, n_gpu_layers - max(1, n_gpu_layers // 4))
+
+
+def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, margin: int,
+               n_ubatch: int = N_UBATCH, kv_type: str = "f16") -> OffloadPlan:
+    """Layers across `devices` (in llama.cpp's device order: workers, then local GPUs) and the
+    CPU. Local GPUs fill first (no network between them and the output); the workers share what
+    is left in proportion to their free memory (as llama.cpp's own default split does); the CPU
+    takes the rest. Each device keeps `margin` and a compute buffer free.
+
+    This llama.cpp offloads from the top: n_gpu_layers = k holds the output head and the last
+    k - 1 repeating layers, dealt to the devices in order by `tensor_split` (the first device
+    gets the lowest of them), so the plan fills devices from the last one backwards. Its VRAM
+    figures are the local GPUs' share; a worker's share costs this machine nothing.
+    """
+    n_layers = info.n_layers
+    kv = kv_bytes_per_layer(info, n_ctx_total, kv_type)
+    compute = compute_buffer_bytes(info, n_ubatch)
+    # Offload units from the top: the output head (no KV), then layer n-1 down to 0.
+    units = [output_head_bytes(info)] + [size + kv for size in reversed(info.layer_bytes())]
+    budgets = [max(0, d.free - margin - compute) for d in devices]
+    workers = [i for i, d in enumerate(devices) if d.kind == "rpc"]
+    counts = [0] * len(devices)
+    placed = 0
+
+    def fill(i: int, target: float) -> None:
+        """Units onto device i within its budget, up to `target` bytes (a unit counts when at
+        least half of it is within the target: a large output head must not skip a device)."""
+        nonlocal placed
+        used = 0
+        while (placed < len(units) and used + units[placed] <= budgets[i]
+               and used + units[placed] / 2 <= target):
+            used += units[placed]
+            placed += 1
+            counts[i] += 1
+
+    for i in reversed(range(len(devices))):
+        if devices[i].kind != "rpc":
+            fill(i, budgets[i])
+    left, room = sum(units[placed:]), sum(budgets[i] for i in workers)
+    share = min(1.0, left / room) if room else 0.0
+    for i in reversed(workers):  # the first worker also takes what rounding left over
+        fill(i, budgets[i] if i == workers[0] else budgets[i] * share)
+    shares, unit = [], 0
+    layer_sizes = [output_head_bytes(info), *reversed(info.layer_bytes())]
+    for i in reversed(range(len(devices))):
+        mine = range(unit, unit + counts[i])
+        unit += counts[i]
+        shares.append(replace(devices[i], layers=counts[i],
+                              weights=sum(layer_sizes[u] for u in mine),
+                              kv=kv * sum(1 for u in mine if u > 0),
+                              compute=compute if counts[i] else 0))
+    shares.reverse()
+    n_cpu = len(units) - placed
+    cpu_layers = min(n_cpu, n_layers)
+    # The CPU always holds the token embedding (llama.cpp keeps the input layer there), the
+    # lowest layers, and the output head when nothing was offloaded (tied: the embedding).
+    embedding = info.tensor_bytes("token_embd.weight")
+    head = output_head_bytes(info) - (embedding if not info.tensor_bytes("output.weight") else 0)
+    cpu = DeviceShare("cpu", "cpu", layers=n_cpu,
+                      weights=embedding + sum(info.layer_bytes()[:cpu_layers])
+                      + (head if placed == 0 else 0),
+                      kv=kv * cpu_layers, compute=compute if n_cpu else 0)
+    local = [s for s in shares if s.kind == "gpu"]
+    used = [s.name for s in shares if s.layers]
+    if not used:
+        reason = "CPU only: no RPC worker or GPU has room for one layer"
+    elif n_cpu == 0:
+        reason = f"all layers on {', '.join(used)}"
+    else:
+        reason = f"{placed} of {n_layers + 1} layers on {', '.join(used)}, {n_cpu} on the CPU"
+    return OffloadPlan(
+        placed, n_layers, "+".join(used) or "cpu", reason, kv_type,
+        free_vram=sum(s.free for s in local), weights_on_gpu=sum(s.weights for s in local),
+        kv_on_gpu=sum(s.kv for s in local), compute_buffer=sum(s.compute for s in local),
+        margin=margin, weights_in_ram=cpu.weights, kv_in_ram=cpu.kv,
+        compute_in_ram=cpu.compute, split=(*shares, cpu))

@@ -108,7 +108,8 @@ command -v c++ >/dev/null || command -v g++ >/dev/null \
     || die "no C++ compiler found" "sudo apt install build-essential"
 
 # Instruction sets: portable AVX2 unless APPLIANCE_LLAMA_CPU=native (installer/cpu-flags.sh).
-cpu_flags=$("$repo/installer/cpu-flags.sh")
+# RPC: the ggml RPC backend, for rpc_workers and `appliance worker`.
+cpu_flags="$("$repo/installer/cpu-flags.sh") -DGGML_RPC=ON"
 cmake_args="$cpu_flags"
 target="CPU"
 if [ "$cpu" = 0 ] && command -v nvcc >/dev/null && { command -v nvidia-smi >/dev/null || [ -e /dev/nvidia0 ]; }; then
@@ -131,6 +132,9 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip >/dev/null
 wheel=$("$repo/installer/llama-wheel.sh" "$venv/bin/python" "$llama_version" "$cmake_args")
 "${pip[@]}" install "$wheel"
+# llama.cpp's RPC worker from the same sources and flags, for `appliance worker`.
+rpc_server=$("$repo/installer/rpc-server.sh" "$venv/bin/python" "$llama_version" "$cmake_args")
+install -m 0755 "$rpc_server" "$venv/bin/ggml-rpc-server"
 "${pip[@]}" install --upgrade "$repo"
 "$venv/bin/appliance" --version >/dev/null || die "the installed appliance command does not run"
 
@@ -201,9 +205,12 @@ fi
 # -- service and tray ----------------------------------------------------------------------
 unit_dir="$config_home/systemd/user"
 note program file "$unit_dir/appliance.service"
+note program file "$unit_dir/appliance-worker.service"
 note program file "$config_home/autostart/qwen-appliance-tray.desktop"
 mkdir -p "$unit_dir" "$config_home/autostart"
 sed "s|@VENV@|$venv|g" "$repo/systemd/appliance.service.in" > "$unit_dir/appliance.service"
+# Installed, not enabled: `systemctl --user enable --now appliance-worker` on a worker machine.
+sed "s|@VENV@|$venv|g" "$repo/systemd/appliance-worker.service.in" > "$unit_dir/appliance-worker.service"
 sed "s|@VENV@|$venv|g" "$repo/installer/appliance-tray.desktop.in" > "$config_home/autostart/qwen-appliance-tray.desktop"
 "$repo/installer/tray-deps.sh" "$venv" || true  # the tray's menu on GNOME/KDE: see the script
 

@@ -30,6 +30,7 @@ prefix="$data_home/qwen-appliance"
 # -- stop the daemon -----------------------------------------------------------------------
 if systemctl --user show-environment >/dev/null 2>&1; then
     systemctl --user disable --now appliance.service >/dev/null 2>&1 || true
+    systemctl --user disable --now appliance-worker.service >/dev/null 2>&1 || true
 fi
 pidfile="$state_home/qwen-appliance/daemon.pid"
 if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -62,6 +63,10 @@ class RuntimeOptions:
     n_batch: int = 512
     unified_kv: bool = False
     kv_cache_type: str = "f16"  # K and V alike
+    # A split over RPC workers: ggml_backend_dev_t of each device holding layers, in llama.cpp's
+    # order, and the offload units each holds (llama.cpp's tensor_split). Empty: the defaults.
+    devices: tuple[int, ...] = ()
+    tensor_split: tuple[float, ...] = ()
 
 
 class LlamaRuntime:
@@ -73,6 +78,13 @@ class LlamaRuntime:
         self.options = options
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = options.n_gpu_layers
+        self.lease: Any = None  # the RPC workers this model holds (released in close)
+        if options.devices:
+            # NULL-terminated; llama.cpp copies both arrays while loading.
+            devices = (ctypes.c_void_p * (len(options.devices) + 1))(*options.devices, None)
+            split = (ctypes.c_float * llama_cpp.llama_max_devices())(*options.tensor_split)
+            model_params.devices = ctypes.addressof(devices)
+            model_params.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise LoadFailed(f"llama.cpp could not load {path.name} "
@@ -218,6 +230,9 @@ class LlamaRuntime:
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 def think_markup(tokenize: Callable[..., list[int]]) -> ThinkMarkup | None:

@@ -24,11 +24,20 @@ from appliance.context_sizing import ContextChoice, allowed_types, choose_contex
 from appliance.engine.chat import ChatFormatter, compile_template
 from appliance.engine.draft import DraftBudget, DraftModel
 from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime, EmbeddingWorker
+from appliance.engine.rpc import RpcWorkers, WorkerDevice
 from appliance.engine.runtime import LlamaRuntime, RuntimeOptions, gpu_offload_supported
 from appliance.engine.scheduler import Scheduler, SchedulerObserver
-from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable
+from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable, WorkerUnavailable
 from appliance.gpu import GpuProbe
-from appliance.offload import OffloadPlan, fewer_layers, plan_offload, with_draft, with_ram
+from appliance.offload import (
+    DeviceShare,
+    OffloadPlan,
+    fewer_layers,
+    plan_offload,
+    plan_split,
+    with_draft,
+    with_ram,
+)
 from appliance.registry import ModelEntry
 from appliance.residency import footprint
 from appliance.residency.draft_pairing import DraftChoice, DraftPairing
@@ -112,7 +121,8 @@ class ModelLoader:
                  embedding_factory: EmbeddingFactory = EmbeddingRuntime,
                  ram_budget: Callable[[], int] = physical_ram_budget,
                  ram_total: Callable[[], int] = physical_ram,
-                 catalog: Callable[[], list[ModelEntry]] = list) -> None:
+                 catalog: Callable[[], list[ModelEntry]] = list,
+                 rpc: RpcWorkers | None = None) -> None:
         self.settings = settings
         self.catalog = catalog  # the installed models, where drafts are found
         self.pairing = DraftPairing()
@@ -124,6 +134,9 @@ class ModelLoader:
         self.ram_total = ram_total  # physical RAM: auto context's KV share on CPU
         self.failures = FailureMemory()
         self._gpu_build: bool | None = None
+        workers = getattr(settings, "rpc_workers", None)
+        # Chat models split their layers over these; embedding models stay local (small).
+        self.rpc = rpc if rpc is not None else RpcWorkers(workers) if workers else None
 
     def gpu_build(self) -> bool:
         if self._gpu_build is None:
@@ -148,6 +161,9 @@ class ModelLoader:
                                     param="model") from None
         if model_kind(entry) != EMBEDDING:
             self._kv_types(entry)  # a KV type the model cannot have: refused before eviction
+            if self.rpc is not None:
+                # Before anything resident is evicted for it: a worker that is down costs nothing.
+                self.rpc.survey()
 
     def plan_for(self, entry: ModelEntry, extra_vram: int = 0) -> tuple[OffloadPlan, int]:
         """The offload plan for `entry` now, and its context tokens per slot (embedding models:
@@ -174,6 +190,9 @@ class ModelLoader:
 
         if embedding:  # one decode's cache, cleared after it: f16, no sizing
             return plan(context, "f16"), context
+        if self.rpc is not None and overrides.gpu_layers is None:
+            # Sized like a CPU load (the RAM share): the workers' memory is not this machine's.
+            return self._split_choice(entry, overrides)
         choice = self._context_choice(entry, plan, free_vram, overrides)
         chosen, context = choice.plan, choice.context_per_slot
         # The draft is counted beside the chosen plan (the context sizing does not shrink for it).
@@ -210,6 +229,30 @@ class ModelLoader:
         configured = self.settings.model_overrides(entry.id).draft
         return self.pairing.choose(entry, configured, self.catalog())
 
+    def _split_choice(self, entry: ModelEntry, overrides: ModelOverrides) -> tuple[OffloadPlan, int]:
+        """Layers over the RPC workers, this machine's GPUs (as llama.cpp sees them) and the
+        CPU, with the context sized as for a CPU load (blocking: asks every worker for its free
+        memory, once)."""
+        assert entry.info is not None and self.rpc is not None
+        devices = [DeviceShare(w.name, "rpc", w.free, endpoint=w.endpoint, index=w.index)
+                   for w in self.rpc.survey()]
+        if self.gpu_build() and getattr(self.settings, "gpu", "auto") != "none":
+            for index, handle in enumerate(self.rpc.library.local_gpus()):
+                free, _ = self.rpc.library.memory(handle)
+                devices.append(DeviceShare(f"GPU {index}", "gpu", free, index=index))
+
+        def plan(n_ctx_total: int, kv_type: str) -> OffloadPlan:
+            return plan_split(entry.info, devices, n_ctx_total=n_ctx_total,
+                              margin=self.settings.vram_margin_mib * 2**20, kv_type=kv_type)
+
+        wanted = overrides.context_length or self.settings.context_length
+        trained = entry.info.context_length or None
+        fixed = None if wanted == "auto" else min(wanted, trained or wanted)
+        choice = choose_context(entry.info, plan=plan, n_seq=self.settings.parallel,
+                                context=fixed, types=self._kv_types(entry), gpu_sizing=False,
+                                ram_total=self.ram_total())
+        return choice.plan, choice.context_per_slot
+
     def load(self, entry: ModelEntry, on_fatal: Callable[[BaseException], None]) -> Resident:
         """Blocking: the runtime and engine for `entry`, with the memory its load took; a
         failure leaks nothing."""
@@ -223,7 +266,12 @@ class ModelLoader:
             return self._load_embedding(entry)
         try:
             plan, context = self.plan_for(entry)
-            runtime, plan = self._open_runtime(entry, plan, context)
+            if plan.split:
+                runtime = self._open_split(entry, plan, context)
+            else:
+                runtime, plan = self._open_runtime(entry, plan, context)
+        except WorkerUnavailable:
+            raise  # not the file's fault: the next try goes ahead
         except (LoadFailed, ModelUnusable) as e:
             self.failures.remember(entry, e.message)
             raise
@@ -243,6 +291,30 @@ class ModelLoader:
             self.failures.remember(entry, reason)
             raise ModelUnusable(f"model {entry.id!r} is unusable: {reason}",
                                 param="model") from None
+
+    def _open_split(self, entry: ModelEntry, plan: OffloadPlan, context: int) -> LlamaRuntime:
+        """The runtime with its layers where `plan.split` says; no retry with fewer layers (the
+        workers' memory was measured just now, and a worker's failure is not memory)."""
+        assert self.rpc is not None
+        # Only devices that hold layers: llama.cpp opens a connection to every device it is given.
+        on_devices = [s for s in plan.split if s.kind != "cpu" and s.layers]
+        workers = [s for s in on_devices if s.kind == "rpc"]
+        lease = self.rpc.lease(s.endpoint for s in workers if s.endpoint)
+        try:
+            handles = self.rpc.handles([_worker_device(s) for s in workers])
+            local = self.rpc.library.local_gpus()
+            devices = [handles.pop(0) if s.kind == "rpc" else local[s.index] for s in on_devices]
+            options = RuntimeOptions(n_gpu_layers=plan.n_gpu_layers, context_per_slot=context,
+                                     n_seq=self.settings.parallel, n_threads=self.settings.threads,
+                                     flash_attn=self.settings.flash_attn,
+                                     kv_cache_type=plan.kv_cache_type, devices=tuple(devices),
+                                     tensor_split=tuple(float(s.layers) for s in on_devices))
+            runtime = self.runtime_factory(entry.path, options)
+        except BaseException:
+            lease.release()
+            raise
+        runtime.lease = lease
+        return runtime
 
     def _open_runtime(self, entry: ModelEntry, plan: OffloadPlan,
                       context: int) -> tuple[LlamaRuntime, OffloadPlan]:
@@ -353,6 +425,11 @@ class ModelLoader:
         model.runtime.close()
         if model.draft is not None:
             model.draft.close()
+
+
+def _worker_device(share: DeviceShare) -> WorkerDevice:
+    assert share.endpoint is not None
+    return WorkerDevice(share.endpoint, share.index, share.free, 0)
 
 
 def _special(meta: dict[str, Any], kind: str, runtime: LlamaRuntime) -> int:
