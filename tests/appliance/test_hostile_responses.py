@@ -25,6 +25,9 @@ ALLOWED_ORIGIN = "http://app.example:3000"
 EVIL_ORIGIN = "http://evil.example"
 JSON = {"Content-Type": "application/json"}
 PATH = "/v1/responses"
+# Runs until stopped: no end-of-generation token, and no newlines (which the tiny model
+# otherwise writes, and which are held back as leading whitespace: no events at all).
+ENDLESS = {"logit_bias": {**FOREVER["logit_bias"], "198": -100, "271": -100}}
 
 
 def req(**fields: Any) -> dict[str, Any]:
@@ -273,7 +276,7 @@ def test_probe_gets_a_clear_4xx_in_openai_shape(target: Daemon, name: str,
 
 
 def test_a_client_that_leaves_is_cancelled(target: Daemon) -> None:
-    body = req(max_output_tokens=3000, **FOREVER)
+    body = req(max_output_tokens=3000, **ENDLESS)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(target.url + PATH, json=body, timeout=1.5)
     with httpx.Client(base_url=target.url, timeout=30) as http:
@@ -294,7 +297,7 @@ def test_a_stream_cut_by_the_daemon_ends_with_failed(target: Daemon) -> None:
     started = threading.Event()
 
     def read() -> None:
-        body = req(max_output_tokens=100000, stream=True, **FOREVER)
+        body = req(max_output_tokens=100000, stream=True, **ENDLESS)
         with httpx.stream("POST", target.url + PATH, json=body, timeout=60) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
@@ -323,7 +326,7 @@ def test_a_stream_cut_by_the_daemon_ends_with_failed(target: Daemon) -> None:
 
 def test_a_burst_past_the_queue_gets_503_not_500(target: Daemon) -> None:
     def post(_: int) -> tuple[int, str]:
-        r = httpx.post(target.url + PATH, json=req(max_output_tokens=64), timeout=120)
+        r = httpx.post(target.url + PATH, json=req(max_output_tokens=64, **ENDLESS), timeout=120)
         return r.status_code, r.json()["object"] if r.status_code == 200 else r.json()["error"][
             "code"]
 

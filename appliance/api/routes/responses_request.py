@@ -249,6 +249,25 @@ class ResponsesRequest(RequestBody):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     _functions: list[FunctionTool] = PrivateAttr(default_factory=list)
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_kind(cls, value: Any) -> Any:
+        # Checked before the union, whose own error would name a branch ("input.str").
+        if not isinstance(value, (str, list)):
+            raise ValueError("input must be a string or a list of items")
+        return value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice_kind(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("none", "auto", "required"):
+            raise ValueError("tool_choice is 'none', 'auto', 'required' or "
+                             "{\"type\": \"function\", \"name\": ...}")
+        if isinstance(value, dict) and value.get("type") != "function":
+            raise ValueError("only function tool choices are supported: "
+                             "{\"type\": \"function\", \"name\": ...}")
+        return value
+
     @field_validator("input")
     @classmethod
     def _input(cls, value: str | list[Any]) -> str | list[Any]:
