@@ -11,6 +11,7 @@ OPENAI = "tests/appliance/test_api.py::"
 FEATURES = "tests/appliance/test_openai_features.py::"
 OLLAMA = "tests/appliance/test_ollama.py::"
 ANTHROPIC = "tests/appliance/test_anthropic.py::"
+RESPONSES = "tests/appliance/test_responses.py::"
 
 # test node id → (endpoint, client, feature)
 ROWS: dict[str, tuple[str, str, str]] = {
@@ -60,6 +61,20 @@ ROWS: dict[str, tuple[str, str, str]] = {
     ANTHROPIC + "test_count_tokens_sees_tools_and_thinking": ("/v1/messages/count_tokens",
                                                               "anthropic", "count_tokens"),
     ANTHROPIC + "test_unknown_model_is_not_found": ("/v1/messages", "anthropic", "errors"),
+    RESPONSES + "test_create_with_a_string": ("/v1/responses", "openai", "create"),
+    RESPONSES + "test_messages_and_instructions_read_as_chat": ("/v1/responses", "openai",
+                                                                "messages, instructions"),
+    RESPONSES + "test_stream_helper_assembles_what_create_returns": ("/v1/responses", "openai",
+                                                                     "streaming"),
+    RESPONSES + "test_forced_function_call_streams_and_is_assembled":
+        ("/v1/responses", "openai", "function call (forced, streamed)"),
+    RESPONSES + "test_a_tool_loop_round_trip": ("/v1/responses", "openai",
+                                                "function_call_output round trip"),
+    RESPONSES + "test_json_schema_output_parses": ("/v1/responses", "openai",
+                                                   "text.format json_schema"),
+    RESPONSES + "test_reasoning_comes_back_as_a_reasoning_item": ("/v1/responses", "openai",
+                                                                  "reasoning"),
+    RESPONSES + "test_unknown_model_is_not_found": ("/v1/responses", "openai", "errors"),
 }
 
 

@@ -14,7 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance import __version__
 from appliance.api.errors import ErrorShapes, install_error_handlers
-from appliance.api.routes import anthropic, control, embeddings, library, ollama, openai
+from appliance.api.routes import (
+    anthropic,
+    control,
+    embeddings,
+    library,
+    ollama,
+    openai,
+    responses,
+)
 from appliance.api.security import SecurityMiddleware
 from appliance.config import Settings
 from appliance.engine.embedding import EmbeddingRuntime
@@ -98,6 +106,7 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
+    app.include_router(responses.router)
     app.include_router(control.router)
     app.include_router(library.router)
     app.include_router(embeddings.router)

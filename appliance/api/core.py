@@ -104,6 +104,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    thinking_tokens: int = 0  # of completion_tokens, those inside <think>
 
 
 class Generation:
@@ -151,7 +152,7 @@ class Generation:
         """Every choice's text (with logprobs when asked) as it comes; sets `outcome` once all
         choices have finished (the first choice's finish, completion tokens summed)."""
         last = None
-        completion = 0
+        completion = thinking = 0
         try:
             while True:
                 event = await self._queue.get()
@@ -168,10 +169,11 @@ class Generation:
                     self.finished_at = time.perf_counter()
                     self.finish_reasons[event.index] = event.finish_reason
                     completion += event.completion_tokens
+                    thinking += event.thinking_tokens
                     if len(self.finish_reasons) < self.request.n:
                         continue
                     self.outcome = Outcome(self.finish_reasons[0], event.prompt_tokens,
-                                           completion, event.cached_tokens)
+                                           completion, event.cached_tokens, thinking)
                     self._metrics.prompt_tokens.inc(event.prompt_tokens)
                     self._metrics.completion_tokens.inc(completion)
                     return

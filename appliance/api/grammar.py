@@ -95,8 +95,10 @@ def schema_grammar(schema: dict, param: str) -> str:
     return rules.text()
 
 
-def tool_call_grammar(tools: list[Tool], name: str | None) -> str:
-    """GBNF for one `<tool_call>\\n{json}\\n</tool_call>` calling `name` (or any of the tools)."""
+def tool_call_grammar(tools: list[Tool], name: str | None,
+                      where: str = "tools.{}.function.parameters") -> str:
+    """GBNF for one `<tool_call>\\n{json}\\n</tool_call>` calling `name` (or any of the tools);
+    `where` names tool i's schema in errors, as the dialect's request spells it."""
     chosen = [(i, t) for i, t in enumerate(tools) if name is None or t.function.name == name]
     if not chosen:
         raise InvalidRequest(f"tool_choice names {name!r}, which is not in tools",
@@ -104,7 +106,7 @@ def tool_call_grammar(tools: list[Tool], name: str | None) -> str:
     rules = _Rules("tools")
     calls = []
     for i, tool in chosen:
-        param = f"tools.{i}.function.parameters"
+        param = where.format(i)
         rules.param = param
         schema = tool.function.parameters or {"type": "object"}  # arguments are an object
         arguments = _Converter(schema, param, rules).root()

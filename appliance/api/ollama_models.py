@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import logging
 import math
@@ -70,8 +71,19 @@ def resolve(registry: Registry, name: str) -> ModelEntry:
 
 def iso_time(seconds: float) -> str:
     """RFC 3339 in UTC with microseconds, as Ollama writes times (`2024-07-22T20:33:28.123Z`)."""
-    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1e6)
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    return f"{_iso_second(whole)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(whole: int) -> str:
+    # Every streamed chunk carries a time: format each second once (datetime and strftime were
+    # a sixth of the NDJSON writer's time per token, measured with cProfile).
+    moment = datetime.datetime.fromtimestamp(whole, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def human_count(n: int) -> str:

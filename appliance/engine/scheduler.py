@@ -67,6 +67,7 @@ class DoneEvent:
     completion_tokens: int
     cached_tokens: int
     index: int = 0  # which choice: a request for n choices gets n of these
+    thinking_tokens: int = 0  # of completion_tokens, those inside <think> (Responses' usage)
 
 
 @dataclass
@@ -622,7 +623,7 @@ class Scheduler:
                                             seq.cached_tokens, follower.index))
         seq.followers = []
         seq.request.emit(DoneEvent(reason, len(seq.request.prompt_tokens), seq.generated,
-                                   seq.cached_tokens, seq.index))
+                                   seq.cached_tokens, seq.index, seq.thought))
 
 
 def _choice_sampling(params: SamplingParams, index: int) -> SamplingParams:

@@ -3,6 +3,7 @@ fake runtime, as test_manager_paths.py does), keep_alive durations, names, diges
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.api.ollama_models import FileDigests, human_count, resolve, show
+from appliance.api.ollama_models import FileDigests, human_count, iso_time, resolve, show
 from appliance.api.ollama_schemas import keep_alive_seconds
 from appliance.errors import InvalidRequest, ModelNotFound
 from appliance.registry import Registry
@@ -131,3 +132,11 @@ def test_show_uses_ollamas_parameter_names(models: Path) -> None:
                                         (9_820_000, "9.82M"), (4_200, "4.20K"), (12, "12")])
 def test_parameter_sizes_read_like_ollamas(count: int, text: str) -> None:
     assert human_count(count) == text
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1721680408.123456, 1721680408.9999996, 1721680409.0000004,
+                                     4102444799.5, 1721680408.0000005])
+def test_times_read_like_datetimes(seconds: float) -> None:
+    """The per-second cache gives what datetime gives, microsecond rounding included."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    assert iso_time(seconds) == moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

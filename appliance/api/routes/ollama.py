@@ -352,9 +352,10 @@ async def _stream(run: _Run, chunk: Chunk) -> AsyncIterator[bytes]:
     """NDJSON lines: `chunk(delta, calls, final)` shapes each; errors end the stream as Ollama
     ends it, with an `{"error": ...}` line."""
     try:
-        async for text in run.generation.texts():
-            delta = run.feed(text)
-            if delta:
+        # pieces(), not texts(): one async generator less between the engine and the socket
+        # per token (both cancel the request when the stream ends early).
+        async for piece in run.generation.pieces():
+            if piece.text and (delta := run.feed(piece.text)):
                 yield _line(chunk(delta, [], None))
     except ApplianceError as e:
         yield _line({"error": e.message})
