@@ -133,8 +133,12 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 wheel=$("$repo/installer/llama-wheel.sh" "$venv/bin/python" "$llama_version" "$cmake_args")
 "${pip[@]}" install "$wheel"
 # llama.cpp's RPC worker from the same sources and flags, for `appliance worker`.
-rpc_server=$("$repo/installer/rpc-server.sh" "$venv/bin/python" "$llama_version" "$cmake_args")
-install -m 0755 "$rpc_server" "$venv/bin/ggml-rpc-server"
+# The worker is optional: the daemon runs without it, so a failed build is a warning.
+if rpc_server=$("$repo/installer/rpc-server.sh" "$venv/bin/python" "$llama_version" "$cmake_args"); then
+    install -m 0755 "$rpc_server" "$venv/bin/ggml-rpc-server"
+else
+    say "warning: building llama.cpp's rpc-server failed; \`appliance worker\` will not run here"
+fi
 "${pip[@]}" install --upgrade "$repo"
 "$venv/bin/appliance" --version >/dev/null || die "the installed appliance command does not run"
 
