@@ -127,7 +127,7 @@ class DaemonClient:
         """Unload one model (by id or alias), or every resident model when None."""
         if model_id is None:
             return self._call("POST", "/api/unload", timeout=120)
-        path = f"/api/models/{urllib.parse.quote(model_id, safe='')}/unload"
+        path = f"/api/models/{quote(model_id, safe='')}/unload"
         return self._call("POST", path, timeout=120)
 
     def delete_model(self, model_id: str, force: bool = False) -> dict[str, Any]:
