@@ -144,7 +144,9 @@ def test_raw_stream_is_server_sent_events(daemon: Daemon) -> None:
 def test_forced_function_call_streams_and_is_assembled(client: openai.OpenAI) -> None:
     with client.responses.stream(model=MODEL_A, input=ASK, tools=[WEATHER],
                                  tool_choice={"type": "function", "name": "get_weather"},
-                                 max_output_tokens=100, temperature=0.7,
+                                 # room for the grammar's bounded whitespace: a random model
+                                 # may use it, and the call must complete, not be cut short
+                                 max_output_tokens=400, temperature=0.7,
                                  reasoning={"effort": "none"},
                                  extra_body={"seed": 2}) as stream:
         events = list(stream)
