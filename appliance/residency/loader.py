@@ -318,20 +318,11 @@ class ModelLoader:
 
     def _open_runtime(self, entry: ModelEntry, plan: OffloadPlan,
                       context: int) -> tuple[LlamaRuntime, OffloadPlan]:
-        layers = plan.n_gpu_layers
-        while True:
-            options = RuntimeOptions(n_gpu_layers=layers, context_per_slot=context,
-                                     n_seq=self.settings.parallel, n_threads=self.settings.threads,
-                                     flash_attn=self.settings.flash_attn,
-                                     kv_cache_type=plan.kv_cache_type)
-            try:
-                runtime = self.runtime_factory(entry.path, options)
-                break
-            except LoadFailed:
-                if layers == 0:
-                    raise
-                layers = fewer_layers(layers)
-                log.warning("load of %s failed; retrying with %d GPU layers", entry.id, layers)
+        runtime, layers = self._with_fewer_layers(entry, plan.n_gpu_layers, lambda n: (
+            self.runtime_factory(entry.path, RuntimeOptions(
+                n_gpu_layers=n, context_per_slot=context, n_seq=self.settings.parallel,
+                n_threads=self.settings.threads, flash_attn=self.settings.flash_attn,
+                kv_cache_type=plan.kv_cache_type))))
         if layers != plan.n_gpu_layers:
             plan = self._retried(entry, plan, layers, context * self.settings.parallel)
         return runtime, plan
@@ -355,6 +346,20 @@ class ModelLoader:
         return DraftModel(runtime, choice.entry.id), choice.reason
 
     @staticmethod
+    def _with_fewer_layers(entry: ModelEntry, layers: int,
+                           open_with: Callable[[int], T]) -> tuple[T, int]:
+        """`open_with(layers)`, retried with fewer GPU layers while the load fails (a plan is an
+        estimate; the driver may still refuse): what opened, and with how many layers."""
+        while True:
+            try:
+                return open_with(layers), layers
+            except LoadFailed:
+                if layers == 0:
+                    raise
+                layers = fewer_layers(layers)
+                log.warning("load of %s failed; retrying with %d GPU layers", entry.id, layers)
+
+    @staticmethod
     def _retried(entry: ModelEntry, plan: OffloadPlan, layers: int, n_ctx: int) -> OffloadPlan:
         assert entry.info is not None
         retried = replace(plan, n_gpu_layers=layers, device=plan.device if layers else "cpu",
@@ -365,20 +370,11 @@ class ModelLoader:
     def _load_embedding(self, entry: ModelEntry) -> EmbeddingModel:
         try:
             plan, context = self.plan_for(entry)
-            layers = plan.n_gpu_layers
-            while True:
-                options = EmbeddingOptions(n_gpu_layers=layers, n_batch=context,
-                                           n_ubatch=min(EMBEDDING_UBATCH, context),
-                                           n_seq=EMBEDDING_SEQUENCES,
-                                           n_threads=self.settings.threads,
-                                           flash_attn=self.settings.flash_attn)
-                try:
-                    runtime = self.embedding_factory(entry.path, options)
-                    break
-                except LoadFailed:
-                    if layers == 0:
-                        raise
-                    layers = fewer_layers(layers)
+            runtime, layers = self._with_fewer_layers(entry, plan.n_gpu_layers, lambda n: (
+                self.embedding_factory(entry.path, EmbeddingOptions(
+                    n_gpu_layers=n, n_batch=context, n_ubatch=min(EMBEDDING_UBATCH, context),
+                    n_seq=EMBEDDING_SEQUENCES, n_threads=self.settings.threads,
+                    flash_attn=self.settings.flash_attn))))
             if layers != plan.n_gpu_layers:
                 plan = self._retried(entry, plan, layers, context)
         except (LoadFailed, ModelUnusable) as e:
