@@ -40,6 +40,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         source=args.source, out=args.out, quant=parse_quant_type(args.quant),
         outtype=OutType(args.outtype), force=args.force, keep_intermediate=args.keep_intermediate,
         verify=args.verify, revision=args.revision, threads=args.threads, quiet=args.quiet,
+        reranker=args.reranker,
     ))
     if result.report is not None:
         print(result.report.render())
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--verify", action="store_true",
                          help="check tokenizer and logits against the source before keeping it")
     convert.add_argument("--threads", type=int, help="quantization threads (default: all cores)")
+    convert.add_argument("--reranker", action=argparse.BooleanOptionalAction, default=None,
+                         help="convert a Qwen3ForCausalLM checkpoint as a Qwen3 reranker (yes/no "
+                              "scoring); by default one is recognised by its model card or name")
     convert.add_argument("--quiet", action="store_true", help="no progress bars")
     convert.set_defaults(handler=cmd_convert)
 

@@ -33,6 +33,7 @@ class ConvertOptions:
     revision: str | None = None
     threads: int | None = None
     quiet: bool = False
+    reranker: bool | None = None  # None: recognise a Qwen3 reranker checkpoint by card or name
 
 
 @dataclass
@@ -58,7 +59,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     _check_output(out, opts.force)
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = resolve_source(opts.source, opts.revision)
-    plan = plan_conversion(folder, opts.outtype)
+    plan = plan_conversion(folder, opts.outtype, opts.reranker)
     # Quantizing to the intermediate's own type would only copy it: write it straight out.
     direct = opts.quant == plan.out_type.name
     quant_bytes = 0 if direct else int(plan.n_parameters * BITS_PER_WEIGHT[opts.quant] / 8)

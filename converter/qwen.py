@@ -21,6 +21,21 @@ SUPPORTED_ARCHITECTURES: dict[str, gguf.MODEL_ARCH] = {
 # llama.cpp's qwen3 loader makes the output head optional (it falls back to the token
 # embedding) and reads `qwen3.pooling_type`; LAST takes each sequence's final hidden state.
 EMBEDDING_POOLING = gguf.PoolingType.LAST
+# Qwen3-Reranker scores a pair by P("yes") against P("no") at the last token of a fixed prompt.
+# As llama.cpp converts it: the two lm_head rows become a 2-row classifier head `cls.output`
+# ([yes, no]: llama-server reads the first output), RANK pooling takes the last token, and
+# llama.cpp's qwen3 graph applies a softmax over the two, so output 0 is P("yes").
+RERANK_POOLING = gguf.PoolingType.RANK
+RERANK_LABELS = ("yes", "no")
+RERANK_HEAD = "cls.output.weight"
+RERANK_INSTRUCTION = ("Given a web search query, retrieve relevant passages that answer the "
+                      "query")
+# llama-server fills {query} and {document}; it reads this as `tokenizer.chat_template.rerank`.
+RERANK_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    "and the Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n"
+    "<|im_start|>user\n<Instruct>: " + RERANK_INSTRUCTION + "\n<Query>: {query}\n"
+    "<Document>: {document}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,12 @@ class QwenConfig:
     rope_scaling: dict[str, Any] | None
     embedding: bool = False  # a Qwen3-Embedding checkpoint: no LM head, last-token pooling
     tensor_prefix: str = "model."  # "" when saved from Qwen3Model (Qwen3-Embedding)
+    # Qwen3-Reranker: token ids of "yes" and "no", whose head rows become the classifier.
+    rerank_token_ids: tuple[int, int] | None = None
+
+    @property
+    def reranker(self) -> bool:
+        return self.rerank_token_ids is not None
 
     @property
     def arch_name(self) -> str:
@@ -64,6 +85,36 @@ def _last_token_pooling(folder: Path) -> bool:
         return bool(json.loads(path.read_text(encoding="utf-8")).get("pooling_mode_lasttoken"))
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def looks_like_reranker(folder: Path, raw: dict[str, Any]) -> bool:
+    """Qwen3-Reranker ships as a plain Qwen3ForCausalLM; like llama.cpp, know it by its model
+    card's title or its name (the folder, a hub snapshot's repo, `_name_or_path`)."""
+    card = folder / "README.md"
+    try:
+        text = card.read_text(encoding="utf-8", errors="replace").lower() if card.exists() else ""
+    except OSError:
+        text = ""
+    if "# qwen3-reranker" in text:
+        return True
+    names = [folder.resolve().name, str(raw.get("_name_or_path", ""))]
+    if folder.parent.name == "snapshots":  # a hub cache: models--Qwen--Qwen3-Reranker-0.6B
+        names.append(folder.parent.parent.name)
+    return any("qwen3-reranker" in n.lower() for n in names)
+
+
+def rerank_token_ids(folder: Path) -> tuple[int, int]:
+    """The ids of "yes" and "no" in tokenizer.json (single tokens in Qwen's vocabulary)."""
+    path = folder / "tokenizer.json"
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))["model"]["vocab"]
+        return int(vocab["yes"]), int(vocab["no"])
+    except FileNotFoundError:
+        raise ConversionError("tokenizer file is missing",
+                              "download tokenizer.json with the weights", path) from None
+    except (ValueError, KeyError, TypeError):
+        raise ConversionError('tokenizer.json has no single "yes" and "no" tokens',
+                              "a Qwen3 reranker needs Qwen's own tokenizer", path) from None
 
 
 def _tensor_prefix(folder: Path) -> str:
@@ -90,8 +141,9 @@ def _tensor_prefix(folder: Path) -> str:
     return "model."
 
 
-def read_config(folder: Path) -> QwenConfig:
-    """Parse and check config.json; unsupported architectures are refused by name."""
+def read_config(folder: Path, reranker: bool | None = None) -> QwenConfig:
+    """Parse and check config.json; unsupported architectures are refused by name.
+    `reranker`: None recognises a Qwen3 reranker by its card or name; True/False decide."""
     path = folder / "config.json"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -131,6 +183,13 @@ def read_config(folder: Path) -> QwenConfig:
     # plus a sentence-transformers last-token pooling config.
     embedding = arch == gguf.MODEL_ARCH.QWEN3 and (
         hf_arch == "Qwen3Model" or prefix == "" or _last_token_pooling(folder))
+    if reranker is None:
+        reranker = hf_arch == "Qwen3ForCausalLM" and not embedding \
+            and looks_like_reranker(folder, raw)
+    elif reranker and (hf_arch != "Qwen3ForCausalLM" or embedding):
+        raise ConversionError(f"--reranker needs a Qwen3ForCausalLM checkpoint with its LM head, "
+                              f"not {hf_arch}" + (" (an embedding model)" if embedding else ""),
+                              "drop --reranker", path)
     return QwenConfig(
         hf_architecture=hf_arch,
         arch=SUPPORTED_ARCHITECTURES[hf_arch],
@@ -148,6 +207,7 @@ def read_config(folder: Path) -> QwenConfig:
         rope_scaling=rope_scaling,
         embedding=embedding,
         tensor_prefix=prefix,
+        rerank_token_ids=rerank_token_ids(folder) if reranker else None,
     )
 
 
@@ -167,6 +227,13 @@ def add_hyperparameters(writer: gguf.GGUFWriter, cfg: QwenConfig) -> None:
     writer.add_vocab_size(cfg.vocab_size)
     if cfg.embedding:
         writer.add_pooling_type(EMBEDDING_POOLING)
+    if cfg.reranker:
+        writer.add_pooling_type(RERANK_POOLING)
+        writer.add_array(gguf.Keys.Classifier.OUTPUT_LABELS.format(arch=cfg.arch_name),
+                         list(RERANK_LABELS))
+        # A named template beside the chat one, as llama.cpp's converter writes it.
+        writer.add_string(gguf.Keys.Tokenizer.CHAT_TEMPLATE_N.format(name="rerank"),
+                          RERANK_TEMPLATE)
     scaling = cfg.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "yarn":
@@ -186,7 +253,8 @@ class TensorMapping:
 
     hf_name: str
     gguf_name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as written; for `rows`, the selected rows' shape
+    rows: tuple[int, ...] | None = None  # only these rows of the source (the reranker head)
 
 
 def _expected_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
@@ -197,7 +265,7 @@ def _expected_shapes(cfg: QwenConfig) -> dict[str, tuple[int, ...]]:
         "model.embed_tokens.weight": (cfg.vocab_size, h),
         "model.norm.weight": (h,),
     }
-    if not cfg.tie_word_embeddings and not cfg.embedding:
+    if not cfg.tie_word_embeddings and not cfg.embedding and not cfg.reranker:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
@@ -244,5 +312,29 @@ def plan_tensors(checkpoint: SafetensorsCheckpoint, cfg: QwenConfig) -> list[Ten
         if gguf_name is None:  # a mistake in our expected-shapes table, not the user's
             raise RuntimeError(f"no GGUF name for {hf_name}")
         plan.append(TensorMapping(hf_name, gguf_name, shape))
+    if cfg.reranker:
+        plan.append(_rerank_head(checkpoint, cfg))
     return plan
+
+
+def _rerank_head(checkpoint: SafetensorsCheckpoint, cfg: QwenConfig) -> TensorMapping:
+    """The classifier head: the "yes" and "no" rows of lm_head (the token embedding when tied);
+    the rest of the LM head is never needed, so it is not written."""
+    assert cfg.rerank_token_ids is not None
+    source = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    entry = checkpoint.tensors.get(source)
+    if entry is None:
+        raise ConversionError(f"tensor {source} is missing from the checkpoint",
+                              "a reranker needs its LM head", checkpoint.folder)
+    if entry.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise ConversionError(f"tensor {source} has shape {list(entry.shape)}, config.json "
+                              f"implies {[cfg.vocab_size, cfg.hidden_size]}",
+                              "config.json and the weights come from different models",
+                              entry.file)
+    if max(cfg.rerank_token_ids) >= cfg.vocab_size:
+        raise ConversionError('the "yes"/"no" token ids lie outside the LM head',
+                              "config.json and tokenizer.json come from different models",
+                              checkpoint.folder)
+    return TensorMapping(source, RERANK_HEAD, (len(cfg.rerank_token_ids), cfg.hidden_size),
+                         rows=cfg.rerank_token_ids)
 

@@ -9,7 +9,10 @@ Hugging Face `tokenizers` on real text. Weights are random; the shapes match rea
 
 Embedding shapes are written as Qwen3-Embedding is published: a bare `Qwen3Model` (tensor names
 without `model.`, no LM head), sentence-transformers last-token pooling, and a tokenizer that
-appends `<|endoftext|>`.
+appends `<|endoftext|>`. Reranker shapes (`tiny-reranker`, `qwen3-reranker-0.6b`) are written as
+Qwen3-Reranker is: a plain Qwen3ForCausalLM whose model card is titled "Qwen3-Reranker"; the LM
+head's "yes" and "no" rows are scaled down so random scores spread over (0, 1) instead of
+saturating at 0 or 1 (a ranking of ties would prove nothing).
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class Shape:
     context_length: int = 40960
     family: str = "qwen3"  # or "qwen2": q/k/v biases, no q/k norms, head_dim = hidden / heads
     embedding: bool = False  # Qwen3-Embedding layout (see the module docstring)
+    reranker: bool = False  # Qwen3-Reranker layout (see the module docstring)
 
 
 SHAPES: dict[str, Shape] = {
@@ -130,6 +134,9 @@ SHAPES: dict[str, Shape] = {
     "tiny-embedding": Shape(64, 2, 4, 2, 32, 128, embedding=True),
     "qwen3-embedding-0.6b": Shape(1024, 28, 16, 8, 128, 3072, context_length=32768,
                                   embedding=True),
+    "tiny-reranker": Shape(64, 2, 4, 2, 32, 128, reranker=True),
+    "qwen3-reranker-0.6b": Shape(1024, 28, 16, 8, 128, 3072, context_length=32768,
+                                 reranker=True),
 }
 EOS_TEXT = "<|endoftext|>"
 
@@ -327,7 +334,11 @@ def tensor_shapes(shape: Shape) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(rng: np.random.Generator, name: str, dims: tuple[int, ...]) -> np.ndarray:
+RowScale = dict[str, tuple[list[int], float]]  # tensor name → (rows, factor)
+
+
+def random_tensor(rng: np.random.Generator, name: str, dims: tuple[int, ...],
+                  row_scale: RowScale | None = None) -> np.ndarray:
     """bf16 bits of a random tensor scaled so activations stay O(1) through the layers."""
     if name.endswith(".bias"):
         values = 0.1 * rng.standard_normal(dims, dtype=np.float32)
@@ -337,10 +348,14 @@ def random_tensor(rng: np.random.Generator, name: str, dims: tuple[int, ...]) ->
         values = rng.standard_normal(dims, dtype=np.float32)
     else:
         values = rng.standard_normal(dims, dtype=np.float32) / math.sqrt(dims[1])
+    if row_scale and name in row_scale:
+        rows, factor = row_scale[name]
+        values[rows] *= factor
     return f32_to_bf16_bits(values)
 
 
-def _write_safetensors(path: Path, tensors: dict[str, tuple[int, ...]], rng: np.random.Generator) -> None:
+def _write_safetensors(path: Path, tensors: dict[str, tuple[int, ...]], rng: np.random.Generator,
+                       row_scale: RowScale | None = None) -> None:
     """Write bf16 tensors, generating each just before it is written so memory stays small."""
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -354,7 +369,7 @@ def _write_safetensors(path: Path, tensors: dict[str, tuple[int, ...]], rng: np.
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name, dims in tensors.items():
-            random_tensor(rng, name, dims).tofile(f)
+            random_tensor(rng, name, dims, row_scale).tofile(f)
 
 
 def build_checkpoint(folder: Path, shape: Shape | str = "tiny", *, shards: int = 2,
@@ -367,27 +382,44 @@ def build_checkpoint(folder: Path, shape: Shape | str = "tiny", *, shards: int =
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": True,
          "temperature": 0.6, "top_p": 0.95, "top_k": 20}, indent=2))
-    kind = "Qwen3-Embedding" if shape.embedding else "Qwen3"
-    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# Random-weight {kind}\n")
+    if shape.reranker:  # titled as Qwen's card is: the converter recognises it by that
+        card = "# Qwen3-Reranker\n\nRandom weights, for tests.\n"
+    else:
+        card = f"# Random-weight {'Qwen3-Embedding' if shape.embedding else 'Qwen3'}\n"
+    (folder / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n{card}")
     rng = np.random.default_rng(seed)
     shapes = tensor_shapes(shape)
+    row_scale = _reranker_head_scale(folder, shape) if shape.reranker else None
     names = list(shapes)
     per_shard = math.ceil(len(names) / max(shards, 1))
     groups = [names[i:i + per_shard] for i in range(0, len(names), per_shard)]
     if len(groups) == 1:
-        _write_safetensors(folder / "model.safetensors", shapes, rng)
+        _write_safetensors(folder / "model.safetensors", shapes, rng, row_scale)
     else:
         weight_map = {}
         for index, group in enumerate(groups, start=1):
             file = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
-            _write_safetensors(folder / file, {n: shapes[n] for n in group}, rng)
+            _write_safetensors(folder / file, {n: shapes[n] for n in group}, rng, row_scale)
             weight_map.update(dict.fromkeys(group, file))
         total = sum(int(np.prod(d)) * 2 for d in shapes.values())
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    if tokenizer:
+    if tokenizer and not shape.reranker:  # a reranker's were written first, for its ids
         write_tokenizer_files(folder, shape.embedding)
     return folder
+
+
+def _reranker_head_scale(folder: Path, shape: Shape) -> RowScale:
+    """Writes the tokenizer (the head rows are found by its ids) and says how to scale the
+    "yes" and "no" head rows: a tied head is the N(0, 1) token embedding, so (yes - no) · h
+    would have a spread of sqrt(2 · hidden); scaled, it is about 2 logits."""
+    from converter.qwen import rerank_token_ids
+
+    write_tokenizer_files(folder)
+    rows = list(rerank_token_ids(folder))
+    if shape.tie_word_embeddings:
+        return {"model.embed_tokens.weight": (rows, math.sqrt(2.0 / shape.hidden_size))}
+    return {}  # an untied head is already N(0, 1 / hidden): a spread of about 1.4 logits
 
 
 def main() -> None:

@@ -212,6 +212,14 @@ def is_unquantized(path: Path) -> bool:
 def verify(unquantized: Path, hf_folder: Path, quantized: Path | None = None,
            judge_logits: bool = True) -> Report:
     """Run every check that applies and return the report."""
+    if pooling_type(unquantized) == RANK_POOLING:  # a reranker: P(yes) per pair
+        from converter.verify_rerank import check_quantized_rerank, check_rerank
+
+        report = Report([check_tokenizer(unquantized, hf_folder),
+                         check_rerank(unquantized, hf_folder, judge_logits)])
+        if quantized is not None and quantized != unquantized:
+            report.checks.append(check_quantized_rerank(quantized, unquantized, hf_folder))
+        return report
     if is_embedding_model(unquantized):
         # Pooled embeddings instead of logits; imported here: that module builds on this one.
         from converter.verify_embedding import check_embeddings, check_quantized_embeddings
@@ -228,8 +236,16 @@ def verify(unquantized: Path, hf_folder: Path, quantized: Path | None = None,
     return report
 
 
+RANK_POOLING = 4  # gguf.PoolingType.RANK: a reranker's classifier outputs
+
+
 def is_embedding_model(path: Path) -> bool:
-    """Whether the GGUF stores a pooling type (an embedding model)."""
+    """Whether the GGUF stores a pooling type (an embedding model or a reranker)."""
+    return pooling_type(path) is not None
+
+
+def pooling_type(path: Path) -> int | None:
+    """The GGUF's `<arch>.pooling_type`, None when it has none (a chat model)."""
     import gguf
 
     try:
@@ -238,6 +254,7 @@ def is_embedding_model(path: Path) -> bool:
         raise ConversionError(f"not a readable GGUF ({e})", "check the path", path) from None
     arch = reader.fields.get("general.architecture")
     if arch is None:
-        return False
+        return None
     name = bytes(arch.parts[arch.data[0]]).decode()
-    return f"{name}.pooling_type" in reader.fields
+    field = reader.fields.get(f"{name}.pooling_type")
+    return None if field is None else int(field.parts[field.data[0]][0])

@@ -50,6 +50,12 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 def llama_embeddings(gguf_path: Path, prompts: list[list[int]]) -> np.ndarray:
     """Pooled, normalized embeddings from llama.cpp (the GGUF's own pooling), one row a prompt."""
+    return normalize(llama_pooled(gguf_path, prompts).astype(np.float64))
+
+
+def llama_pooled(gguf_path: Path, prompts: list[list[int]]) -> np.ndarray:
+    """llama.cpp's pooled output per prompt, as it returns it: an embedding, or for RANK
+    pooling the classifier's outputs (a reranker's [P(yes), P(no)])."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
@@ -66,9 +72,11 @@ def llama_embeddings(gguf_path: Path, prompts: list[list[int]]) -> np.ndarray:
     ctx_params.n_threads = ctx_params.n_threads_batch = os.cpu_count() or 1
     ctx = llama_cpp.llama_init_from_model(model, ctx_params)
     try:
-        if llama_cpp.llama_pooling_type(ctx) == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+        pooling = llama_cpp.llama_pooling_type(ctx)
+        if pooling == llama_cpp.LLAMA_POOLING_TYPE_NONE:
             raise ConversionError("the GGUF has no pooling type", "reconvert it", gguf_path)
-        n_embd = llama_cpp.llama_model_n_embd(model)
+        width = llama_cpp.llama_model_n_cls_out(model) \
+            if pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK else llama_cpp.llama_model_n_embd(model)
         memory = llama_cpp.llama_get_memory(ctx)
         rows = []
         batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
@@ -80,15 +88,15 @@ def llama_embeddings(gguf_path: Path, prompts: list[list[int]]) -> np.ndarray:
             batch.n_tokens = len(ids)
             if llama_cpp.llama_decode(ctx, batch) != 0:
                 llama_cpp.llama_batch_free(batch)
-                raise ConversionError("llama.cpp failed to embed a prompt", "", gguf_path)
+                raise ConversionError("llama.cpp failed to run a prompt", "", gguf_path)
             pointer = llama_cpp.llama_get_embeddings_seq(ctx, 0)
             rows.append(np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(
-                ctypes.c_float)), shape=(n_embd,)).copy())
+                ctypes.c_float)), shape=(width,)).copy())
         llama_cpp.llama_batch_free(batch)
     finally:
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
-    return normalize(np.stack(rows).astype(np.float64))
+    return np.stack(rows)
 
 
 def reference_embeddings(hf_folder: Path, prompts: list[list[int]]) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 
 from converter.errors import ConversionError
 from converter.qwen import QwenConfig, TensorMapping, add_hyperparameters, plan_tensors, read_config
-from converter.safetensors_reader import SafetensorsCheckpoint
+from converter.safetensors_reader import SafetensorsCheckpoint, bf16_to_f32
 from converter.tokenizer import add_tokenizer
 
 
@@ -78,9 +78,11 @@ def f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return ((bits + rounding) >> 16).astype(np.uint16)
 
 
-def plan_conversion(folder: Path, out_type: OutType = OutType.AUTO) -> ConversionPlan:
-    """Read config and headers, check every tensor, and choose each tensor's output type."""
-    config = read_config(folder)
+def plan_conversion(folder: Path, out_type: OutType = OutType.AUTO,
+                    reranker: bool | None = None) -> ConversionPlan:
+    """Read config and headers, check every tensor, and choose each tensor's output type.
+    `reranker`: None recognises a Qwen3 reranker checkpoint; True/False decide."""
+    config = read_config(folder, reranker)
     checkpoint = SafetensorsCheckpoint(folder)
     mappings = plan_tensors(checkpoint, config)
     if out_type is OutType.AUTO:
@@ -94,11 +96,20 @@ def tensor_data(checkpoint: SafetensorsCheckpoint, job: TensorJob) -> np.ndarray
     """The tensor's bytes in its output type; a BF16 → BF16 copy stays a view of the mapped file."""
     name = job.mapping.hf_name
     source_dtype = checkpoint.tensors[name].dtype
-    if job.out_type is OutType.BF16:
+    rows = job.mapping.rows
+    if rows is not None:  # a few rows of a large table: select before converting
+        raw = checkpoint.raw(name)[list(rows)]
+        if job.out_type is OutType.BF16 and source_dtype == "BF16":
+            return raw
+        values = bf16_to_f32(raw) if source_dtype == "BF16" else raw.astype(np.float32)
+        if job.out_type is OutType.BF16:
+            return f32_to_bf16_bits(values)
+    elif job.out_type is OutType.BF16:
         if source_dtype == "BF16":
             return checkpoint.raw(name)
         return f32_to_bf16_bits(checkpoint.as_f32(name))
-    values = checkpoint.as_f32(name)
+    else:
+        values = checkpoint.as_f32(name)
     if job.out_type is OutType.F16:
         with np.errstate(over="ignore"):
             values = values.astype(np.float16)
