@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL_A = "tiny-qwen3-q4_k_m"
 MODEL_B = "tiny-qwen3-untied-q8_0"
 EMBED = "tiny-embedding-q8_0"
+RERANK = "tiny-reranker-f32"
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +95,29 @@ def tiny_embedding_gguf(tiny_embedding_checkpoint: Path,
     out = tmp_path_factory.mktemp("embedding-gguf") / f"{EMBED}.gguf"
     convert(ConvertOptions(source=str(tiny_embedding_checkpoint), out=out, quant="Q8_0",
                            quiet=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen3-Reranker (a Qwen3ForCausalLM whose card says so)."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-reranker"), "tiny-reranker",
+                            shards=1, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker_gguf(tiny_reranker_checkpoint: Path,
+                       tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny reranker through the real converter, unquantized F32 (named RERANK): scores
+    then match transformers' to ~1e-6, so orderings can be compared exactly."""
+    from converter.writer import OutType, plan_conversion, write_gguf
+
+    out = tmp_path_factory.mktemp("reranker-gguf") / f"{RERANK}.gguf"
+    plan = plan_conversion(tiny_reranker_checkpoint, OutType.F32)
+    try:
+        write_gguf(plan, out)
+    finally:
+        plan.checkpoint.close()
     return out
 
 

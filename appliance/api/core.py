@@ -367,9 +367,19 @@ async def embed_inputs(model: Any, inputs: list[str] | list[list[int]],
                        param: str = "input") -> Embedded:
     """Embed on the model's own worker thread (many inputs per llama.cpp decode); cancelling the
     awaiting task withdraws the job."""
+    if getattr(model, "reranker", False):
+        raise InvalidRequest(f"model {model.id} is a reranker: it scores (query, document) pairs "
+                             "at /v1/rerank and gives no embeddings; name an embedding model",
+                             param="model")
+    tokens = await asyncio.to_thread(_tokenized, model, inputs, param)
+    rows = await _run_embedding_job(model, tokens)
+    return Embedded(model.id, rows, sum(len(t) for t in tokens))
+
+
+async def _run_embedding_job(model: Any, tokens: list[list[int]]) -> Any:
+    """One job on the model's worker; cancelling the awaiting task withdraws it."""
     from appliance.engine.embedding import EmbeddingJob
 
-    tokens = await asyncio.to_thread(_tokenized, model, inputs, param)
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
 
@@ -388,10 +398,39 @@ async def embed_inputs(model: Any, inputs: list[str] | list[list[int]],
     job = EmbeddingJob(tokens, done)
     model.submit(job)
     try:
-        rows = await future
+        return await future
     finally:
         job.cancelled = True  # a no-op once done; otherwise the worker skips or stops it
-    return Embedded(model.id, rows, job.tokens)
+
+
+def _rerank_tokenized(model: Any, query: str, documents: list[str], instruction: str | None,
+                      param: str) -> list[list[int]]:
+    """Blocking: every pair's prompt tokens, each within the model's limit (a 400 names the
+    document, or the query when it alone leaves no room)."""
+    from appliance.errors import ContextOverflow
+
+    limit = model.max_input_tokens
+    bare = model.rerank_tokens(query, [""], instruction)[0]
+    if len(bare) > limit:
+        raise ContextOverflow(f"query: the prompt with the query alone has {len(bare)} tokens; "
+                              f"model {model.id} reads at most {limit} per pair", param="query")
+    tokens = model.rerank_tokens(query, documents, instruction)
+    for i, ids in enumerate(tokens):
+        if len(ids) > limit:
+            raise ContextOverflow(f"{param}.{i}: the query and this document take {len(ids)} "
+                                  f"tokens; model {model.id} reads at most {limit} per pair",
+                                  param=f"{param}.{i}")
+    return tokens
+
+
+async def rerank_pairs(model: Any, query: str, documents: list[str], instruction: str | None,
+                       param: str = "documents") -> Embedded:
+    """A reranker's score for each (query, document) pair, all pairs in one job on its worker
+    (packed many to a llama.cpp decode, as embeddings are); `vectors` holds one score a row."""
+    tokens = await asyncio.to_thread(_rerank_tokenized, model, query, documents, instruction,
+                                     param)
+    scores = await _run_embedding_job(model, tokens)
+    return Embedded(model.id, scores, sum(len(t) for t in tokens))
 
 
 def truncate_dimensions(vectors: Any, dimensions: int | None, model_dims: int,

@@ -4,6 +4,8 @@ worker thread of its own that embeds many inputs per llama_decode, one sequence 
 Inputs of one job are packed into as few decodes as the batch allows (`n_batch` tokens and
 `n_seq` sequences per decode), so 256 short chunks cost a handful of decodes, not 256. The
 worker never touches a chat model's engine thread; only it calls into the context.
+A reranker (RANK pooling, e.g. Qwen3-Reranker) runs the same way: each input is one formatted
+(query, document) prompt, and its row is one score, not a vector.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from appliance.engine.rerank import RerankPrompt
 from appliance.engine.runtime import ensure_backend
 from appliance.engine.scheduler import lower_thread_priority
 from appliance.errors import EngineError, LoadFailed, QueueFull, ServiceUnavailable
@@ -77,33 +80,72 @@ class EmbeddingRuntime:
                             llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED):
             self.close()
             raise LoadFailed(f"{path.name} stores no pooling type: it is not an embedding model")
+        # RANK pooling returns the classifier's outputs per sequence, not an embedding.
+        self.rerank: RerankPrompt | None = None
+        self.n_out = self.n_embd
+        self.score_index = 0
+        if self.pooling == llama_cpp.LLAMA_POOLING_TYPE_RANK:
+            self._open_reranker()
         self.n_seq = min(options.n_seq, llama_cpp.llama_n_seq_max(self.ctx))
         self.n_batch = options.n_batch
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
+    def _open_reranker(self) -> None:
+        """A reranker scores with its rerank prompt; its score is the label "yes" (llama.cpp's
+        Qwen3 reranker head is [yes, no] after a softmax), else the first output as
+        llama-server reads it."""
+        n_out = llama_cpp.llama_model_n_cls_out(self.model)
+        labels = [(llama_cpp.llama_model_cls_label(self.model, i) or b"").decode("utf-8", "replace")
+                  for i in range(n_out)]
+        template = llama_cpp.llama_model_chat_template(self.model, b"rerank")
+        if n_out < 1 or not template:
+            name = self.path.name
+            self.close()
+            raise LoadFailed(f"{name} has RANK pooling but no classifier outputs or no rerank "
+                             "prompt template (tokenizer.chat_template.rerank): reconvert it with "
+                             "`appliance convert --reranker`")
+        self.n_out = n_out
+        self.score_index = labels.index("yes") if "yes" in labels else 0
+        self.rerank = RerankPrompt(template.decode("utf-8", "replace"), self._control_texts(),
+                                   self.tokenize)
+
+    def _control_texts(self) -> set[str]:
+        """The control tokens' texts (`<|im_end|>`...): client text must not forge them."""
+        texts = set()
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_is_control(self.vocab, token):
+                text = llama_cpp.llama_vocab_get_text(self.vocab, token)
+                if text:
+                    texts.add(text.decode("utf-8", "replace"))
+        return texts
+
     @property
     def pooling_name(self) -> str:
         return POOLING_NAMES.get(self.pooling, str(self.pooling))
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]:
         """Tokens as the model embeds them (the GGUF's add-EOS rule applied); client text is
-        text, special-token markup included."""
+        text, special-token markup included, unless `parse_special` (a template's markup)."""
         data = text.encode("utf-8")
         size = len(data) + 16
         buffer = (llama_cpp.llama_token * size)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, add_special,
+                                     parse_special)
         if n < 0:
             size = -n
             buffer = (llama_cpp.llama_token * size)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, add_special,
+                                         parse_special)
         return list(buffer[:n])
 
     def embed(self, inputs: list[list[int]],
               cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
-        """L2-normalized pooled embeddings, one row per input; inputs are packed n_seq at a time
-        into each decode. Every input must be 1..n_batch tokens (callers check)."""
-        out = np.empty((len(inputs), self.n_embd), dtype=np.float32)
+        """L2-normalized pooled embeddings, one row per input (a reranker: one score per input);
+        inputs are packed n_seq at a time into each decode. Every input must be 1..n_batch
+        tokens (callers check)."""
+        out = np.empty((len(inputs), self.n_out), dtype=np.float32)
         start = 0
         while start < len(inputs):
             if cancelled():
@@ -115,6 +157,8 @@ class EmbeddingRuntime:
                 end += 1
             self._decode_group(inputs[start:end], out[start:end])
             start = end
+        if self.rerank is not None:
+            return out[:, self.score_index].copy()
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 
@@ -139,7 +183,7 @@ class EmbeddingRuntime:
             if not pointer:
                 raise EngineError(f"llama.cpp returned no embedding for sequence {seq}")
             out[seq] = np.ctypeslib.as_array(
-                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_embd,))
+                ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self.n_out,))
 
     def close(self) -> None:
         if getattr(self, "batch", None) is not None:

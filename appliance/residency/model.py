@@ -31,8 +31,13 @@ from appliance.residency.footprint import Footprint
 
 CHAT = "chat"
 EMBEDDING = "embedding"
-# GGUF `<arch>.pooling_type` values that make a model an embedding model (mean, cls, last).
-EMBEDDING_POOLING = {1, 2, 3}
+# What /v1/models calls an embedding-kind model with RANK pooling; it stays EMBEDDING for
+# residency (same runtime, worker, keep-alive and memory rules).
+RERANKER = "reranker"
+# GGUF `<arch>.pooling_type` values that make a model an embedding model (mean, cls, last,
+# rank: a reranker's classifier outputs).
+EMBEDDING_POOLING = {1, 2, 3, 4}
+RANK_POOLING = 4
 
 
 def model_kind(entry: ModelEntry) -> str:
@@ -41,6 +46,11 @@ def model_kind(entry: ModelEntry) -> str:
         return CHAT
     pooling = entry.info.arch_value("pooling_type")
     return EMBEDDING if isinstance(pooling, int) and pooling in EMBEDDING_POOLING else CHAT
+
+
+def is_reranker(entry: ModelEntry) -> bool:
+    """Whether the GGUF stores RANK pooling (a reranker such as Qwen3-Reranker)."""
+    return entry.info is not None and entry.info.arch_value("pooling_type") == RANK_POOLING
 
 
 def pooling_name(entry: ModelEntry) -> str | None:
@@ -190,6 +200,17 @@ class EmbeddingModel(_Resident):
         return self.runtime.n_embd
 
     @property
+    def reranker(self) -> bool:
+        """Scores (query, document) pairs instead of embedding texts."""
+        return self.runtime.rerank is not None
+
+    def rerank_tokens(self, query: str, documents: list[str],
+                      instruction: str | None) -> list[list[int]]:
+        """Blocking: each (query, document) pair's prompt tokens, as the reranker scores it."""
+        assert self.runtime.rerank is not None
+        return [self.runtime.rerank.tokens(query, d, instruction) for d in documents]
+
+    @property
     def max_input_tokens(self) -> int:
         return self.runtime.n_batch
 
@@ -211,7 +232,7 @@ class EmbeddingModel(_Resident):
 
     def describe(self) -> dict[str, Any]:
         # One worker embeds one request at a time (its inputs n_seq to a decode): one slot.
-        return {"id": self.id, "kind": self.kind,
+        return {"id": self.id, "kind": RERANKER if self.reranker else self.kind,
                 "offload": self.plan.describe(), "dimensions": self.dimensions,
                 "pooling": self.runtime.pooling_name, "max_input_tokens": self.max_input_tokens,
                 "sequences_per_decode": self.runtime.n_seq,

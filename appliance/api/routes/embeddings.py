@@ -3,11 +3,14 @@
 Both serve embedding models only (a GGUF with a pooling type, e.g. Qwen3-Embedding): a chat
 model named here is refused with the installed embedding models named, rather than pooled, so
 one file never holds two contexts and an app never gets vectors it did not ask for.
-The work itself is in core (embed_inputs), which Ollama's /api/embed calls too.
+/v1/rerank scores with a reranker (Qwen3-Reranker: P("yes") for each pair's prompt) when one is
+named, or when none is named and one is installed; with an embedding model it ranks by cosine.
+The work itself is in core (embed_inputs, rerank_pairs), which Ollama's /api/embed calls too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any, Literal
 
@@ -21,13 +24,15 @@ from appliance.api.core import (
     ClientGone,
     embed_inputs,
     embedding_inputs,
+    rerank_pairs,
     truncate_dimensions,
     until_disconnect,
 )
 from appliance.api.deps import ManagerDep, UpstreamsDep
 from appliance.api.schemas import RequestBody, _Lenient
 from appliance.errors import InvalidRequest
-from appliance.residency.model import EMBEDDING
+from appliance.residency.manager import ModelManager
+from appliance.residency.model import EMBEDDING, is_reranker
 from appliance.upstream.proxy import routed
 
 router = APIRouter()
@@ -59,6 +64,7 @@ class RerankRequest(RequestBody):
                                                         max_length=MAX_EMBEDDING_INPUTS - 1)
     top_n: int | None = Field(None, ge=1)
     return_documents: bool = False
+    # Replaces the default task in the query instruction (the reranker's <Instruct>).
     instruction: StrictStr | None = Field(None, max_length=2000)
     keep_alive: float | None = Field(None, ge=-1, le=MAX_KEEP_ALIVE_S)
 
@@ -91,21 +97,32 @@ async def embeddings(body: EmbeddingsRequest, request: Request, manager: Manager
                                    "total_tokens": result.prompt_tokens}})
 
 
+def _default_reranker(manager: ModelManager) -> str | None:
+    """Blocking (scans the folder): a resident reranker, else an installed one, else None (the
+    default embedding model ranks by cosine)."""
+    for model in list(manager.resident.values()):
+        if getattr(model, "reranker", False):
+            return model.id
+    return next((e.id for e in manager.registry.scan() if e.usable and is_reranker(e)), None)
+
+
 @router.post("/v1/rerank", response_model=None)
 async def rerank(body: RerankRequest, request: Request, manager: ManagerDep) -> Response:
     documents = [d if isinstance(d, str) else d.text for d in body.documents]
     for i, text in enumerate(documents):
         if not text:
             raise InvalidRequest(f"documents.{i} is an empty string", param=f"documents.{i}")
-    instruction = DEFAULT_INSTRUCTION if body.instruction is None else body.instruction
-    query = f"Instruct: {instruction}\nQuery: {body.query}" if instruction else body.query
-    async with manager.use(body.model, kind=EMBEDDING, keep_alive_s=body.keep_alive) as model:
+    name = body.model or await asyncio.to_thread(_default_reranker, manager)
+    async with manager.use(name, kind=EMBEDDING, keep_alive_s=body.keep_alive) as model:
         try:
-            result = await until_disconnect(request, embed_inputs(model, [query, *documents],
-                                                                  param="documents"))
+            if model.reranker:
+                result = await until_disconnect(request, rerank_pairs(
+                    model, body.query, documents, body.instruction))
+                scores = result.vectors
+            else:
+                result, scores = await _cosine_scores(request, model, body, documents)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-    scores = result.vectors[1:] @ result.vectors[0]  # cosine: the rows are normalized
     order = np.argsort(-scores, kind="stable")[:body.top_n or len(documents)]
     results: list[dict[str, Any]] = []
     for index in order:
@@ -116,3 +133,13 @@ async def rerank(body: RerankRequest, request: Request, manager: ManagerDep) -> 
     return JSONResponse({"model": result.model_id, "object": "list", "results": results,
                          "usage": {"prompt_tokens": result.prompt_tokens,
                                    "total_tokens": result.prompt_tokens}})
+
+
+async def _cosine_scores(request: Request, model: Any, body: RerankRequest,
+                         documents: list[str]) -> tuple[Any, np.ndarray]:
+    """An embedding model's ranking: the instructed query's cosine with each document."""
+    instruction = DEFAULT_INSTRUCTION if body.instruction is None else body.instruction
+    query = f"Instruct: {instruction}\nQuery: {body.query}" if instruction else body.query
+    result = await until_disconnect(request, embed_inputs(model, [query, *documents],
+                                                          param="documents"))
+    return result, result.vectors[1:] @ result.vectors[0]  # cosine: the rows are normalized

@@ -32,7 +32,7 @@ from appliance.engine.logprobs import TokenLogprob
 from appliance.engine.output import ChatOutputParser, Delta, ToolCall, ToolCallDelta
 from appliance.errors import ApplianceError, InvalidRequest, ModelNotFound
 from appliance.registry import ModelEntry, Registry
-from appliance.residency.model import CHAT, EMBEDDING, pooling_name
+from appliance.residency.model import CHAT, EMBEDDING, RERANKER, is_reranker, pooling_name
 from appliance.upstream import UpstreamPool
 from appliance.upstream.proxy import routed
 
@@ -46,12 +46,14 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 
 def model_card(entry: ModelEntry) -> dict[str, Any]:
-    """What a model is: `kind` chat or embedding; `embedding` is how it embeds (its pooling:
-    last, mean or cls) or, for a chat model, "refused": /v1/embeddings does not pool chat
-    models, it names the embedding models installed instead."""
+    """What a model is: `kind` chat, embedding or reranker; `embedding` is how it embeds (its
+    pooling: last, mean or cls) or, for a chat model or a reranker, "refused": /v1/embeddings
+    does not pool chat models, it names the embedding models installed instead."""
     pooling = pooling_name(entry)
     if pooling is None:
         return {"kind": CHAT, "embedding": "refused"}
+    if is_reranker(entry):  # scores pairs at /v1/rerank; it has no vectors to give
+        return {"kind": RERANKER, "embedding": "refused", "rerank": "yes/no"}
     assert entry.info is not None
     return {"kind": EMBEDDING, "embedding": pooling,
             "dimensions": entry.info.arch_value("embedding_length")}
