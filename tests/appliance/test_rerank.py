@@ -89,6 +89,16 @@ def test_top_n_jina_documents_and_the_default_reranker(daemon: Daemon) -> None:
     assert "document" not in top.json()["results"][0]
 
 
+def test_unnamed_requests_find_the_right_model_of_the_shared_kind(daemon: Daemon) -> None:
+    # Rerankers and embedding models share a kind; a request naming no model gets its own.
+    with daemon.http() as http:
+        http.post("/v1/embeddings", json={"model": EMBED, "input": "warm"}).raise_for_status()
+        ranked = http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS[:2]})
+        embedded = http.post("/v1/embeddings", json={"input": "hello"})
+    assert ranked.status_code == 200 and ranked.json()["model"] == RERANK, ranked.text
+    assert embedded.status_code == 200 and embedded.json()["model"] == EMBED, embedded.text
+
+
 def test_models_list_says_reranker_and_embeddings_are_refused(daemon: Daemon) -> None:
     with openai.OpenAI(base_url=daemon.base_url, api_key="unused", max_retries=0) as client:
         cards = {m.id: m.model_extra for m in client.models.list().data}

@@ -32,7 +32,7 @@ from appliance.api.deps import ManagerDep, UpstreamsDep
 from appliance.api.schemas import RequestBody, _Lenient
 from appliance.errors import InvalidRequest
 from appliance.residency.manager import ModelManager
-from appliance.residency.model import EMBEDDING, is_reranker
+from appliance.residency.model import EMBEDDING, is_reranker, model_kind
 from appliance.upstream.proxy import routed
 
 router = APIRouter()
@@ -81,7 +81,8 @@ async def embeddings(body: EmbeddingsRequest, request: Request, manager: Manager
     inputs = embedding_inputs(body.input)  # bounded here, for upstream models too
     if (answer := await routed(upstreams, request, body.model, "embeddings")) is not None:
         return answer
-    async with manager.use(body.model, kind=EMBEDDING, keep_alive_s=body.keep_alive) as model:
+    name = body.model or await asyncio.to_thread(_default_model, manager, False)
+    async with manager.use(name, kind=EMBEDDING, keep_alive_s=body.keep_alive) as model:
         if body.dimensions is not None and body.dimensions > model.dimensions:
             raise InvalidRequest(f"dimensions must be at most {model.dimensions} for "
                                  f"{model.id}", param="dimensions")
@@ -97,13 +98,17 @@ async def embeddings(body: EmbeddingsRequest, request: Request, manager: Manager
                                    "total_tokens": result.prompt_tokens}})
 
 
-def _default_reranker(manager: ModelManager) -> str | None:
-    """Blocking (scans the folder): a resident reranker, else an installed one, else None (the
-    default embedding model ranks by cosine)."""
-    for model in list(manager.resident.values()):
-        if getattr(model, "reranker", False):
-            return model.id
-    return next((e.id for e in manager.registry.scan() if e.usable and is_reranker(e)), None)
+def _default_model(manager: ModelManager, reranker: bool) -> str | None:
+    """Blocking (scans the folder): for a request that names no model, the most recently used
+    resident reranker (or embedding model, as `reranker` says), else the first installed one;
+    None leaves the choice to the manager. Rerankers and embedding models share a kind, so
+    without this /v1/embeddings could land on a reranker that /v1/rerank just used."""
+    resident = [m for m in list(manager.resident.values())
+                if m.kind == EMBEDDING and getattr(m, "reranker", False) == reranker]
+    if resident:
+        return max(resident, key=lambda m: m.last_used).id
+    return next((e.id for e in manager.registry.scan()
+                 if e.usable and model_kind(e) == EMBEDDING and is_reranker(e) == reranker), None)
 
 
 @router.post("/v1/rerank", response_model=None)
@@ -112,7 +117,7 @@ async def rerank(body: RerankRequest, request: Request, manager: ManagerDep) -> 
     for i, text in enumerate(documents):
         if not text:
             raise InvalidRequest(f"documents.{i} is an empty string", param=f"documents.{i}")
-    name = body.model or await asyncio.to_thread(_default_reranker, manager)
+    name = body.model or await asyncio.to_thread(_default_model, manager, True)
     async with manager.use(name, kind=EMBEDDING, keep_alive_s=body.keep_alive) as model:
         try:
             if model.reranker:
