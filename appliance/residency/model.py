@@ -202,7 +202,7 @@ class EmbeddingModel(_Resident):
     @property
     def reranker(self) -> bool:
         """Scores (query, document) pairs instead of embedding texts."""
-        return self.runtime.rerank is not None
+        return getattr(self.runtime, "rerank", None) is not None  # fakes may lack the field
 
     def rerank_tokens(self, query: str, documents: list[str],
                       instruction: str | None) -> list[list[int]]:
