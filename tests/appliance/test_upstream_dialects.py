@@ -33,7 +33,6 @@ from tests.appliance.test_upstream import (
     TEAM_KEY,
     Spare,
     _status,
-    _upstream_idle,
     key_file,
     wait_for,
 )
@@ -197,6 +196,21 @@ def front(models_dir: Path, team: Daemon,
     finally:
         spare.stop()
         scripted.server.shutdown()
+
+
+def _chat_model(team: Daemon) -> dict[str, Any]:
+    """MODEL_A's entry in the upstream's status (it holds EMBED too once that is used)."""
+    return next((m for m in _status(team).get("models") or [] if m["id"] == MODEL_A), {})
+
+
+def _upstream_idle(team: Daemon) -> bool:
+    model = _chat_model(team)
+    return bool(model) and model["slots_busy"] == 0 and not model.get("in_flight") \
+        and not model.get("queue")
+
+
+def _upstream_busy(team: Daemon) -> bool:
+    return _chat_model(team).get("slots_busy") == 1
 
 
 def _routes(front: Front, model: str) -> bool:
@@ -455,15 +469,17 @@ def test_a_client_that_leaves_cancels_the_upstream_appliances_work(front: Front,
     """Through /v1/responses (whose logit_bias keeps a random model from ending) to a real
     upstream appliance: its slot is freed when our client leaves, streamed or not."""
     wait_for(lambda: _upstream_idle(team), "the upstream to be idle")
+    # 128247 ('</s>') ends a generation too: llama.cpp makes it a control token in this vocab.
     body = {"model": MODEL_A, "input": "Go on forever", "max_output_tokens": 100000,
-            "logit_bias": FOREVER["logit_bias"]}
+            "logit_bias": {**FOREVER["logit_bias"], "128247": -100}}
     with front.daemon.http() as http:
         with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
-            for _ in range(12):
-                next(lines)
-            assert _status(team)["model"]["slots_busy"] == 1
+            # response.created: the upstream has answered its headers. Its text may come late
+            # (the upstream's parser holds back a run of whitespace), so its slot is watched.
+            assert next(lines) == "event: response.created"
+            wait_for(lambda: _upstream_busy(team), "the upstream to start")
     # Left alone it would run to the 4,096-token context, about ten seconds here.
     wait_for(lambda: _upstream_idle(team), "the upstream to cancel", timeout=3)
     done = threading.Event()
@@ -475,7 +491,7 @@ def test_a_client_that_leaves_cancels_the_upstream_appliances_work(front: Front,
 
     worker = threading.Thread(target=ask)
     worker.start()
-    wait_for(lambda: _status(team)["model"]["slots_busy"] == 1, "the upstream to start")
+    wait_for(lambda: _upstream_busy(team), "the upstream to start")
     wait_for(done.is_set, "the client to give up", timeout=10)
     worker.join()
     wait_for(lambda: _upstream_idle(team), "the upstream to cancel", timeout=3)
