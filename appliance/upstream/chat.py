@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -167,7 +167,7 @@ class UpstreamChat:
                 if not isinstance(name, str) or not name:
                     continue  # a call must start with its name
                 call_id = item.get("id") if isinstance(item.get("id"), str) else None
-                parts = [call_id or f"call_{len(self._call_parts)}_{int(time.time())}", name, ""]
+                parts = [call_id or f"call_{uuid.uuid4().hex[:24]}", name, ""]
                 self._call_parts[index] = parts
                 out.append(ToolCallDelta(index, parts[0][:256], name[:256], arguments))
             elif arguments:

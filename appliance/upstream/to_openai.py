@@ -113,7 +113,8 @@ def _ollama_format(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def ollama_chat(body: ChatRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """/api/chat; `messages` as the route made them for the template."""
+    """/api/chat; `messages` as the route made them for the template. With a format and no
+    `think`, thinking is off, as for a local model (the format shapes the whole answer)."""
     thinking = body.thinking
     fmt = _ollama_format(body.format)
     return _body(body.model, messages, tools=_tools([t.model_dump() for t in body.tools or []]),
@@ -128,8 +129,10 @@ def ollama_generate(body: GenerateRequest) -> dict[str, Any]:
     messages = [{"role": "system", "content": body.system}] if body.system else []
     messages.append({"role": "user", "content": body.prompt})
     fmt = _ollama_format(body.format)
+    thinking = body.thinking
     return _body(body.model, messages, response_format=fmt,
-                 chat_template_kwargs=_thinking(body.thinking), **_ollama_options(body.opts))
+                 chat_template_kwargs=_thinking(False if fmt and thinking is None else thinking),
+                 **_ollama_options(body.opts))
 
 
 def ollama_raw(body: GenerateRequest) -> dict[str, Any]:
