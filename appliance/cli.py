@@ -160,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_residents(status: dict) -> None:
-    from appliance.status_view import resident_table, transition_line
+    from appliance.status_view import resident_table, transition_line, upstream_lines
 
     table = resident_table(status.get("models") or [])
     if table:
@@ -169,6 +169,10 @@ def _print_residents(status: dict) -> None:
     transition = transition_line(status)
     if transition:
         print(transition)
+    upstreams = upstream_lines(status)
+    if upstreams:
+        print()
+        print("\n".join(upstreams))
 
 
 def cmd_models(args: argparse.Namespace) -> int:

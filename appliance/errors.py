@@ -128,9 +128,13 @@ class UpstreamTimeout(ApplianceError):
     code = "upstream_timeout"
 
 
-class UpstreamDialectUnsupported(ApplianceError):
-    """The model is served by an upstream, which this dialect does not route to."""
+class UpstreamAnswered(ApplianceError):
+    """An upstream refused a request translated from another dialect; its status is kept."""
 
-    status = 501
-    type = "invalid_request_error"
-    code = "upstream_dialect_unsupported"
+    code = "upstream_error"
+
+    def __init__(self, message: str, status: int, param: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, param, retry_after)
+        self.status = status if 400 <= status < 600 else 502
+        self.type = "invalid_request_error" if self.status < 500 else "server_error"

@@ -1,5 +1,6 @@
 """`appliance status` as a person reads it: the resident models as a table, one row each, with
-their memory (measured or planned, said so), slots, keep-alive and when each will be unloaded.
+their memory (measured or planned, said so), slots, keep-alive and when each will be unloaded;
+then the upstreams, one row each.
 Plain functions of an /api/status answer, so every case is tested without a daemon.
 """
 
@@ -76,3 +77,30 @@ def transition_line(status: dict[str, Any]) -> str | None:
     if not transition:
         return None
     return f"{transition['action']} {transition['model']}…"
+
+
+UPSTREAM_COLUMNS = ("UPSTREAM", "STATE", "LATENCY", "MODELS", "CHECKED", "LAST ERROR")
+
+
+def upstream_row(upstream: dict[str, Any], now: float) -> tuple[str, ...]:
+    up = upstream.get("up")
+    state = "checking" if up is None else "up" if up else "down"
+    latency = upstream.get("latency_ms")
+    checked = upstream.get("last_check")
+    return (upstream["name"], state, "-" if latency is None else f"{latency:.0f} ms",
+            str(upstream.get("models", 0)),
+            "never" if checked is None else f"{duration(now - checked)} ago",
+            (upstream.get("error") or "-")[:120])
+
+
+def upstream_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
+    """The upstreams as a table (name, up or down, latency of the last check, models routed,
+    when last checked, the last error); empty when none is configured."""
+    upstreams = status.get("upstreams") or []
+    if not upstreams:
+        return []
+    now = time.time() if now is None else now
+    rows = [UPSTREAM_COLUMNS, *(upstream_row(u, now) for u in upstreams)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(UPSTREAM_COLUMNS))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]

@@ -267,13 +267,19 @@ def start_generation(model: LoadedModel, prompt_tokens: list[int], sampling: Sam
                       thinking_budget=thinking_budget)
 
 
+class Cancellable(Protocol):
+    """What a stop string ends: a Generation, or an upstream's answer."""
+
+    def cancel(self) -> None: ...
+
+
 class AnswerStops:
     """Stop strings matched here rather than in the engine, over the text the dialect chooses
     (the answer, not the thinking), so it can say which one matched (Anthropic's
     `stop_sequence`). At a match the request is cancelled: the engine stops within a step and
     still reports its token counts, which the caller reads by draining `texts()` to the end."""
 
-    def __init__(self, generation: Generation, stops: list[str]) -> None:
+    def __init__(self, generation: Cancellable, stops: list[str]) -> None:
         self._generation = generation
         self._matcher = StopMatcher(stops)
         self.matched: str | None = None

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 
 from appliance.config import UpstreamSettings
-from appliance.errors import UpstreamDialectUnsupported
 from appliance.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -129,17 +128,6 @@ class UpstreamPool:
         if upstream is None or await asyncio.to_thread(self._is_local, name):
             return None
         return upstream
-
-    async def refuse_in_dialect(self, name: str | None, dialect: str) -> None:
-        """Raise a 501 naming the way in when a dialect other than OpenAI's asks for an
-        upstream model (only the OpenAI routes proxy)."""
-        upstream = await self.route(name)
-        if upstream is not None:
-            raise UpstreamDialectUnsupported(
-                f"model {name!r} is served by upstream {upstream.name}, which this daemon "
-                f"reaches through the OpenAI API only, not {dialect}'s: call "
-                "/v1/chat/completions (or /v1/completions, /v1/embeddings) for it",
-                param="model")
 
     def listing(self, local: set[str]) -> list[dict[str, Any]]:
         """/v1/models entries of upstream models whose id no local model (or alias) takes."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.status_view import duration, resident_table, transition_line
+from appliance.status_view import duration, resident_table, transition_line, upstream_lines
 
 NOW = 1_000_000.0
 MIB, GIB = 2**20, 2**30
@@ -71,3 +71,22 @@ def test_durations_read_plainly() -> None:
     assert [duration(s) for s in (0, 59.4, 61, 3599, 3600, 7325)] == [
         "0s", "59s", "1m 01s", "59m 59s", "1h 00m", "2h 02m"]
     assert duration(-3) == "0s"  # an expiry a moment ago, read late
+
+
+def test_one_row_per_upstream_with_its_health() -> None:
+    status = {"upstreams": [
+        {"name": "team", "url": "http://gpu-box:8000/v1", "up": True, "last_check": NOW - 12,
+         "latency_ms": 23.4, "models": 3, "error": None},
+        {"name": "lab", "url": "http://lab:8000/v1", "up": False, "last_check": NOW - 75,
+         "latency_ms": None, "models": 0, "error": "cannot connect (Connection refused)"},
+        {"name": "new", "url": "http://new:8000/v1", "up": None, "last_check": None,
+         "latency_ms": None, "models": 0, "error": None}]}
+    table = upstream_lines(status, NOW)
+    rows = cells(table)
+    assert rows["team"] == {"UPSTREAM": "team", "STATE": "up", "LATENCY": "23 ms",
+                            "MODELS": "3", "CHECKED": "12s ago", "LAST ERROR": "-"}
+    assert rows["lab"]["STATE"] == "down" and rows["lab"]["CHECKED"] == "1m 15s ago"
+    assert rows["lab"]["LAST ERROR"] == "cannot connect (Connection refused)"
+    assert rows["new"]["STATE"] == "checking" and rows["new"]["CHECKED"] == "never"
+    assert upstream_lines({"upstreams": []}, NOW) == []
+    assert upstream_lines({}, NOW) == []

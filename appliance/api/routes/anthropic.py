@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -39,9 +39,13 @@ from appliance.api.routes.anthropic_request import (
     chat_messages,
     sampling_of,
 )
-from appliance.engine.output import ChatOutputParser, ToolCall
+from appliance.engine.output import ChatOutputParser, Delta, ToolCall
 from appliance.errors import ApplianceError
+from appliance.metrics import Metrics
+from appliance.residency.manager import ModelManager
 from appliance.residency.model import LoadedModel, Prompt
+from appliance.upstream import to_openai
+from appliance.upstream.chat import open_for
 
 router = APIRouter()
 PREFIX = "/v1/messages"
@@ -77,20 +81,67 @@ async def _prompt(model: LoadedModel, body: Conversation, messages: list[dict[st
 
 @router.post(f"{PREFIX}/count_tokens")
 async def count_tokens(body: Conversation, manager: ManagerDep,
-                       upstreams: UpstreamsDep) -> dict[str, int]:
-    await upstreams.refuse_in_dialect(body.model, "Anthropic")
+                       upstreams: UpstreamsDep) -> Response:
     messages = chat_messages(body)
+    if await upstreams.route(body.model) is not None:
+        # An OpenAI server cannot count a prompt: an estimate, said so in a header.
+        return JSONResponse({"input_tokens": estimate_tokens(body, messages)},
+                            headers={"X-Token-Count": "estimated"})
     async with manager.use(body.model) as model:
         prompt = await _prompt(model, body, messages)
-    return {"input_tokens": len(prompt.tokens)}
+    return JSONResponse({"input_tokens": len(prompt.tokens)})
+
+
+def estimate_tokens(body: Conversation, messages: list[dict[str, Any]]) -> int:
+    """An upper estimate of an upstream model's prompt: one token per 3 bytes of the
+    conversation and tools as JSON (Qwen's tokenizer averages about 4 bytes a token on English
+    and code), so an app that checks whether a prompt fits errs on the side of room."""
+    tools = [t.model_dump() for t in body.offered_tools or []]
+    size = len(json.dumps([messages, tools], ensure_ascii=False).encode())
+    return max(1, -(-size // 3))
 
 
 @router.post(PREFIX, response_model=None)
 async def create_message(body: MessagesRequest, request: Request, manager: ManagerDep,
                          metrics: MetricsDep, settings: SettingsDep,
                          upstreams: UpstreamsDep) -> Response:
-    await upstreams.refuse_in_dialect(body.model, "Anthropic")
     messages = chat_messages(body)  # a malformed conversation is a 400 before any model work
+    stack = contextlib.AsyncExitStack()
+    if (upstream := await upstreams.route(body.model)) is not None:
+        try:
+            chat = await open_for(request, upstreams, upstream,
+                                  to_openai.anthropic_messages(body, messages),
+                                  whole=not body.stream)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+        stack.push_async_callback(chat.aclose)  # also when the client leaves mid-stream
+        # The prompt's size is known once the upstream's usage comes, at the end.
+        source: Source = chat
+        name, prompt_tokens = body.model, 0
+    else:
+        source, name, prompt_tokens = await _local(body, messages, manager, metrics, stack)
+    answer = _Answer(source, AnswerStops(source, body.stop_sequences or []),
+                     one_call=body.one_call or body.forced_tool is not None,
+                     show_thinking=not (body.thinking and body.thinking.display == "omitted"))
+    meta = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+            "model": name}
+    if body.stream:
+        return GenerationStream(_stream(answer, meta, prompt_tokens), stack,
+                                media_type="text/event-stream")
+    async with stack:
+        try:
+            blocks = await until_disconnect(request, _whole(answer))
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+    return JSONResponse({**meta, "content": blocks, **answer.ending(),
+                         "usage": answer.usage()})
+
+
+async def _local(body: MessagesRequest, messages: list[dict[str, Any]], manager: ModelManager,
+                 metrics: Metrics, stack: contextlib.AsyncExitStack
+                 ) -> tuple[Source, str, int]:
+    """A local model's generation, held by `stack`: its source, the model's id, the prompt's
+    token count."""
     tools = body.offered_tools
     forced = body.forced_tool
     grammar = None
@@ -98,7 +149,6 @@ async def create_message(body: MessagesRequest, request: Request, manager: Manag
         grammar = await off_loop(tool_call_grammar, tools, forced or None)
     elif body.output_format is not None:
         grammar = await off_loop(response_grammar, body.output_format)
-    stack = contextlib.AsyncExitStack()
     model = await stack.enter_async_context(manager.use(body.model))
     try:
         prompt = await _prompt(model, body, messages)
@@ -110,27 +160,47 @@ async def create_message(body: MessagesRequest, request: Request, manager: Manag
     except BaseException:
         await stack.aclose()
         raise
-    answer = _Answer(generation, ChatOutputParser(prompt=prompt.text,
-                                                  parse_tools=tools is not None,
-                                                  forced_tool=forced is not None),
-                     AnswerStops(generation, body.stop_sequences or []),
-                     one_call=body.one_call or forced is not None,
-                     show_thinking=not (body.thinking and body.thinking.display == "omitted"))
-    meta = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-            "model": model.id}
-    if body.stream:
-        return GenerationStream(_stream(answer, meta, len(prompt.tokens)), stack,
-                                media_type="text/event-stream")
-    async with stack:
-        try:
-            blocks = await until_disconnect(request, _whole(answer))
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-    return JSONResponse({**meta, "content": blocks, **answer.ending(),
-                         "usage": answer.usage()})
+    parser = ChatOutputParser(prompt=prompt.text, parse_tools=tools is not None,
+                              forced_tool=forced is not None)
+    return _Local(generation, parser), model.id, len(prompt.tokens)
 
 
 # -- the answer as blocks -----------------------------------------------------------------------
+
+
+class Source(Protocol):
+    """Where an answer's pieces come from: the engine (through the output parser) or an
+    upstream's OpenAI answer (appliance.upstream.chat)."""
+
+    outcome: Outcome | None
+
+    def deltas(self) -> AsyncIterator[Delta]: ...
+
+    def finish(self) -> tuple[Delta, list[ToolCall]]: ...
+
+    def cancel(self) -> None: ...
+
+
+class _Local:
+    """A Generation read through the output parser."""
+
+    def __init__(self, generation: Generation, parser: ChatOutputParser) -> None:
+        self.generation = generation
+        self.parser = parser
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.generation.outcome
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        async for text in self.generation.texts():
+            yield self.parser.feed(text)
+
+    def finish(self) -> tuple[Delta, list[ToolCall]]:
+        return self.parser.finish()
+
+    def cancel(self) -> None:
+        self.generation.cancel()
 
 
 @dataclass
@@ -143,27 +213,25 @@ class Piece:
 class _Answer:
     """One generation read as Anthropic content pieces, and how it ended."""
 
-    def __init__(self, generation: Generation, parser: ChatOutputParser, stops: AnswerStops,
-                 one_call: bool, show_thinking: bool) -> None:
-        self.generation = generation
-        self.parser = parser
+    def __init__(self, source: Source, stops: AnswerStops, one_call: bool,
+                 show_thinking: bool) -> None:
+        self.source = source
         self.stops = stops
         self.one_call = one_call
         self.show_thinking = show_thinking
         self.called = False
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        async for text in self.generation.texts():
+        async for delta in self.source.deltas():
             if self.stops.stopped:
                 continue  # cancelled at a stop sequence: read on only for the final counts
-            delta = self.parser.feed(text)
             if delta.reasoning:
                 yield self._thought(delta.reasoning)
             if delta.content and (shown := self.stops.feed(delta.content)):
                 yield Piece("text", shown)
         if self.stops.stopped:
             return  # whatever the parser still holds came after the stop sequence
-        tail, calls = self.parser.finish()
+        tail, calls = self.source.finish()
         if tail.reasoning:
             yield self._thought(tail.reasoning)
         shown = self.stops.feed(tail.content)
@@ -180,8 +248,8 @@ class _Answer:
         return Piece("thinking", text if self.show_thinking else "")
 
     def outcome(self) -> Outcome:
-        assert self.generation.outcome is not None
-        return self.generation.outcome
+        assert self.source.outcome is not None
+        return self.source.outcome
 
     def ending(self) -> dict[str, Any]:
         if self.stops.matched is not None:

@@ -45,7 +45,14 @@ from appliance.api.deps import (
 )
 from appliance.api.errors import ErrorShapes, error_response
 from appliance.api.grammar import response_grammar, schema_grammar
-from appliance.api.ollama_models import FileDigests, iso_time, ollama_name, resolve, show, tag_entries
+from appliance.api.ollama_models import (
+    FileDigests,
+    iso_time,
+    ollama_name,
+    resolve,
+    show,
+    tag_entries,
+)
 from appliance.api.ollama_models import details as model_details
 from appliance.api.ollama_schemas import (
     ChatRequest,
@@ -64,6 +71,7 @@ from appliance.offload import kv_bytes_per_layer
 from appliance.registry import Registry
 from appliance.residency.manager import ModelManager
 from appliance.residency.model import EMBEDDING, LoadedModel, Prompt
+from appliance.upstream import ollama_answers, to_openai
 
 router = APIRouter()
 # The Ollama release whose API this follows (thinking, tools, structured outputs): clients
@@ -118,13 +126,17 @@ async def version() -> dict[str, str]:
 
 
 @router.get("/api/tags")
-async def tags(registry: RegistryDep, digests: DigestsDep) -> dict[str, Any]:
-    return {"models": await off_loop(tag_entries, registry, digests)}
+async def tags(registry: RegistryDep, digests: DigestsDep,
+               upstreams: UpstreamsDep) -> dict[str, Any]:
+    local = await off_loop(tag_entries, registry, digests)
+    return {"models": local + ollama_answers.tags(upstreams, {m["name"] for m in local})}
 
 
 @router.post("/api/show")
-async def show_model(body: ModelRequest, registry: RegistryDep,
-                     digests: DigestsDep) -> dict[str, Any]:
+async def show_model(body: ModelRequest, registry: RegistryDep, digests: DigestsDep,
+                     upstreams: UpstreamsDep) -> dict[str, Any]:
+    if (routed := await ollama_answers.upstream_of(upstreams, body.model_name)) is not None:
+        return ollama_answers.show(*routed)
     entry = await off_loop(resolve, registry, body.model_name)
     return await off_loop(show, entry, digests)
 
@@ -156,11 +168,18 @@ async def running(manager: ManagerDep, probe: ProbeDep, settings: SettingsDep,
 async def embed(body: EmbedRequest, request: Request, registry: RegistryDep,
                 manager: ManagerDep, upstreams: UpstreamsDep) -> Response:
     """Embeddings through the same core as /v1/embeddings: many inputs per llama.cpp batch."""
-    await upstreams.refuse_in_dialect(body.model_name, "Ollama")
     legacy = request.url.path == "/api/embeddings"
-    entry = await off_loop(resolve, registry, body.model_name)
     raw = body.prompt if legacy else body.input
-    inputs = embedding_inputs(raw, "prompt" if legacy else "input")
+    param = "prompt" if legacy else "input"
+    if (routed := await ollama_answers.upstream_of(upstreams, body.model_name)) is not None:
+        upstream, model_id = routed
+        inputs = embedding_inputs(raw, param)
+        return await ollama_answers.embed(
+            request, upstreams, upstream, to_openai.ollama_embed(model_id, inputs,
+                                                                 body.dimensions),
+            ollama_name(body.model_name), len(inputs), legacy)
+    entry = await off_loop(resolve, registry, body.model_name)
+    inputs = embedding_inputs(raw, param)
     started = time.perf_counter()
     async with manager.use(entry.id, kind=EMBEDDING, keep_alive_s=body.keep_alive_s) as model:
         loaded = time.perf_counter()
@@ -339,6 +358,12 @@ async def _load_or_unload(manager: ModelManager, model_id: str,
         async with manager.use(model_id, keep_alive_s=body.keep_alive_s):
             pass
         reason = "load"
+    return _loaded(body, reason)
+
+
+def _loaded(body: ChatRequest | GenerateRequest, reason: str) -> Response:
+    """The answer to a load or unload request (for an upstream model, there is nothing to do:
+    its server keeps its own models)."""
     answer: dict[str, Any] = {"model": body.model, "created_at": iso_time(time.time())}
     if isinstance(body, ChatRequest):
         answer["message"] = {"role": "assistant", "content": ""}
@@ -429,9 +454,27 @@ def _chat_message(message: Message) -> dict[str, Any]:
 @router.post("/api/chat", response_model=None)
 async def chat(body: ChatRequest, request: Request, manager: ManagerDep, registry: RegistryDep,
                settings: SettingsDep, metrics: MetricsDep, upstreams: UpstreamsDep) -> Response:
-    await upstreams.refuse_in_dialect(body.model, "Ollama")
     messages = _chat_messages(body)  # refuses images before any model is loaded
     tools = [t.model_dump() for t in body.tools] if body.tools else None
+
+    def chunk(delta: Delta, calls: list[ToolCall], stats: dict[str, Any] | None
+              ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": delta.content}
+        if delta.reasoning:
+            message["thinking"] = delta.reasoning
+        if calls:
+            message["tool_calls"], leftover = _tool_calls(calls)
+            message["content"] += leftover
+        return {"model": body.model, "created_at": iso_time(time.time()), "message": message,
+                "done": stats is not None, **(stats or {})}
+
+    if (routed := await ollama_answers.upstream_of(upstreams, body.model)) is not None:
+        if not messages:
+            return _loaded(body, "unload" if body.keep_alive_s == 0 else "load")
+        upstream, model_id = routed
+        ask = {**to_openai.ollama_chat(body, messages), "model": model_id}
+        return await ollama_answers.answer(request, upstreams, upstream, ask, body.stream,
+                                           chunk)
 
     async def build(model: LoadedModel, thinking: bool) -> tuple[Prompt, ChatOutputParser]:
         prompt = await prepare_chat(model, messages, tools, thinking)
@@ -442,18 +485,6 @@ async def chat(body: ChatRequest, request: Request, manager: ManagerDep, registr
     if isinstance(started, Response):
         return started
     run, stack = started
-
-    def chunk(delta: Delta, calls: list[ToolCall], stats: dict[str, Any] | None
-              ) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": delta.content}
-        if delta.reasoning:
-            message["thinking"] = delta.reasoning
-        if calls:
-            message["tool_calls"], leftover = _tool_calls(calls)
-            message["content"] += leftover
-        return {"model": run.name, "created_at": iso_time(time.time()), "message": message,
-                "done": stats is not None, **(stats or {})}
-
     return await _answer(request, run, stack, body.stream, chunk)
 
 
@@ -475,8 +506,25 @@ def _refuse_generate_fields(body: GenerateRequest) -> None:
 async def generate(body: GenerateRequest, request: Request, manager: ManagerDep,
                    registry: RegistryDep, settings: SettingsDep,
                    metrics: MetricsDep, upstreams: UpstreamsDep) -> Response:
-    await upstreams.refuse_in_dialect(body.model, "Ollama")
     _refuse_generate_fields(body)
+
+    def chunk(delta: Delta, calls: list[ToolCall], stats: dict[str, Any] | None
+              ) -> dict[str, Any]:
+        data: dict[str, Any] = {"model": body.model, "created_at": iso_time(time.time()),
+                                "response": delta.content}
+        if delta.reasoning:
+            data["thinking"] = delta.reasoning
+        return {**data, "done": stats is not None, **(stats or {})}
+
+    if (routed := await ollama_answers.upstream_of(upstreams, body.model)) is not None:
+        if not body.prompt:
+            return _loaded(body, "unload" if body.keep_alive_s == 0 else "load")
+        upstream, model_id = routed
+        raw = body.raw  # the client formatted the prompt: the upstream's completions take it
+        ask = to_openai.ollama_raw(body) if raw else to_openai.ollama_generate(body)
+        return await ollama_answers.answer(request, upstreams, upstream,
+                                           {**ask, "model": model_id}, body.stream, chunk,
+                                           "completions" if raw else "chat/completions")
 
     async def build(model: LoadedModel, thinking: bool
                     ) -> tuple[Prompt, ChatOutputParser | None]:
@@ -492,13 +540,4 @@ async def generate(body: GenerateRequest, request: Request, manager: ManagerDep,
     if isinstance(started, Response):
         return started
     run, stack = started
-
-    def chunk(delta: Delta, calls: list[ToolCall], stats: dict[str, Any] | None
-              ) -> dict[str, Any]:
-        data: dict[str, Any] = {"model": run.name, "created_at": iso_time(time.time()),
-                                "response": delta.content}
-        if delta.reasoning:
-            data["thinking"] = delta.reasoning
-        return {**data, "done": stats is not None, **(stats or {})}
-
     return await _answer(request, run, stack, body.stream, chunk)

@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -23,6 +23,7 @@ from appliance.api.core import (
     ClientGone,
     Generation,
     GenerationStream,
+    Outcome,
     grammar_waits_for_thinking,
     max_new_tokens,
     off_loop,
@@ -30,11 +31,16 @@ from appliance.api.core import (
     sampling_params,
     until_disconnect,
 )
-from appliance.api.deps import ManagerDep, MetricsDep, SettingsDep
+from appliance.api.deps import ManagerDep, MetricsDep, SettingsDep, UpstreamsDep
 from appliance.api.grammar import schema_grammar, tool_call_grammar
 from appliance.api.routes.responses_request import ResponsesRequest, chat_messages
+from appliance.config import Settings
 from appliance.engine.output import ChatOutputParser, Delta
 from appliance.errors import ApplianceError
+from appliance.metrics import Metrics
+from appliance.residency.manager import ModelManager
+from appliance.upstream import to_openai
+from appliance.upstream.chat import open_for
 
 router = APIRouter()
 PATH = "/v1/responses"
@@ -58,11 +64,42 @@ def _grammar(body: ResponsesRequest) -> str | None:
 
 @router.post(PATH, response_model=None)
 async def create_response(body: ResponsesRequest, request: Request, manager: ManagerDep,
-                          metrics: MetricsDep, settings: SettingsDep) -> Response:
+                          metrics: MetricsDep, settings: SettingsDep,
+                          upstreams: UpstreamsDep) -> Response:
     messages = chat_messages(body)  # a malformed conversation is a 400 before any model work
+    stack = contextlib.AsyncExitStack()
+    if (upstream := await upstreams.route(body.model)) is not None:
+        try:
+            chat = await open_for(request, upstreams, upstream,
+                                  to_openai.responses(body, messages), whole=not body.stream)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+        stack.push_async_callback(chat.aclose)  # also when the client leaves mid-stream
+        deltas, done, name = chat.deltas(), chat, body.model
+    else:
+        generation, parser, name = await _local(body, messages, manager, metrics, settings,
+                                                stack)
+        deltas, done = _deltas(generation, parser), generation
+    shell = {"id": f"resp_{uuid.uuid4().hex}", "object": "response",
+             "created_at": int(time.time()), "model": name, **body.echo()}
+    writer = _Writer(shell, body.call_limit, streaming=body.stream)
+    if body.stream:
+        return GenerationStream(_stream(deltas, done, writer), stack,
+                                media_type="text/event-stream")
+    async with stack:
+        try:
+            await until_disconnect(request, _whole(deltas, done, writer))
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
+    return JSONResponse(writer.final(done))
+
+
+async def _local(body: ResponsesRequest, messages: list[dict[str, Any]], manager: ModelManager,
+                 metrics: Metrics, settings: Settings, stack: contextlib.AsyncExitStack
+                 ) -> tuple[Generation, ChatOutputParser, str]:
+    """A local model's generation, held by `stack`, its output parser and the model's id."""
     tools = body.offered_tools
     grammar = await off_loop(_grammar, body)
-    stack = contextlib.AsyncExitStack()
     model = await stack.enter_async_context(manager.use(body.model))
     try:
         thinking = body.thinking(model.enable_thinking)
@@ -84,18 +121,14 @@ async def create_response(body: ResponsesRequest, request: Request, manager: Man
     except BaseException:
         await stack.aclose()
         raise
-    shell = {"id": f"resp_{uuid.uuid4().hex}", "object": "response",
-             "created_at": int(time.time()), "model": model.id, **body.echo()}
-    writer = _Writer(shell, body.call_limit, streaming=body.stream)
-    if body.stream:
-        return GenerationStream(_stream(generation, parser, writer), stack,
-                                media_type="text/event-stream")
-    async with stack:
-        try:
-            await until_disconnect(request, _whole(generation, parser, writer))
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-    return JSONResponse(writer.final(generation))
+    return generation, parser, model.id
+
+
+class Finished(Protocol):
+    """What the writer reads of a finished answer: a Generation's or an upstream's outcome."""
+
+    @property
+    def outcome(self) -> Outcome | None: ...
 
 
 async def _deltas(generation: Generation, parser: ChatOutputParser) -> AsyncIterator[Delta]:
@@ -108,25 +141,25 @@ async def _deltas(generation: Generation, parser: ChatOutputParser) -> AsyncIter
         yield tail
 
 
-async def _whole(generation: Generation, parser: ChatOutputParser, writer: _Writer) -> None:
-    async for delta in _deltas(generation, parser):
+async def _whole(deltas: AsyncIterator[Delta], done: Finished, writer: _Writer) -> None:
+    async for delta in deltas:
         writer.feed(delta)
-    writer.close(generation)
+    writer.close(done)
 
 
-async def _stream(generation: Generation, parser: ChatOutputParser, writer: _Writer
+async def _stream(deltas: AsyncIterator[Delta], done: Finished, writer: _Writer
                   ) -> AsyncIterator[bytes]:
     yield writer.started()
     try:
-        async for delta in _deltas(generation, parser):
+        async for delta in deltas:
             if events := writer.feed(delta):
                 yield events
     except ApplianceError as e:
         # The client gets a proper end, saying why: an error event, then response.failed.
-        yield writer.failed(generation, e)
+        yield writer.failed(done, e)
         return
-    yield writer.close(generation)
-    yield writer.finished(generation)
+    yield writer.close(done)
+    yield writer.finished(done)
 
 
 # -- output items and their events --------------------------------------------------------------
@@ -179,7 +212,7 @@ class _Writer:
         self._event("response.in_progress", response=snapshot)
         return self._flush()
 
-    def final(self, generation: Generation, error: ApplianceError | None = None
+    def final(self, generation: Finished, error: ApplianceError | None = None
               ) -> dict[str, Any]:
         outcome = generation.outcome
         usage = None
@@ -201,14 +234,14 @@ class _Writer:
                 if status == "incomplete" else None,
                 "usage": usage}
 
-    def finished(self, generation: Generation) -> bytes:
+    def finished(self, generation: Finished) -> bytes:
         response = self.final(generation)
         kind = "response.incomplete" if response["status"] == "incomplete" else \
             "response.completed"
         self._event(kind, response=response)
         return self._flush()
 
-    def failed(self, generation: Generation, error: ApplianceError) -> bytes:
+    def failed(self, generation: Finished, error: ApplianceError) -> bytes:
         self._close_open("incomplete")
         self._event("error", code=error.code or error.type, message=error.message,
                     param=error.param)
@@ -236,7 +269,7 @@ class _Writer:
                 self._item_event("response.function_call_arguments.delta", delta=call.arguments)
         return self._flush()
 
-    def close(self, generation: Generation) -> bytes:
+    def close(self, generation: Finished) -> bytes:
         """The answer is complete: close the last item (an empty message when there is none,
         so `output_text` reads "")."""
         if not self.output:
