@@ -28,6 +28,10 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request it sends at INFO: one stderr write per proxied request, on the
+    # event loop before its first chunk is relayed; our own access log is debug-only too.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     import llama_cpp._logger
 
     llama_cpp._logger.set_verbose(level == "debug")
