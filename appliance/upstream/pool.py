@@ -35,6 +35,11 @@ CHECK_TIMEOUT_S = 10.0  # a health check never waits longer, whatever timeout_s 
 MAX_LISTING_BYTES = 4 * 2**20  # a hostile upstream must not fill our memory with its listing
 MAX_LISTED_MODELS = 1000
 MAX_ID_CHARS = 256
+# An idle connection is kept this long, under another appliance's 65 s keep-alive, so a request
+# after a pause (the usual case in a chat) does not open a new one. A server that closes sooner
+# (uvicorn's and llama-server's default is 5 s) costs nothing: the pool drops a connection the
+# server has closed before reusing it, and a close racing our send is retried once (_send).
+KEEPALIVE_S = 60.0
 
 
 @dataclass
@@ -83,11 +88,9 @@ def make_client(settings: UpstreamSettings, key: str | None) -> httpx.AsyncClien
     # redirects are not followed, so a request and its key go only where the url says.
     return httpx.AsyncClient(base_url=settings.url + "/", headers=headers, timeout=timeout,
                              trust_env=False, follow_redirects=False,
-                             # Idle connections let go before uvicorn's 5 s keep-alive ends
-                             # them, so a pooled one is rarely found closed.
                              limits=httpx.Limits(max_connections=256,
                                                  max_keepalive_connections=32,
-                                                 keepalive_expiry=4.0))
+                                                 keepalive_expiry=KEEPALIVE_S))
 
 
 class UpstreamPool:
