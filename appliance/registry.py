@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from appliance.library.headers import HeaderCache
 from appliance.library.manifest import group_models, missing_parts, split_id
 
 log = logging.getLogger(__name__)
+
+# A folder changed within this long before a scan began may change again within the same mtime
+# tick unseen (coarse file-system clocks), so such a scan is not trusted by `local_now`.
+RACY_NS = 2_000_000_000
 
 
 def model_id(path: Path) -> str:
@@ -78,9 +83,13 @@ class Registry:
         self._entries: dict[str, ModelEntry] = {}
         self._stamps: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._lock = threading.Lock()
+        # (folder mtime, scan start, local names) of the last scan, replaced as one object
+        # so `local_now` reads it without the lock.
+        self._known: tuple[int | None, int, frozenset[str]] | None = None
 
     def scan(self) -> list[ModelEntry]:
         with self._lock:
+            started, folder = time.time_ns(), _mtime_ns(self.models_dir)
             found: dict[str, ModelEntry] = {}
             stamps: dict[str, tuple[tuple[str, int, int], ...]] = {}
             for mid, files in group_models(self.models_dir).items():
@@ -96,6 +105,8 @@ class Registry:
                     continue
                 found[mid] = self._read(mid, files, stats)
             self._entries, self._stamps = found, stamps
+            names = set(found) | {a for a, target in self.aliases.items() if target in found}
+            self._known = (folder, started, frozenset(names))
             self.headers.save()
             return list(found.values())
 
@@ -130,5 +141,28 @@ class Registry:
             raise ModelUnusable(f"model {entry.id!r} is unusable: {entry.error}", param="model")
         return entry
 
+    def local_now(self, name: str) -> bool | None:
+        """Whether `name` is a local id or alias (usable or not), by the last scan while the
+        folder has not changed since; None when only a scan can tell. One stat and no scan,
+        so it may run on the event loop: adding, removing or renaming a file changes the
+        folder's mtime, and which ids exist depends on nothing else."""
+        known = self._known
+        if known is None:
+            return None
+        folder, started, names = known
+        if folder is not None and folder > started - RACY_NS:
+            return None
+        if _mtime_ns(self.models_dir) != folder:
+            return None
+        key = name.lower()
+        return key in names
+
     def aliases_of(self, mid: str) -> list[str]:
         return sorted(a for a, target in self.aliases.items() if target == mid)
+
+
+def _mtime_ns(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None  # no folder (yet): no local models

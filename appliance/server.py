@@ -18,6 +18,12 @@ from appliance.config import Settings
 log = logging.getLogger("appliance")
 
 
+# Idle connections stay open this long (uvicorn's default is 5 s): a client, or another
+# appliance routing models here, reuses its connection across a pause in a conversation instead
+# of opening a new one (a connect on both sides, on the way to the first token).
+KEEP_ALIVE_S = 65
+
+
 def setup_logging(level: str) -> None:
     """Plain lines on stderr (journald adds time and unit); colour only on a terminal."""
     handler = logging.StreamHandler(sys.stderr)
@@ -28,6 +34,10 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request it sends at INFO: one stderr write per proxied request, on the
+    # event loop before its first chunk is relayed; our own access log is debug-only too.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     import llama_cpp._logger
 
     llama_cpp._logger.set_verbose(level == "debug")
@@ -144,6 +154,7 @@ def serve(settings: Settings) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=settings.log_level == "debug", use_colors=False,
+                            timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=int(settings.switch_wait_s) + 5,
                             server_header=False)
     server = _Server(config, extra_port=settings.ollama_port)

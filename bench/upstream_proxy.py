@@ -1,6 +1,6 @@
 """What routing through our daemon to an upstream costs a streamed completion, same run.
 
-    python bench/upstream_proxy.py MODEL.gguf [--rounds 7] [--tokens 128] [--threads 2]
+    python bench/upstream_proxy.py MODEL.gguf [--rounds 7] [--tokens 128] [--threads 2] [--starts 40]
 
 Two real daemons: the upstream serves MODEL (with an API key, as a team server would), the front
 holds no model and routes MODEL to the upstream (`[upstreams.bench]`, its own key). Rounds
@@ -9,7 +9,10 @@ alternate a stream sent straight to the upstream with the same stream sent throu
 and the end-of-generation tokens banned so every stream runs `--tokens` long. Per stream: time to the
 first text chunk (from sending), and decode rate (tokens after the first over the time from
 the first chunk to the last). Figures: the median over rounds of the through/direct rate ratio
-(goal >= 0.95) and of the added first-token time (goal <= 10 ms). Prints one JSON object and
+(goal >= 0.95) and of the added first-token time (goal <= 10 ms). Also the front daemon's own
+CPU time (user + system, from /proc) per proxied stream, and per proxied request start: `--starts`
+one-token streams in a row, which is the front's work on the way to a first token (less noisy on
+a busy machine than the latency, which includes waiting for a core). Prints one JSON object and
 writes bench/results/upstream_proxy-<model>.json.
 """
 
@@ -45,8 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def daemon(folder: Path, name: str, env: dict[str, str]) -> Iterator[str]:
+def daemon(folder: Path, name: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     full = {**os.environ, "APPLIANCE_PORT": str(port), "APPLIANCE_GPU": "none",
@@ -66,7 +75,7 @@ def daemon(folder: Path, name: str, env: dict[str, str]) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"{name} did not start:\n" + log_path.read_text())
             time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -99,12 +108,23 @@ def stream(http: httpx.Client, url: str, key: str, model: str, tokens: int
     return first - started, (count - 1) / (last - first), count
 
 
+def short_stream(http: httpx.Client, url: str, key: str, model: str) -> None:
+    """A one-token stream, read to its end: mostly the cost of starting a request."""
+    body = {"model": model, "max_tokens": 1, "stream": True, "prompt": f"[{next(COUNTER)}] Once"}
+    with http.stream("POST", url + "/v1/completions", json=body,
+                     headers={"Authorization": f"Bearer {key}"}) as r:
+        r.raise_for_status()
+        r.read()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--starts", type=int, default=40,
+                        help="one-token streams through the front for its CPU per request")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="upstream-proxy-"))
@@ -125,7 +145,8 @@ def main() -> None:
     via_s: list[float] = []
     direct_rate: list[float] = []
     via_rate: list[float] = []
-    with daemon(work, "upstream", upstream_env) as upstream:
+    front_cpu: list[float] = []
+    with daemon(work, "upstream", upstream_env) as (upstream, _):
         (work / "front.toml").write_text(
             f'[upstreams.bench]\nurl = "{upstream}/v1"\n'
             f'api_key_file = "{work / "up.key"}"\nmodels = ["{model}"]\n')
@@ -133,7 +154,7 @@ def main() -> None:
                      "APPLIANCE_CONFIG": str(work / "front.toml"),
                      "APPLIANCE_API_KEY_FILE": str(work / "front.key"),
                      "APPLIANCE_THREADS": "1"}
-        with daemon(work, "front", front_env) as front, \
+        with daemon(work, "front", front_env) as (front, front_pid), \
                 httpx.Client(timeout=600) as http:
             paths = {"direct": (upstream, up_key), "via": (front, front_key)}
             for name in paths:  # warm-up: loads, connections, first-request costs
@@ -141,9 +162,16 @@ def main() -> None:
             for i in range(args.rounds):
                 order = ["direct", "via"] if i % 2 == 0 else ["via", "direct"]
                 for name in order:
+                    before = cpu_seconds(front_pid)
                     ttft, rate, _ = stream(http, *paths[name], model, args.tokens)
+                    if name == "via":
+                        front_cpu.append(cpu_seconds(front_pid) - before)
                     (direct_s if name == "direct" else via_s).append(ttft)
                     (direct_rate if name == "direct" else via_rate).append(rate)
+            before = cpu_seconds(front_pid)
+            for _ in range(args.starts):  # back to back: the connection to the upstream is reused
+                short_stream(http, *paths["via"], model)
+            start_cpu = (cpu_seconds(front_pid) - before) / max(1, args.starts)
 
     rate_ratio = statistics.median(v / d for v, d in zip(via_rate, direct_rate, strict=True))
     added_ms = statistics.median((v - d) * 1000 for v, d in zip(via_s, direct_s, strict=True))
@@ -156,6 +184,9 @@ def main() -> None:
         "via_front_first_token_ms": [round(v * 1000, 2) for v in via_s],
         "rate_ratio_median": round(rate_ratio, 3),
         "added_first_token_ms_median": round(added_ms, 2),
+        "front_cpu_ms_per_stream_median": round(statistics.median(front_cpu) * 1000, 2),
+        "front_cpu_ms_per_request_start": round(start_cpu * 1000, 2),
+        "starts": args.starts,
         "goals": {"rate_ratio": ">= 0.95", "added_first_token_ms": "<= 10"},
         "met": rate_ratio >= 0.95 and added_ms <= 10,
     }

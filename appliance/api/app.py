@@ -80,7 +80,8 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
         manager.load_seconds_observed = metrics.model_load_seconds.set
         app.state.registry, app.state.manager, app.state.probe = registry, manager, gpu
         upstreams = UpstreamPool(settings.upstreams, upstream_keys, metrics,
-                                 is_local=partial(_is_local, registry))
+                                 is_local=partial(_is_local, registry),
+                                 local_now=registry.local_now)
         app.state.upstreams = upstreams
         upstreams.start()
         tasks = []

@@ -34,6 +34,11 @@ CHECK_TIMEOUT_S = 10.0  # a health check never waits longer, whatever timeout_s 
 MAX_LISTING_BYTES = 4 * 2**20  # a hostile upstream must not fill our memory with its listing
 MAX_LISTED_MODELS = 1000
 MAX_ID_CHARS = 256
+# An idle connection is kept this long, under another appliance's 65 s keep-alive, so a request
+# after a pause (the usual case in a chat) does not open a new one. A server that closes sooner
+# (uvicorn's and llama-server's default is 5 s) costs nothing: the pool drops a connection the
+# server has closed before reusing it, and a close racing our send is retried once (_send).
+KEEPALIVE_S = 60.0
 
 
 @dataclass
@@ -82,21 +87,22 @@ def make_client(settings: UpstreamSettings, key: str | None) -> httpx.AsyncClien
     # redirects are not followed, so a request and its key go only where the url says.
     return httpx.AsyncClient(base_url=settings.url + "/", headers=headers, timeout=timeout,
                              trust_env=False, follow_redirects=False,
-                             # Idle connections let go before uvicorn's 5 s keep-alive ends
-                             # them, so a pooled one is rarely found closed.
                              limits=httpx.Limits(max_connections=256,
                                                  max_keepalive_connections=32,
-                                                 keepalive_expiry=4.0))
+                                                 keepalive_expiry=KEEPALIVE_S))
 
 
 class UpstreamPool:
     """Every configured upstream, its background checks, and routing by model id."""
 
     def __init__(self, configured: dict[str, UpstreamSettings], keys: dict[str, str | None],
-                 metrics: Metrics, is_local: Callable[[str], bool]) -> None:
-        """`is_local(name)`: blocking (it may scan the models folder); run off the loop."""
+                 metrics: Metrics, is_local: Callable[[str], bool],
+                 local_now: Callable[[str], bool | None] = lambda _: None) -> None:
+        """`is_local(name)`: blocking (it may scan the models folder), run off the loop;
+        `local_now(name)`: the same answer without blocking, or None when it cannot tell."""
         self.metrics = metrics
         self._is_local = is_local
+        self._local_now = local_now
         self.upstreams = [Upstream(name, s, make_client(s, keys.get(name)), key=keys.get(name))
                           for name, s in configured.items()]
         self._tasks: list[asyncio.Task[None]] = []
@@ -125,9 +131,14 @@ class UpstreamPool:
         if not self.upstreams or not name:
             return None
         upstream = self.find(name)
-        if upstream is None or await asyncio.to_thread(self._is_local, name):
+        if upstream is None:
             return None
-        return upstream
+        local = self._local_now(name)
+        if local is None:
+            # A thread hop costs a routed request up to a GIL switch interval (5 ms) more on
+            # its way to the first token, so only when the cheap answer is missing.
+            local = await asyncio.to_thread(self._is_local, name)
+        return None if local else upstream
 
     def listing(self, local: set[str]) -> list[dict[str, Any]]:
         """/v1/models entries of upstream models whose id no local model (or alias) takes."""

@@ -110,9 +110,10 @@ async def _send(pool: UpstreamPool, upstream: Upstream, outgoing: httpx.Request,
     try:
         try:
             return await _send_once(upstream, outgoing, stream)
-        except httpx.RemoteProtocolError:
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
             # Once more on a fresh connection: a pooled one may have been closed by the
-            # upstream just as we sent (nothing was answered, so nothing was done).
+            # upstream just as we sent (an end of file, or a reset once the close is through);
+            # nothing was answered, so at most a generation is started twice.
             return await _send_once(upstream, outgoing, stream)
     except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException):
         raise UpstreamTimeout(f"upstream {upstream.name} ({upstream.url}) did not answer within "

@@ -27,6 +27,7 @@ import anthropic
 import httpx
 import ollama
 import openai
+import psutil
 import pytest
 
 from appliance.client import DaemonClient
@@ -342,6 +343,33 @@ def test_chat_routed_streamed_with_usage(front: Front, team: Daemon) -> None:
 
     assert len(via) > 3 and text(via) == text(straight) and text(via)
     assert via[-1].usage is not None and via[-1].usage.completion_tokens == 16
+    # No log line per proxied request (httpx's INFO line was a stderr write on the way to the
+    # first chunk); the front's own access log is debug-only as well.
+    assert "HTTP Request:" not in front.daemon.log()
+
+
+def _connections_to(daemon: Daemon, port: int) -> set[int]:
+    """Local ports of `daemon`'s open TCP connections to 127.0.0.1:`port`."""
+    return {c.laddr.port for c in psutil.Process(daemon.process.pid).net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+
+
+def test_a_routed_request_after_a_pause_reuses_the_upstream_connection(
+        front: Front, team: Daemon) -> None:
+    """A chat pauses between turns; its next request should not open a new connection to the
+    upstream (a connect on both sides, on the way to the first token)."""
+    team_port = int(team.url.rsplit(":", 1)[1])
+    ask = {"model": MODEL_A, "prompt": "Once", "max_tokens": 1}
+    with front.daemon.http() as http:
+        assert http.post("/v1/completions", json=ask).status_code == 200
+        before = _connections_to(front.daemon, team_port)
+        assert before
+        # The pause is the subject: longer than the 5 s after which uvicorn closed an idle
+        # connection, and than the 4 s after which the front's pool dropped one.
+        time.sleep(6)
+        assert _connections_to(front.daemon, team_port) == before
+        assert http.post("/v1/completions", json=ask).status_code == 200
+        assert _connections_to(front.daemon, team_port) == before
 
 
 def test_completions_and_embeddings_are_routed(front: Front) -> None:
