@@ -8,6 +8,7 @@ the endpoint passed explicitly: huggingface-hub reads HF_ENDPOINT once, at impor
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -79,11 +80,17 @@ class Hub:
 
     def __init__(self, endpoint: str | None = None, token: str | bool | None = None,
                  timeout: float = 20.0) -> None:
-        from huggingface_hub import constants
-
-        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self._endpoint = endpoint
         self.token = token
         self.timeout = timeout
+
+    @functools.cached_property
+    def endpoint(self) -> str:
+        # Resolved on first use: making a Hub (the daemon's first library request, on the
+        # event loop) imports nothing.
+        from huggingface_hub import constants
+
+        return (self._endpoint or constants.ENDPOINT).rstrip("/")
 
     # -- calls -----------------------------------------------------------------------------
 
