@@ -305,7 +305,8 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
     return digest
 
 
-Reader = Callable[[int], bytes]  # up to n bytes with at most one system call; b"" at the end
+# Receives into the view it is given, with at most one system call; the count, 0 at the end.
+Reader = Callable[[memoryview], int]
 
 
 def _fill(buffer: bytearray, read: Reader, cancel: threading.Event) -> int:
@@ -315,14 +316,55 @@ def _fill(buffer: bytearray, read: Reader, cancel: threading.Event) -> int:
     n = 0
     started = time.monotonic()
     while n < len(buffer):
-        data = read(len(buffer) - n)
-        if not data:
+        got = read(view[n:])
+        if not got:
             break
-        view[n:n + len(data)] = data
-        n += len(data)
+        n += got
         if cancel.is_set() or time.monotonic() - started > HAND_OFF_S:
             break
     return n
+
+
+class _Chunks:
+    """A Reader over an iterator of byte strings (huggingface-hub's session behind a proxy)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._left = memoryview(b"")
+
+    def __call__(self, view: memoryview) -> int:
+        if not self._left:
+            self._left = memoryview(next(self._chunks, b""))
+        n = min(len(view), len(self._left))
+        view[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+
+def _body_reader(response: http.client.HTTPResponse) -> Reader:
+    """Straight from the socket into our buffer where the body has a length (a hub file
+    always has): readinto1 makes no bytes object and no copy, where read1 allocates up to the
+    asked size and copies it; measured in bench/pull_stages.py. A chunked body: read1."""
+    fp = response.fp
+    if response.chunked or response.length is None or fp is None:
+        def read1(view: memoryview) -> int:
+            data = response.read1(len(view))
+            view[:len(data)] = data
+            return len(data)
+
+        return read1
+
+    def readinto1(view: memoryview) -> int:
+        left = response.length or 0
+        if not left:
+            return 0
+        n = fp.readinto1(view[:left] if len(view) > left else view)
+        if not n:
+            return 0  # closed before its Content-Length: the caller says so
+        response.length = left - n
+        return n
+
+    return readinto1
 
 
 @contextlib.contextmanager
@@ -339,8 +381,7 @@ def _stream(url: str, headers: dict[str, str], repo: str,
                                                     follow_redirects=True,
                                                     timeout=timeout) as response:
             hf_raise_for_status(response)
-            chunks = response.iter_bytes(2**20)
-            yield response.status_code, lambda _: next(chunks, b""), response.close
+            yield response.status_code, _Chunks(response.iter_bytes(2**20)), response.close
         return
     with _direct(url, headers, repo, timeout) as answer:
         yield answer
@@ -386,16 +427,19 @@ def _direct(url: str, headers: dict[str, str], repo: str,
             if response.status >= 400:
                 _raise_for(response.status, response.getheader("X-Error-Code"), repo)
 
-            def read(n: int, response: http.client.HTTPResponse = response) -> bytes:
+            body = _body_reader(response)
+
+            def read(view: memoryview, response: http.client.HTTPResponse = response,
+                     body: Reader = body) -> int:
                 # Only the network's failures are retried; a full disk (the writer's) is not.
                 try:
-                    data = response.read1(n)
+                    n = body(view)
                 except (OSError, http.client.HTTPException) as e:
                     raise _unreachable(repo, e) from None
-                if not data and response.length:  # closed before its Content-Length
+                if not n and response.length:  # closed before its Content-Length
                     raise HubUnreachable(f"the connection for {repo} ended early",
                                          OFFLINE_HINT)
-                return data
+                return n
 
             def abort(sock: socket.socket | None = sock) -> None:
                 if sock is not None:

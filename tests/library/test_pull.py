@@ -300,3 +300,21 @@ def test_a_whole_partial_is_checked_and_installed_without_a_request(library: Lib
     model = library.pull(plan)
     assert sha256(model.path) == source.sha256
     assert hub.gets[f"{GGUF_REPO}/Tiny-Q4_K_M.gguf"] == 0
+
+
+def test_behind_a_proxy_the_hub_session_carries_the_bytes_and_resumes(
+        library: Library, hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set the download goes through huggingface-hub's session (it honours
+    proxies) instead of http.client; the local hub plays the proxy too (it serves absolute-URI
+    requests). A cut is resumed there as well."""
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, hub.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    key = f"{GGUF_REPO}/Tiny-Q4_K_M.gguf"
+    source = hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"]
+    hub.faults.cut_once[key] = 0.6
+    model = library.pull(library.plan(GGUF_REPO))
+    assert sha256(model.path) == source.sha256
+    assert [k for k, _ in hub.starts] == [key, key]
+    assert hub.starts[0][1] == 0 and 0 < hub.starts[1][1] <= int(source.size * 0.6)
