@@ -13,6 +13,7 @@ progress events, and the `appliance pull` command end to end (process start-up i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -24,8 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,8 +122,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
-    """One in-process pull, split at its progress events: plan (hub metadata), first byte,
-    body, checks after the last byte (drain, fsync, header, rename, manifest)."""
+    """One in-process pull, split where its request goes out, where the answer's headers are
+    in, at its last byte, and at its end: plan (hub metadata), start, body, then the checks
+    after the last byte (drain, fsync, header, rename, manifest)."""
     from appliance.library import download as download_module
     from appliance.library.hub import Hub
     from appliance.library.pull import Library
@@ -129,6 +132,14 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     marks: dict[str, float] = {}
     fsyncs: list[float] = []
     real_fsync = os.fsync
+    real_stream = download_module._stream
+
+    @contextlib.contextmanager
+    def marked_stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        marks.setdefault("request", time.perf_counter())
+        with real_stream(*args, **kwargs) as answer:
+            marks.setdefault("response", time.perf_counter())
+            yield answer
 
     def counted_fsync(fd: int) -> None:
         started = time.perf_counter()
@@ -139,8 +150,6 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
         now = time.perf_counter()
         stage, completed, total = (getattr(event, k, None) for k in ("stage", "completed",
                                                                      "total"))
-        if stage == "download" and completed and "first_byte" not in marks:
-            marks["first_byte"] = now
         if stage == "download" and completed and completed == total:
             marks.setdefault("last_byte", now)
         if stage == "verify":
@@ -151,13 +160,16 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     plan = library.plan("bench/Big-GGUF")
     planned = time.perf_counter()
     download_module.os.fsync = counted_fsync  # the same os module: pull.py's fsyncs count too
+    download_module._stream = marked_stream  # type: ignore[assignment]
     try:
         library.pull(plan, report)
     finally:
         download_module.os.fsync = real_fsync
+        download_module._stream = real_stream
     done = time.perf_counter()
-    return {"plan_s": planned - started, "first_byte_s": marks["first_byte"] - planned,
-            "body_s": marks["last_byte"] - marks["first_byte"],
+    return {"plan_s": planned - started, "to_request_s": marks["request"] - planned,
+            "to_response_s": marks["response"] - planned,
+            "body_s": marks["last_byte"] - marks["response"],
             "after_last_byte_s": done - marks["last_byte"],
             "fsync_s": sum(fsyncs), "total_s": done - planned}
 

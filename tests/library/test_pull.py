@@ -318,3 +318,20 @@ def test_behind_a_proxy_the_hub_session_carries_the_bytes_and_resumes(
     assert sha256(model.path) == source.sha256
     assert [k for k, _ in hub.starts] == [key, key]
     assert hub.starts[0][1] == 0 and 0 < hub.starts[1][1] <= int(source.size * 0.6)
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:9/mirror"])
+@pytest.mark.parametrize("repo, filename, commit", [
+    ("Qwen/Qwen3-8B-GGUF", "Qwen3-8B-Q4_K_M.gguf", "0123456789abcdef0123456789abcdef01234567"),
+    ("tiny/Tiny-Split-GGUF", "Q4_K_M/Tiny Split-00001-of-00002.gguf", "main"),
+    ("a/b", "dir/ü#?%.gguf", "refs/pr/1"),
+])
+def test_file_urls_are_huggingface_hubs(endpoint: str | None, repo: str, filename: str,
+                                        commit: str) -> None:
+    """Our URL (formatted from huggingface-hub's template, without importing file_download)
+    is the one hf_hub_url gives, quoting, revisions with slashes and mirrors included."""
+    from huggingface_hub import hf_hub_url
+
+    hub = Hub(endpoint, token=False)
+    assert hub.file_url(repo, filename, commit) == hf_hub_url(repo, filename, revision=commit,
+                                                              endpoint=hub.endpoint)
