@@ -335,3 +335,28 @@ def test_file_urls_are_huggingface_hubs(endpoint: str | None, repo: str, filenam
     hub = Hub(endpoint, token=False)
     assert hub.file_url(repo, filename, commit) == hf_hub_url(repo, filename, revision=commit,
                                                               endpoint=hub.endpoint)
+
+
+def test_ollama_digests_of_a_pulled_model_come_from_its_manifest(library: Library,
+                                                                 hub: LocalHub) -> None:
+    """/api/tags' digest of a pulled file is the sha256 checked during the pull, at once, with
+    no second read of the file; a file changed since its manifest is hashed again."""
+    import os
+    import time
+
+    from appliance.api.ollama_models import FileDigests
+
+    model = library.pull(library.plan(GGUF_REPO))
+    source = hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"]
+    [entry] = Registry(library.models_dir).scan()
+    assert FileDigests().get(entry) == source.sha256  # known at once: nothing was hashed
+    later = time.time() + 60
+    os.utime(model.path, (later, later))  # written after its manifest: not trusted
+    [entry] = Registry(library.models_dir).scan()
+    digests = FileDigests()
+    assert digests.get(entry) == ""  # hashed in the background, as any file
+    deadline = time.monotonic() + 60
+    while not (digest := digests.get(entry)):
+        assert time.monotonic() < deadline, "no digest"
+        time.sleep(0.05)
+    assert digest == source.sha256
