@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import InvalidRequest, ModelNotFound
+from appliance.library.manifest import recorded_sha256
 from appliance.registry import ModelEntry, Registry
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,12 @@ class FileDigests:
             if digest is not None:
                 return digest
             if key not in self._pending:
+                # A pulled model's sha256 is in its manifest: hashing it again costs a whole
+                # read of the file (seconds of disk and CPU for a big model).
+                recorded = recorded_sha256(entry.path, *entry.signature)
+                if recorded is not None:
+                    self._known[key] = recorded
+                    return recorded
                 self._pending.add(key)
                 self._queue.put((entry.path, key))
                 if self._thread is None:

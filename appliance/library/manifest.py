@@ -105,6 +105,26 @@ class Installed:
         return missing_parts(self.files) is None
 
 
+def recorded_sha256(path: Path, size: int, mtime: float) -> str | None:
+    """The sha256 the library recorded for a model file it installed (checked against the hub
+    then, or hashed on import), while the file (`size`, `mtime` as last seen) is unchanged since:
+    same size, and no newer than its manifest, written after it. Saves hashing a pulled file a
+    second time for Ollama's digests; any doubt answers None, and the caller hashes."""
+    model_id, _ = split_id(path.stem)
+    manifest = read_manifest(path.parent, model_id)
+    try:
+        written = manifest_path(path.parent, model_id).stat().st_mtime
+    except OSError:
+        return None
+    if manifest is None or mtime > written:
+        return None
+    for record in manifest.files:
+        if record.name == path.name and record.size == size and \
+                re.fullmatch(r"[0-9a-f]{64}", record.sha256 or ""):
+            return record.sha256
+    return None
+
+
 def split_id(stem: str) -> tuple[str, int]:
     """(model id, part number) of a file stem; part 0 for a file that is not split."""
     match = SPLIT.match(stem)

@@ -266,8 +266,8 @@ class Library:
         report(Progress("install", "writing manifest", model=plan.model_id))
         targets = [self.models_dir / name for name in hub.local_names]
         # Later parts first, the first part last: the model appears whole or not at all.
+        # Each part is on the disk already: download() fsyncs it before it returns its sha256.
         for (_, partial, _), target in reversed(list(zip(files, targets, strict=True))):
-            _fsync(partial)
             os.replace(partial, target)
         manifest = Manifest(plan.model_id, "hub", [
             FileRecord(t.name, f.size, digest) for (f, _, digest), t in zip(files, targets,

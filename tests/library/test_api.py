@@ -59,31 +59,51 @@ def test_pull_streams_ollama_shaped_progress(served, hub: LocalHub) -> None:
 
 
 def test_two_clients_share_one_download_and_serving_goes_on(served, hub: LocalHub) -> None:
+    """Two pulls and a listing sent at once to a daemon that has had no library request yet
+    (its pulls are set up by the first one): one job, one download, and the listing sees it."""
     daemon, _ = served
-    hub.gate = threading.Event()  # downloads wait until both clients are in
-    results: list[list[dict]] = []
+    hub.gate = threading.Event()  # the file's bytes wait until both clients are in
+    start = threading.Barrier(3)
+    joined = [threading.Event() for _ in range(2)]
+    results: dict[int, list[dict]] = {}
 
-    def client() -> None:
-        with daemon.http() as http, http.stream("POST", "/api/models/pull",
-                                                json={"model": GGUF_REPO}) as r:
-            results.append(lines_of(r))
+    def client(i: int) -> None:
+        lines = []
+        with daemon.http() as http:
+            start.wait(timeout=60)
+            with http.stream("POST", "/api/models/pull", json={"model": GGUF_REPO}) as r:
+                for raw in r.iter_lines():
+                    if raw.strip():
+                        lines.append(json.loads(raw))
+                        joined[i].set()  # a progress line: it follows the job
+        results[i] = lines
 
-    threads = [threading.Thread(target=client) for _ in range(2)]
+    def lister() -> None:
+        with daemon.http() as http:
+            start.wait(timeout=60)
+            http.get("/api/library").raise_for_status()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
+    threads.append(threading.Thread(target=lister))
     for t in threads:
         t.start()
+    # The condition that matters: both clients follow the pull (the hub holds its bytes, so it
+    # cannot have ended); a client that failed instead ends without joining.
+    wait_for(lambda: all(j.is_set() for j in joined) or len(results) == 2, 180,
+             "both clients to follow the pull")
+    assert all(j.is_set() for j in joined), results
     with daemon.http() as http:
-        wait_for(lambda: any(p["model"] == "tiny-q4_k_m" for p in
-                             http.get("/api/library").json()["pulls"]), 30, "the pull to start")
-    # The loaded model answers while the pull is held mid-way.
-    with daemon.http() as http:
+        pulls = http.get("/api/library").json()["pulls"]
+        assert [(p["model"], p["finished"]) for p in pulls] == [("tiny-q4_k_m", False)]
+        # The loaded model answers while the pull is held mid-way.
         answer = http.post("/v1/completions", json={"model": MODEL_A, "prompt": "Hi",
                                                     "max_tokens": 4})
         assert answer.status_code == 200
     hub.gate.set()
     for t in threads:
         t.join(timeout=120)
-    assert len(results) == 2
-    assert all(r[-1]["status"] == "success" for r in results)
+    assert sorted(results) == [0, 1]
+    assert all(r[-1]["status"] == "success" for r in results.values()), results
     assert hub.gets[f"{GGUF_REPO}/Tiny-Q4_K_M.gguf"] == 1
 
 

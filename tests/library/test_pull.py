@@ -300,3 +300,63 @@ def test_a_whole_partial_is_checked_and_installed_without_a_request(library: Lib
     model = library.pull(plan)
     assert sha256(model.path) == source.sha256
     assert hub.gets[f"{GGUF_REPO}/Tiny-Q4_K_M.gguf"] == 0
+
+
+def test_behind_a_proxy_the_hub_session_carries_the_bytes_and_resumes(
+        library: Library, hub: LocalHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HTTP_PROXY set the download goes through huggingface-hub's session (it honours
+    proxies) instead of http.client; the local hub plays the proxy too (it serves absolute-URI
+    requests). A cut is resumed there as well."""
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, hub.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    key = f"{GGUF_REPO}/Tiny-Q4_K_M.gguf"
+    source = hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"]
+    hub.faults.cut_once[key] = 0.6
+    model = library.pull(library.plan(GGUF_REPO))
+    assert sha256(model.path) == source.sha256
+    assert [k for k, _ in hub.starts] == [key, key]
+    assert hub.starts[0][1] == 0 and 0 < hub.starts[1][1] <= int(source.size * 0.6)
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:9/mirror"])
+@pytest.mark.parametrize("repo, filename, commit", [
+    ("Qwen/Qwen3-8B-GGUF", "Qwen3-8B-Q4_K_M.gguf", "0123456789abcdef0123456789abcdef01234567"),
+    ("tiny/Tiny-Split-GGUF", "Q4_K_M/Tiny Split-00001-of-00002.gguf", "main"),
+    ("a/b", "dir/ü#?%.gguf", "refs/pr/1"),
+])
+def test_file_urls_are_huggingface_hubs(endpoint: str | None, repo: str, filename: str,
+                                        commit: str) -> None:
+    """Our URL (formatted from huggingface-hub's template, without importing file_download)
+    is the one hf_hub_url gives, quoting, revisions with slashes and mirrors included."""
+    from huggingface_hub import hf_hub_url
+
+    hub = Hub(endpoint, token=False)
+    assert hub.file_url(repo, filename, commit) == hf_hub_url(repo, filename, revision=commit,
+                                                              endpoint=hub.endpoint)
+
+
+def test_ollama_digests_of_a_pulled_model_come_from_its_manifest(library: Library,
+                                                                 hub: LocalHub) -> None:
+    """/api/tags' digest of a pulled file is the sha256 checked during the pull, at once, with
+    no second read of the file; a file changed since its manifest is hashed again."""
+    import os
+    import time
+
+    from appliance.api.ollama_models import FileDigests
+
+    model = library.pull(library.plan(GGUF_REPO))
+    source = hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"]
+    [entry] = Registry(library.models_dir).scan()
+    assert FileDigests().get(entry) == source.sha256  # known at once: nothing was hashed
+    later = time.time() + 60
+    os.utime(model.path, (later, later))  # written after its manifest: not trusted
+    [entry] = Registry(library.models_dir).scan()
+    digests = FileDigests()
+    assert digests.get(entry) == ""  # hashed in the background, as any file
+    deadline = time.monotonic() + 60
+    while not (digest := digests.get(entry)):
+        assert time.monotonic() < deadline, "no digest"
+        time.sleep(0.05)
+    assert digest == source.sha256

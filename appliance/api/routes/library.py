@@ -46,8 +46,13 @@ class PullBody(BaseModel):
     insecure: bool | None = None  # Ollama's; meaningless here
 
 
-def _jobs(request: Request) -> PullJobs:
-    """The daemon's pulls, made on first use (no lifespan work: the daemon starts as fast)."""
+async def _jobs(request: Request) -> PullJobs:
+    """The daemon's pulls, made on first use (no lifespan work: the daemon starts as fast).
+    Async on purpose: FastAPI runs a plain-def dependency on a worker thread, and concurrent
+    first requests (two pulls and a listing) each made their own PullJobs there, the last one
+    stored winning: a pull ran where /api/library never looked, and two clients got two
+    downloads. On the event loop the check and the store cannot interleave (the constructor
+    does no I/O: Hub resolves its endpoint on first use)."""
     state = request.app.state
     jobs = getattr(state, "pull_jobs", None)
     if jobs is None:
@@ -137,7 +142,7 @@ async def api_delete(model_id: str, jobs: JobsDep, manager: ManagerDep,
             "unloaded": unloaded}
 
 
-def _library_view(settings: Any, probe: Any, jobs: PullJobs) -> dict[str, Any]:
+def _library_view(settings: Any, probe: Any, pulls: list[dict[str, Any]]) -> dict[str, Any]:
     n_ctx_total = listing_context(settings.context_length) * settings.parallel
     machine = read_machine(probe, n_ctx_total=n_ctx_total,
                            margin_mib=settings.vram_margin_mib)
@@ -151,10 +156,11 @@ def _library_view(settings: Any, probe: Any, jobs: PullJobs) -> dict[str, Any]:
         recommended.append({"ref": r.ref, "label": r.label, "size": r.size, **fit.describe(),
                             "installed": any(i.startswith(r.ref.split("/")[1].lower()
                                                           .removesuffix("-gguf")) for i in have)})
-    return {"models_dir": str(models_dir), "models": installed, "pulls": jobs.describe(),
+    return {"models_dir": str(models_dir), "models": installed, "pulls": pulls,
             "recommended": recommended, "device": machine.device}
 
 
 @router.get("/api/library")
 async def api_library(settings: SettingsDep, probe: ProbeDep, jobs: JobsDep) -> dict[str, Any]:
-    return await asyncio.to_thread(_library_view, settings, probe, jobs)
+    # The jobs are read on the event loop, which alone changes them; the rest off it.
+    return await asyncio.to_thread(_library_view, settings, probe, jobs.describe())
