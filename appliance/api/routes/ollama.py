@@ -96,8 +96,9 @@ def register_error_shape(shapes: ErrorShapes) -> None:
         shapes.add(prefix, error_shape)
 
 
-def _digests(request: Request) -> FileDigests:
-    # One per app, made on first use (the event loop is single-threaded: no race).
+async def _digests(request: Request) -> FileDigests:
+    # One per app, made on first use; async so FastAPI runs it on the event loop (a plain def
+    # would run on worker threads, where two first requests could each make their own).
     state = request.app.state
     if getattr(state, "ollama_digests", None) is None:
         state.ollama_digests = FileDigests()
