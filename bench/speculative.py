@@ -4,7 +4,13 @@
         [--cpp-server $(bench/build_llama_server.sh)] [--out bench/results/speculative-X.json]
 
 The bench pair is a random-weight target and a draft made from the *same* weights at a lower
-precision (e.g. the 0.6B shape at Q8_0 and Q4_K_M), so the draft agrees with the target often.
+precision, so the draft agrees with the target often. The 1.7B pair (about 8 minutes, 7 GB):
+
+    python -m converter.synthetic --shape qwen3-1.7b SRC
+    appliance convert SRC --out qwen3-1.7b-q8_0.gguf --quant Q8_0 --outtype bf16 \
+        --keep-intermediate        # the kept qwen3-1.7b-q8_0.bf16.gguf is a BF16 target
+    appliance convert SRC --out qwen3-1.7b-q4_0.gguf --quant Q4_0 --outtype bf16
+
 In one run, in alternating rounds through the engine (appliance.engine.scheduler, no HTTP):
 no draft; the draft at every step (draft_max, p_min fixed); the daemon's own policy (the depth
 chosen from measured step times). Outputs are checked token for token against the no-draft run.
