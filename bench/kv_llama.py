@@ -46,13 +46,15 @@ def logged_buffers() -> dict[str, int]:
 
 
 def open_runtime(path: Path, kv_type: str, context: int, n_seq: int = 1,
-                 threads: int = 2, n_gpu_layers: int = 0) -> tuple[LlamaRuntime, int, int]:
+                 threads: int = 2, n_gpu_layers: int = 0,
+                 flash_attn: bool = True) -> tuple[LlamaRuntime, int, int]:
     """A runtime with `kv_type` K and V (`context` per sequence), the KV bytes llama.cpp logged
     for it, and its cells."""
     _log_lines.clear()
     runtime = LlamaRuntime(path, RuntimeOptions(n_gpu_layers=n_gpu_layers,
                                                 context_per_slot=context, n_seq=n_seq,
-                                                n_threads=threads, kv_cache_type=kv_type))
+                                                n_threads=threads, kv_cache_type=kv_type,
+                                                flash_attn=flash_attn))
     for line in _log_lines:
         match = _SIZE.search(line)
         if match:

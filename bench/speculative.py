@@ -4,7 +4,13 @@
         [--cpp-server $(bench/build_llama_server.sh)] [--out bench/results/speculative-X.json]
 
 The bench pair is a random-weight target and a draft made from the *same* weights at a lower
-precision (e.g. the 0.6B shape at Q8_0 and Q4_K_M), so the draft agrees with the target often.
+precision, so the draft agrees with the target often. The 1.7B pair (about 8 minutes, 7 GB):
+
+    python -m converter.synthetic --shape qwen3-1.7b SRC
+    appliance convert SRC --out qwen3-1.7b-q8_0.gguf --quant Q8_0 --outtype bf16 \
+        --keep-intermediate        # the kept qwen3-1.7b-q8_0.bf16.gguf is a BF16 target
+    appliance convert SRC --out qwen3-1.7b-q4_0.gguf --quant Q4_0 --outtype bf16
+
 In one run, in alternating rounds through the engine (appliance.engine.scheduler, no HTTP):
 no draft; the draft at every step (draft_max, p_min fixed); the daemon's own policy (the depth
 chosen from measured step times). Outputs are checked token for token against the no-draft run.
@@ -25,14 +31,16 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serve_throughput import NO_END, PROMPT, free_port, wait_healthy  # noqa: E402
+from bench.serve_throughput import NO_END, PROMPT, free_port  # noqa: E402
 
 CONTEXT = 2048
 
@@ -120,7 +128,7 @@ def predicted_speedup(acceptance: float, verify_ratio: dict[int, float], draft_r
 
 
 def cpp_server(binary: Path, target: Path, draft: Path | None, threads: int, tokens: int,
-               draft_max: int) -> dict:
+               draft_max: int, p_min: float) -> dict:
     """llama-server's own decode rate (its `timings`), with or without the draft."""
     import httpx
 
@@ -128,11 +136,15 @@ def cpp_server(binary: Path, target: Path, draft: Path | None, threads: int, tok
     command = [str(binary), "-m", str(target), "--port", str(port), "-t", str(threads),
                "-c", str(CONTEXT), "-np", "1", "--no-webui"]
     if draft is not None:
-        command += ["-md", str(draft), "--draft-max", str(draft_max), "--draft-min", "0",
-                    "--draft-p-min", "0.5", "-td", str(threads)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # This llama.cpp removed --draft-max/--draft-min, and -md alone no longer implies a
+        # draft model (the default --spec-type is none): name the type outright.
+        command += ["-md", str(draft), "--spec-type", "draft-simple",
+                    "--spec-draft-n-max", str(draft_max), "--spec-draft-n-min", "0",
+                    "--spec-draft-p-min", str(p_min), "-td", str(threads)]
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/health")
+        _wait_healthy(process, log, f"http://127.0.0.1:{port}/health")
         body = {"prompt": PROMPT + f" ({time.perf_counter_ns()})", "n_predict": tokens,
                 "temperature": 0.0, "top_k": 1, "cache_prompt": False,
                 "logit_bias": [[int(t), False] for t in NO_END]}
@@ -144,6 +156,28 @@ def cpp_server(binary: Path, target: Path, draft: Path | None, threads: int, tok
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
+        log.close()
+
+
+def _wait_healthy(process: subprocess.Popen, log: IO[bytes], url: str,
+                  timeout: float = 600) -> None:
+    """Until llama-server answers /health; its own last words if it exits first (a flag this
+    llama.cpp does not know, a model it cannot load)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-1500:]
+            raise SystemExit(f"llama-server exited ({process.returncode}):\n{tail}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"llama-server at {url} did not come up in {timeout:.0f} s")
 
 
 def main() -> None:
@@ -219,9 +253,9 @@ def main() -> None:
     }
     if args.cpp_server:
         plain = cpp_server(args.cpp_server, args.target, None, args.threads, args.tokens,
-                           args.draft_max)
+                           args.draft_max, args.p_min)
         drafted = cpp_server(args.cpp_server, args.target, args.draft, args.threads,
-                             args.tokens, args.draft_max)
+                             args.tokens, args.draft_max, args.p_min)
         result["llama_server"] = {"no_draft": plain, "draft": drafted,
                                   "speedup": drafted["tokens_per_s"] / plain["tokens_per_s"]}
         result["ours_every_step_vs_llama_server_draft"] = (
