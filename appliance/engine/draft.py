@@ -36,11 +36,17 @@ class DraftWant:
     limit: int  # most tokens to propose; 0: only catch up (a prompt being read)
 
 
+# A first draft decode that reads more than this many tokens (a prompt being mirrored, a
+# stream catching up after a long gap) runs at prompt speed, not guessing speed: its time is
+# left out of the round-time figure DraftBudget decides with.
+TIMED_CATCH_UP_TOKENS = 64
+
+
 @dataclass
 class Proposal:
     drafts: dict[int, list[int]]  # slot -> proposed tokens
-    rounds: int  # draft decodes (the catch-up and a round per further guess)
-    seconds: float
+    rounds: int  # draft decodes that guessed (the first one only if it read few tokens)
+    seconds: float  # the time of those decodes
 
 
 def top_choice(logits: np.ndarray) -> tuple[int, float]:
@@ -90,9 +96,13 @@ class DraftModel:
                 drafts[want.slot] = []
         rounds = 0  # draft decodes: depth k costs about k of them
         if rt.batch.n_tokens:
-            rounds = 1
+            timed = rt.batch.n_tokens <= TIMED_CATCH_UP_TOKENS
             if not self._decode([w.slot for w in wants]):
                 indices = {}
+            if timed:
+                rounds = 1
+            else:  # reading a prompt: not what a guessing round costs
+                started = time.perf_counter()
         while indices:
             rt.clear_batch()
             going: dict[int, int] = {}

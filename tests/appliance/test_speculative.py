@@ -17,7 +17,13 @@ import pytest
 
 from appliance.api.grammar import response_grammar
 from appliance.api.schemas import ResponseFormat
-from appliance.engine.draft import DraftBudget, DraftLength, DraftModel
+from appliance.engine.draft import (
+    TIMED_CATCH_UP_TOKENS,
+    DraftBudget,
+    DraftLength,
+    DraftModel,
+    DraftWant,
+)
 from appliance.engine.runtime import LlamaRuntime, RuntimeOptions
 from appliance.engine.sampling import SamplingParams
 from appliance.engine.scheduler import (
@@ -271,3 +277,23 @@ def test_a_streams_draft_length_follows_its_acceptance() -> None:
     for _ in range(10):
         length.update(proposed=length.length, accepted=length.length)
     assert length.length == 8
+
+
+def test_reading_a_prompt_is_not_timed_as_a_guessing_round(engines: Engines) -> None:
+    """The draft's first decode for a new stream reads its whole prompt: timing that as a guess
+    round made DraftBudget think guessing costs a prompt's time and stop drafting for good."""
+    draft = engines.draft
+    prompt = engines.target.tokenize(chat("Tell me about rivers and the sea. " * 8),
+                                     add_special=False)
+    assert len(prompt) > TIMED_CATCH_UP_TOKENS
+    draft.runtime.forget(0)
+    draft.cached.pop(0, None)
+    first = draft.propose([DraftWant(0, prompt, 3)])
+    guessed = first.drafts.get(0, [])
+    assert first.rounds == len(guessed) - 1 if guessed else first.rounds == 0
+    # In step: the accepted guesses plus the target's token are read, and that decode counts.
+    follow = prompt + guessed + [guessed[0] if guessed else prompt[-1]]
+    second = draft.propose([DraftWant(0, follow, 3)])
+    assert second.rounds >= 1 and second.seconds > 0
+    draft.runtime.forget(0)
+    draft.cached.pop(0, None)
