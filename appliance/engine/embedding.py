@@ -8,6 +8,7 @@ worker never touches a chat model's engine thread; only it calls into the contex
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import queue
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from appliance.engine.compute_turns import NO_TURNS, BatchPace
 from appliance.engine.runtime import ensure_backend
 from appliance.engine.scheduler import lower_thread_priority
 from appliance.errors import EngineError, LoadFailed, QueueFull, ServiceUnavailable
@@ -99,21 +101,25 @@ class EmbeddingRuntime:
             n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, size, True, False)
         return list(buffer[:n])
 
-    def embed(self, inputs: list[list[int]],
-              cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], cancelled: Callable[[], bool] = lambda: False,
+              pace: BatchPace | None = None) -> np.ndarray:
         """L2-normalized pooled embeddings, one row per input; inputs are packed n_seq at a time
-        into each decode. Every input must be 1..n_batch tokens (callers check)."""
+        into each decode. Every input must be 1..n_batch tokens (callers check). With `pace`,
+        each decode takes a CPU turn and holds as many tokens as the pace allows now (whole
+        inputs, at least one: a vector never depends on how inputs were grouped)."""
         out = np.empty((len(inputs), self.n_embd), dtype=np.float32)
         start = 0
         while start < len(inputs):
             if cancelled():
                 raise ServiceUnavailable("the request was cancelled")
+            budget = self.n_batch if pace is None else pace.tokens_per_decode(self.n_batch)
             end, tokens = start, 0
             while end < len(inputs) and end - start < self.n_seq \
-                    and tokens + len(inputs[end]) <= self.n_batch:
+                    and (end == start or tokens + len(inputs[end]) <= budget):
                 tokens += len(inputs[end])
                 end += 1
-            self._decode_group(inputs[start:end], out[start:end])
+            with contextlib.nullcontext() if pace is None else pace.decode(tokens):
+                self._decode_group(inputs[start:end], out[start:end])
             start = end
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
@@ -167,12 +173,16 @@ class EmbeddingJob:
 
 
 class EmbeddingWorker:
-    """The model's own thread: jobs in arrival order, a bounded queue, a clean stop."""
+    """The model's own thread: jobs in arrival order, a bounded queue, a clean stop. `pace`
+    shares the CPU with the other resident models (compute_turns.py); by default it never waits
+    and decodes full batches."""
 
-    def __init__(self, runtime: EmbeddingRuntime, max_queue: int, nice: int = 0) -> None:
+    def __init__(self, runtime: EmbeddingRuntime, max_queue: int, nice: int = 0,
+                 pace: BatchPace | None = None) -> None:
         self.runtime = runtime
         self.max_queue = max_queue
         self.nice = nice
+        self.pace = pace or BatchPace(NO_TURNS)
         self._jobs: queue.Queue[EmbeddingJob | None] = queue.Queue()
         self._stopped = False
         self.busy = False
@@ -201,7 +211,8 @@ class EmbeddingWorker:
                 continue
             self.busy = True
             try:
-                rows = self.runtime.embed(job.inputs, lambda job=job: job.cancelled)
+                rows = self.runtime.embed(job.inputs, lambda job=job: job.cancelled,
+                                          pace=self.pace)
             except BaseException as e:  # one failed job fails alone; the worker serves on
                 job.done(None, e if isinstance(e, Exception) else EngineError(repr(e)))
             else:
@@ -222,3 +233,4 @@ class EmbeddingWorker:
                 job.done(None, ServiceUnavailable(reason, retry_after=1))
         self._jobs.put(None)
         self._thread.join(timeout=60)
+        self.pace.party.leave()

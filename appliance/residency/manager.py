@@ -338,6 +338,7 @@ class ModelManager:
             del self.resident[model.id]
             self.state = ModelState.READY if self.resident else ModelState.FAILED
             self.failure = self.engine_failure
+            model.scheduler.turns.leave()  # its thread is gone: it never takes a turn again
             await asyncio.to_thread(model.runtime.close)
 
     def engine_healthy(self, stall_limit_s: float) -> bool:
