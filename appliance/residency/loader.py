@@ -196,7 +196,9 @@ class ModelLoader:
                 entry.info, n_ctx_total=n_ctx_total, free_vram=free_vram,
                 device=best.name if best else "cpu",
                 margin=self.settings.vram_margin_mib * 2**20, gpu_build=self.gpu_build(),
-                forced_layers=overrides.gpu_layers, n_ubatch=n_ubatch, kv_type=kv_type)
+                forced_layers=overrides.gpu_layers, n_ubatch=n_ubatch, kv_type=kv_type,
+                # Pooling makes every token of an embedding decode an output.
+                n_outputs=n_ctx_total if embedding else 0)
 
         if embedding:  # one decode's cache, cleared after it: f16, no sizing
             return plan(context, "f16"), context
