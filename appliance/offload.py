@@ -61,6 +61,7 @@ class OffloadPlan:
     weights_in_ram: int = 0
     kv_in_ram: int = 0
     compute_in_ram: int = 0
+    output_in_ram: int = 0  # llama.cpp's host buffer of outputs (logits, embeddings)
     split: tuple[DeviceShare, ...] = ()  # per device, when layers are split over RPC workers
     context_per_slot: int = 0  # set by appliance.context_sizing with the reason for it
     context_reason: str = ""
@@ -73,7 +74,7 @@ class OffloadPlan:
 
     @property
     def planned_ram(self) -> int:
-        own = self.weights_in_ram + self.kv_in_ram + self.compute_in_ram
+        own = self.weights_in_ram + self.kv_in_ram + self.compute_in_ram + self.output_in_ram
         return own + (self.draft.planned_ram if self.draft else 0)
 
     @property
@@ -127,13 +128,26 @@ def compute_buffer_bytes(info: GGUFInfo, n_ubatch: int = N_UBATCH) -> int:
     return n_ubatch * (vocab + 4 * hidden + 2 * ff) * 4
 
 
+def output_buffer_bytes(info: GGUFInfo, n_outputs: int) -> int:
+    """llama.cpp's host buffer for `n_outputs` outputs of one decode: a row of logits and one
+    of embeddings each. It holds logits even in an embeddings context, and pooling makes every
+    token an output, so an embedding model's full decode fills n_batch x n_vocab floats
+    (measured: 960 tokens grew a tiny embedding model's RSS by the 556 MiB of their logits)."""
+    vocab = int(info.arch_value("vocab_size", 0)) or info.array_lengths.get("tokenizer.ggml.tokens", 0)
+    hidden = int(info.arch_value("embedding_length", 0))
+    return n_outputs * (vocab + hidden) * 4
+
+
 def plan_offload(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str,
                  margin: int, gpu_build: bool, forced_layers: int | None = None,
-                 n_ubatch: int = N_UBATCH, kv_type: str = "f16") -> OffloadPlan:
-    """Layers on the GPU from free VRAM, and what that leaves in RAM."""
+                 n_ubatch: int = N_UBATCH, kv_type: str = "f16",
+                 n_outputs: int = 0) -> OffloadPlan:
+    """Layers on the GPU from free VRAM, and what that leaves in RAM; `n_outputs`: the most
+    outputs one decode asks for (an embedding model: every token of a full batch)."""
     plan = _plan_gpu(info, n_ctx_total=n_ctx_total, free_vram=free_vram, device=device,
                      margin=margin, gpu_build=gpu_build, forced_layers=forced_layers,
                      n_ubatch=n_ubatch, kv_type=kv_type)
+    plan = replace(plan, output_in_ram=output_buffer_bytes(info, n_outputs))
     return with_ram(plan, info, n_ctx_total, n_ubatch)
 
 

@@ -10,6 +10,7 @@ A reranker (RANK pooling, e.g. Qwen3-Reranker) runs the same way: each input is 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import queue
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from appliance.engine.compute_turns import NO_TURNS, BatchPace
 from appliance.engine.rerank import RerankPrompt
 from appliance.engine.runtime import ensure_backend
 from appliance.engine.scheduler import lower_thread_priority
@@ -140,22 +142,26 @@ class EmbeddingRuntime:
                                          parse_special)
         return list(buffer[:n])
 
-    def embed(self, inputs: list[list[int]],
-              cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], cancelled: Callable[[], bool] = lambda: False,
+              pace: BatchPace | None = None) -> np.ndarray:
         """L2-normalized pooled embeddings, one row per input (a reranker: one score per input);
         inputs are packed n_seq at a time into each decode. Every input must be 1..n_batch
-        tokens (callers check)."""
+        tokens (callers check). With `pace`, each decode takes a CPU turn and holds as many
+        tokens as the pace allows now (whole inputs, at least one: a vector never depends on
+        how inputs were grouped)."""
         out = np.empty((len(inputs), self.n_out), dtype=np.float32)
         start = 0
         while start < len(inputs):
             if cancelled():
                 raise ServiceUnavailable("the request was cancelled")
+            budget = self.n_batch if pace is None else pace.tokens_per_decode(self.n_batch)
             end, tokens = start, 0
             while end < len(inputs) and end - start < self.n_seq \
-                    and tokens + len(inputs[end]) <= self.n_batch:
+                    and (end == start or tokens + len(inputs[end]) <= budget):
                 tokens += len(inputs[end])
                 end += 1
-            self._decode_group(inputs[start:end], out[start:end])
+            with contextlib.nullcontext() if pace is None else pace.decode(tokens):
+                self._decode_group(inputs[start:end], out[start:end])
             start = end
         if self.rerank is not None:
             return out[:, self.score_index].copy()
@@ -211,12 +217,16 @@ class EmbeddingJob:
 
 
 class EmbeddingWorker:
-    """The model's own thread: jobs in arrival order, a bounded queue, a clean stop."""
+    """The model's own thread: jobs in arrival order, a bounded queue, a clean stop. `pace`
+    shares the CPU with the other resident models (compute_turns.py); by default it never waits
+    and decodes full batches."""
 
-    def __init__(self, runtime: EmbeddingRuntime, max_queue: int, nice: int = 0) -> None:
+    def __init__(self, runtime: EmbeddingRuntime, max_queue: int, nice: int = 0,
+                 pace: BatchPace | None = None) -> None:
         self.runtime = runtime
         self.max_queue = max_queue
         self.nice = nice
+        self.pace = pace or BatchPace(NO_TURNS)
         self._jobs: queue.Queue[EmbeddingJob | None] = queue.Queue()
         self._stopped = False
         self.busy = False
@@ -245,7 +255,8 @@ class EmbeddingWorker:
                 continue
             self.busy = True
             try:
-                rows = self.runtime.embed(job.inputs, lambda job=job: job.cancelled)
+                rows = self.runtime.embed(job.inputs, lambda job=job: job.cancelled,
+                                          pace=self.pace)
             except BaseException as e:  # one failed job fails alone; the worker serves on
                 job.done(None, e if isinstance(e, Exception) else EngineError(repr(e)))
             else:
@@ -266,3 +277,4 @@ class EmbeddingWorker:
                 job.done(None, ServiceUnavailable(reason, retry_after=1))
         self._jobs.put(None)
         self._thread.join(timeout=60)
+        self.pace.party.leave()

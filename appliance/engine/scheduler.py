@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from appliance.engine.compute_turns import NO_TURNS, Turns
 from appliance.engine.draft import DraftBudget, DraftLength, DraftModel, DraftWant
 from appliance.engine.logprobs import Alternative, TokenLogprob, log_softmax_at
 from appliance.engine.runtime import LlamaRuntime
@@ -162,9 +163,11 @@ class Scheduler:
     def __init__(self, runtime: LlamaRuntime, n_slots: int, max_queue: int,
                  observer: SchedulerObserver | None = None, nice: int = 0,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 draft: DraftModel | None = None, draft_budget: DraftBudget | None = None
-                 ) -> None:
+                 draft: DraftModel | None = None, draft_budget: DraftBudget | None = None,
+                 turns: Turns = NO_TURNS) -> None:
         self.runtime = runtime
+        # Each step is one CPU turn (compute_turns.py), shared with the other resident models.
+        self.turns = turns
         self.draft = draft
         self.draft_budget = draft_budget or DraftBudget(draft_max=8)
         self.draft_proposed = 0  # guesses verified, and how many the target took
@@ -268,6 +271,7 @@ class Scheduler:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join()
+        self.turns.leave()
 
     # -- engine thread -------------------------------------------------------------------
 
@@ -304,14 +308,16 @@ class Scheduler:
                             slot.busy = False
                     request.emit(ErrorEvent(EngineError(f"engine error: {e}")))
             if self._active:
-                self._step_started = time.perf_counter()
-                try:
-                    self._step()
-                except Exception as e:  # fail the running requests, keep serving the rest
-                    log.exception("a decode step failed")
-                    self._fail_active(EngineError(f"engine error: {e}"))
-                finally:
-                    self._step_started = None
+                with self.turns.turn():
+                    # From the turn on: a wait for another model's decode is no stall.
+                    self._step_started = time.perf_counter()
+                    try:
+                        self._step()
+                    except Exception as e:  # fail the running requests, serve the rest
+                        log.exception("a decode step failed")
+                        self._fail_active(EngineError(f"engine error: {e}"))
+                    finally:
+                        self._step_started = None
         # A stream cut short must say so: an error, never a normal finish.
         self._fail_all(ServiceUnavailable(self._stop_reason, retry_after=2))
 

@@ -22,6 +22,14 @@ import psutil
 from appliance.config import ModelOverrides, Settings
 from appliance.context_sizing import ContextChoice, allowed_types, choose_context
 from appliance.engine.chat import ChatFormatter, compile_template
+from appliance.engine.compute_turns import (
+    BATCH_WEIGHT,
+    INTERACTIVE_WEIGHT,
+    NO_TURNS,
+    BatchPace,
+    ComputeTurns,
+    Turns,
+)
 from appliance.engine.draft import DraftBudget, DraftModel
 from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime, EmbeddingWorker
 from appliance.engine.rpc import RpcWorkers, WorkerDevice
@@ -122,8 +130,10 @@ class ModelLoader:
                  ram_budget: Callable[[], int] = physical_ram_budget,
                  ram_total: Callable[[], int] = physical_ram,
                  catalog: Callable[[], list[ModelEntry]] = list,
-                 rpc: RpcWorkers | None = None) -> None:
+                 rpc: RpcWorkers | None = None, turns: ComputeTurns | None = None) -> None:
         self.settings = settings
+        # One queue for the CPU, shared by every model this daemon loads (compute_turns.py).
+        self.turns = turns or ComputeTurns()
         self.catalog = catalog  # the installed models, where drafts are found
         self.pairing = DraftPairing()
         self.probe = probe
@@ -186,7 +196,9 @@ class ModelLoader:
                 entry.info, n_ctx_total=n_ctx_total, free_vram=free_vram,
                 device=best.name if best else "cpu",
                 margin=self.settings.vram_margin_mib * 2**20, gpu_build=self.gpu_build(),
-                forced_layers=overrides.gpu_layers, n_ubatch=n_ubatch, kv_type=kv_type)
+                forced_layers=overrides.gpu_layers, n_ubatch=n_ubatch, kv_type=kv_type,
+                # Pooling makes every token of an embedding decode an output.
+                n_outputs=n_ctx_total if embedding else 0)
 
         if embedding:  # one decode's cache, cleared after it: f16, no sizing
             return plan(context, "f16"), context
@@ -383,10 +395,12 @@ class ModelLoader:
         except Exception as e:  # a crafted file can upset the planner or llama.cpp's loader
             self.failures.remember(entry, repr(e))
             raise LoadFailed(f"loading {entry.id} failed: {e!r}") from e
+        party = self.cpu_turns(entry, plan, BATCH_WEIGHT)
         try:
             worker = EmbeddingWorker(runtime, self.settings.max_queue,
-                                     nice=self.settings.engine_nice)
+                                     nice=self.settings.engine_nice, pace=BatchPace(party))
         except BaseException:
+            party.leave()
             runtime.close()
             raise
         return EmbeddingModel(entry, runtime, worker, plan)
@@ -404,12 +418,26 @@ class ModelLoader:
                                   architecture=entry.info.architecture)
         control_texts = runtime.control_texts()
         thinking = self.settings.model_overrides(entry.id).enable_thinking
-        scheduler = Scheduler(runtime, self.settings.parallel, self.settings.max_queue,
-                              self.observer, nice=self.settings.engine_nice, on_fatal=on_fatal,
-                              draft=draft, draft_budget=DraftBudget(self.settings.draft_max))
+        party = self.cpu_turns(entry, plan, INTERACTIVE_WEIGHT)
+        try:
+            scheduler = Scheduler(runtime, self.settings.parallel, self.settings.max_queue,
+                                  self.observer, nice=self.settings.engine_nice,
+                                  on_fatal=on_fatal, draft=draft,
+                                  draft_budget=DraftBudget(self.settings.draft_max),
+                                  turns=party)
+        except BaseException:
+            party.leave()
+            raise
         return LoadedModel(entry, runtime, scheduler, formatter, plan,
                            self.settings.enable_thinking if thinking is None else thinking,
                            control_texts, draft=draft, draft_note=draft_note)
+
+    def cpu_turns(self, entry: ModelEntry, plan: OffloadPlan, weight: float) -> Turns:
+        """The model's place in the CPU's queue; none for a model entirely on GPUs (or RPC
+        workers): its decodes barely touch this machine's cores, and must not wait for them."""
+        if plan.all_on_gpu:
+            return NO_TURNS
+        return self.turns.party(entry.id, weight)
 
     @staticmethod
     def close(model: Resident, reason: str) -> None:

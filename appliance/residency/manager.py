@@ -296,10 +296,10 @@ class ModelManager:
             timer.cancel()
         model.expires_at = None
 
-    def expires_at(self) -> float | None:
-        """When the current chat model will be unloaded (wall clock; inf: it stays), None when
-        none is resident. A model in use counts its timeout from now."""
-        model = self.current
+    def expires_at(self, model: Resident | None = None) -> float | None:
+        """When `model` (by default the current chat model) will be unloaded (wall clock; inf:
+        it stays), None when there is none. A model in use counts its timeout from now."""
+        model = model or self.current
         if model is None:
             return None
         if model.expires_at is not None:
@@ -338,6 +338,7 @@ class ModelManager:
             del self.resident[model.id]
             self.state = ModelState.READY if self.resident else ModelState.FAILED
             self.failure = self.engine_failure
+            model.scheduler.turns.leave()  # its thread is gone: it never takes a turn again
             await asyncio.to_thread(model.runtime.close)
 
     def engine_healthy(self, stall_limit_s: float) -> bool:

@@ -150,3 +150,63 @@ def test_a_draft_is_planned_in_the_vram_the_target_leaves(tiny_gguf: Path,
     tight._gpu_build = True
     plan, _ = tight.plan_for(registry.resolve("m"))
     assert plan.all_on_gpu and plan.draft is None
+
+
+def test_an_embedding_plan_matches_what_llama_cpp_allocates(tiny_embedding_gguf: Path,
+                                                            tmp_path: Path) -> None:
+    """The loader's plan for an embedding model against llama.cpp's own logged buffer sizes
+    (as bench/kv_llama.py reads them), and its output buffer against the RSS a full-size
+    decode really adds: llama.cpp keeps logits for every token even in an embeddings context."""
+    import ctypes
+    import re
+    import shutil
+
+    import llama_cpp
+    import llama_cpp._logger
+    import psutil
+
+    from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime
+    from appliance.gpu import NoGpu
+    from appliance.residency.loader import EMBEDDING_SEQUENCES, EMBEDDING_UBATCH
+
+    n_batch = 1024  # a full decode stays quick; the daemon's 4096 scales the same way
+    shutil.copy(tiny_embedding_gguf, tmp_path / "e.gguf")
+    settings = Settings(models_dir=tmp_path, models={"e": {"context_length": n_batch}})
+    registry = Registry(tmp_path)
+    registry.scan()
+    plan, context = ModelLoader(settings, NoGpu()).plan_for(registry.resolve("e"))
+    assert context == n_batch
+
+    lines: list[bytes] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if text and b"buffer size" in text:
+            lines.append(text)
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        runtime = EmbeddingRuntime(tmp_path / "e.gguf", EmbeddingOptions(
+            0, n_batch, EMBEDDING_UBATCH, EMBEDDING_SEQUENCES, 2))
+    finally:  # back to llama-cpp-python's own logger
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    try:
+        logged: dict[str, float] = {}
+        for line in lines:
+            for kind, mib in re.findall(rb"(model|KV|compute) buffer size = +([\d.]+) MiB", line):
+                logged[kind.decode()] = logged.get(kind.decode(), 0) + float(mib) * MIB
+        assert set(logged) == {"model", "KV", "compute"}
+        assert plan.weights_in_ram == pytest.approx(logged["model"], rel=0.02)
+        assert plan.kv_in_ram == pytest.approx(logged["KV"], rel=0.01)
+        assert plan.compute_in_ram == pytest.approx(logged["compute"], rel=0.10)
+
+        process = psutil.Process()
+        before = process.memory_info().rss
+        runtime.embed([runtime.tokenize("word " * 60)[:64] for _ in range(n_batch // 64)])
+        grown = process.memory_info().rss - before
+        # The decode touches the output buffer (every token's logits) and the compute buffer.
+        assert plan.output_in_ram == n_batch * (151936 + 64) * 4
+        assert grown >= plan.output_in_ram * 0.9, (grown / MIB, plan.output_in_ram / MIB)
+        assert grown <= (plan.output_in_ram + plan.compute_in_ram) * 1.2
+    finally:
+        runtime.close()

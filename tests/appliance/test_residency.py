@@ -48,7 +48,8 @@ class FakeEmbeddingRuntime:
     def tokenize(self, text: str) -> list[int]:
         return [*text.encode(), 256]
 
-    def embed(self, inputs: list[list[int]], cancelled: Callable[[], bool]) -> np.ndarray:
+    def embed(self, inputs: list[list[int]], cancelled: Callable[[], bool],
+              pace: object = None) -> np.ndarray:
         self.gate.wait(30)
         self.decodes += 1
         rows = np.zeros((len(inputs), self.n_embd), dtype=np.float32)

@@ -266,3 +266,50 @@ def test_a_chat_model_loading_with_none_ready_is_loading(models: Path) -> None:
                                           "embedding_factory": FakeEmbeddingRuntime})
     finally:
         release.set()
+
+
+def test_ollama_ps_gives_each_model_its_own_memory(models: Path) -> None:
+    """The daemon's app in this process on the fake runtimes and the metered fake GPU, asked
+    by the official ollama client: each resident model shows the VRAM its own load took (not
+    the whole process's) and its own size, the same figures /api/status has."""
+    import httpx
+    import ollama
+    import uvicorn
+
+    from appliance.api.app import create_app
+    from tests.appliance.conftest import free_port
+
+    gpu = MeteredGpu()
+    port = free_port()
+    settings = Settings(models_dir=models, port=port, threads=1, context_length=4096,
+                        parallel=2, engine_nice=0, keep_alive_s=300)
+    app = create_app(settings, probe=gpu, **factories(gpu, 700 * MIB, 90 * MIB))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        client = ollama.Client(host=url, timeout=60)
+        assert client.ps().models == []
+        for model_id in ("e1", "a"):
+            httpx.post(f"{url}/api/models/{model_id}/load", timeout=60).raise_for_status()
+        status = by_id(httpx.get(url + "/api/status", timeout=30).json())
+        listed = {m.model: m for m in client.ps().models}
+        assert [m.model for m in client.ps().models] == ["a:latest", "e1:latest"]  # chat first
+        for model_id, taken in (("a", 700 * MIB), ("e1", 90 * MIB)):
+            shown, memory = listed[f"{model_id}:latest"], status[model_id]["memory"]
+            assert shown.size_vram == taken == memory["vram"]  # its own, not 790 MiB each
+            assert shown.size == taken + memory["planned_ram"] > taken
+            assert shown.expires_at is not None
+        assert listed["a:latest"].context_length == 4096
+        assert listed["e1:latest"].context_length == status["e1"]["max_input_tokens"]
+        httpx.post(f"{url}/api/models/a/unload", timeout=60).raise_for_status()
+        assert [m.model for m in client.ps().models] == ["e1:latest"]
+    finally:
+        server.should_exit = True
+        thread.join(60)

@@ -38,7 +38,6 @@ from appliance.api.core import (
 from appliance.api.deps import (
     ManagerDep,
     MetricsDep,
-    ProbeDep,
     RegistryDep,
     SettingsDep,
     UpstreamsDep,
@@ -67,10 +66,10 @@ from appliance.config import Settings
 from appliance.engine.output import ChatOutputParser, Delta, ToolCall
 from appliance.errors import ApplianceError, ContextOverflow, InvalidRequest, InvalidValue
 from appliance.metrics import Metrics
-from appliance.offload import kv_bytes_per_layer
 from appliance.registry import Registry
 from appliance.residency.manager import ModelManager
-from appliance.residency.model import EMBEDDING, LoadedModel, Prompt
+from appliance.residency.model import CHAT, EMBEDDING, LoadedModel, Prompt
+from appliance.residency.status import memory_fields
 from appliance.upstream import ollama_answers, to_openai
 
 router = APIRouter()
@@ -143,25 +142,28 @@ async def show_model(body: ModelRequest, registry: RegistryDep, digests: Digests
 
 
 @router.get("/api/ps")
-async def running(manager: ManagerDep, probe: ProbeDep, settings: SettingsDep,
-                  digests: DigestsDep) -> dict[str, Any]:
-    model, expires = manager.current, manager.expires_at()
-    if model is None or expires is None:
-        return {"models": []}
-    devices = await off_loop(probe.devices)  # NVML: blocking
-    info = model.entry.info
-    assert info is not None
-    kv = kv_bytes_per_layer(info, model.context_per_slot * settings.parallel,
-                            model.plan.kv_cache_type) * info.n_layers
+async def running(manager: ManagerDep, digests: DigestsDep) -> dict[str, Any]:
+    """Every resident model (chat models first), each with its own memory: `size_vram` is
+    its VRAM (measured around its load where a GPU reports it, else planned) and `size` that
+    plus the RAM it was planned to take, as /api/status reports them."""
     now = time.time()
-    return {"models": [{
-        "name": ollama_name(model.id), "model": ollama_name(model.id),
-        "size": model.entry.size + kv,  # weights (every part) and KV cache, planned
-        "digest": digests.get(model.entry), "details": model_details(model.entry),
-        "expires_at": iso_time(now + FOREVER_S if math.isinf(expires) else expires),
-        "size_vram": sum(d.process_used for d in devices),  # measured by NVML, 0 on CPU
-        "context_length": model.context_per_slot,
-    }]}
+    listed = []
+    for model in sorted(manager.resident.values(), key=lambda m: (m.kind != CHAT, m.id)):
+        expires = manager.expires_at(model)
+        if expires is None:
+            continue
+        memory = memory_fields(model)
+        context = (model.context_per_slot if isinstance(model, LoadedModel)
+                   else model.max_input_tokens)
+        listed.append({
+            "name": ollama_name(model.id), "model": ollama_name(model.id),
+            "size": memory["vram"] + memory["planned_ram"],
+            "digest": digests.get(model.entry), "details": model_details(model.entry),
+            "expires_at": iso_time(now + FOREVER_S if math.isinf(expires) else expires),
+            "size_vram": memory["vram"],
+            "context_length": context,
+        })
+    return {"models": listed}
 
 
 @router.post("/api/embed")

@@ -1,0 +1,218 @@
+"""The CPU's queue (appliance/engine/compute_turns.py) on its own: one holder at a time, shares by
+weight whatever the turns' lengths, no deadlock under many threads, "contended" that follows
+the others' activity, and a batch pace that sizes decodes to the others' turns. Real threads;
+the clock is a counter the holders advance, so CPU seconds are exact and nothing sleeps."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from appliance.engine.compute_turns import (
+    MIN_DECODE_TOKENS,
+    NO_TURNS,
+    RECENT_S,
+    BatchPace,
+    ComputeTurns,
+    TurnParty,
+)
+
+DEADLINE_S = 60
+
+
+class Clock:
+    """Seconds that pass only when a test says so (a holder "computing")."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+def hammer(parties: list[tuple[TurnParty, float]], clock: Clock, turns_each: int,
+           on_turn: Callable[[TurnParty], None] = lambda _: None) -> list[str]:
+    """Each party's thread takes `turns_each` turns back to back, each `cost` clock seconds;
+    the order the turns were granted in. Fails (never hangs) past the deadline."""
+    order: list[str] = []
+    start = threading.Barrier(len(parties))
+    unfinished = {party.name for party, _ in parties}
+    turns = parties[0][0]._turns
+
+    def all_others_queued(me: str) -> bool:
+        return unfinished - {me} <= set(turns.waiting)
+
+    def run(party: TurnParty, cost: float) -> None:
+        start.wait(DEADLINE_S)
+        for i in range(turns_each):
+            with party.turn():
+                order.append(party.name)
+                on_turn(party)
+                # Every party wants the CPU all the time: the holder "computes" until the
+                # others are queued (in Python, a thread could otherwise run all its turns
+                # before the others are even scheduled).
+                deadline = time.monotonic() + DEADLINE_S
+                while not all_others_queued(party.name):
+                    assert time.monotonic() < deadline, "the other parties never queued"
+                    time.sleep(0.0002)
+                clock.advance(cost)
+                if i == turns_each - 1:
+                    unfinished.discard(party.name)
+
+    threads = [threading.Thread(target=run, args=p, daemon=True) for p in parties]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + DEADLINE_S
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+        assert not t.is_alive(), "a party never got its turns: deadlock or starvation"
+    return order
+
+
+def held_seconds(order: list[str], costs: dict[str, float]) -> dict[str, float]:
+    return {name: order.count(name) * cost for name, cost in costs.items()}
+
+
+def while_both_wanted(order: list[str]) -> list[str]:
+    """The turns up to the last one of the party that finished first."""
+    ends = [len(order) - order[::-1].index(name) for name in set(order)]
+    return order[:min(ends)]
+
+
+def test_one_holder_at_a_time_and_every_thread_finishes() -> None:
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    holding = []
+    overlap = []
+    lock = threading.Lock()
+
+    def on_turn(party: TurnParty) -> None:
+        with lock:
+            holding.append(party.name)
+            if len(holding) > 1:
+                overlap.append(list(holding))
+        time.sleep(0)  # let another thread try to get in
+        with lock:
+            holding.remove(party.name)
+
+    parties = [(turns.party(f"p{i}", 1.0 + i % 2), 0.01) for i in range(6)]
+    order = hammer(parties, clock, 200, on_turn)
+    assert not overlap
+    assert len(order) == 6 * 200 and turns.holder is None
+
+
+def test_both_wanting_the_cpu_share_it_by_weight() -> None:
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat, batch = turns.party("chat", 2.0), turns.party("batch", 1.0)
+    order = hammer([(chat, 0.05), (batch, 0.05)], clock, 300)
+    both = while_both_wanted(order)
+    share = held_seconds(both, {"chat": 0.05, "batch": 0.05})
+    assert share["chat"] / (share["chat"] + share["batch"]) == pytest.approx(2 / 3, abs=0.05)
+    # No long runs: the batch waits for at most a few chat turns at a time.
+    runs = "".join("c" if name == "chat" else "b" for name in both)
+    assert "ccccc" not in runs and "bbb" not in runs, runs
+
+
+def test_long_turns_do_not_buy_a_larger_share() -> None:
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    a, b = turns.party("a", 1.0), turns.party("b", 1.0)
+    order = hammer([(a, 0.01), (b, 0.08)], clock, 400)
+    share = held_seconds(while_both_wanted(order), {"a": 0.01, "b": 0.08})
+    assert share["a"] / (share["a"] + share["b"]) == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_party_back_from_idle_has_no_credit_to_lock_the_others_out() -> None:
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    busy, idle = turns.party("busy", 1.0), turns.party("idle", 1.0)
+    hammer([(busy, 1.0)], clock, 100)  # 100 s of CPU while the other was idle
+    order = hammer([(busy, 1.0), (idle, 1.0)], clock, 20)
+    first = order[:20]
+    assert 7 <= first.count("busy") <= 13, first  # alternating, not 20 turns of "idle" first
+
+
+def test_contended_follows_the_others_activity() -> None:
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat, batch = turns.party("chat", 2.0), turns.party("batch", 1.0)
+    assert not batch.contended() and batch.others_turn_s() is None
+    with chat.turn():
+        assert batch.contended()  # holding
+        clock.advance(0.2)
+    assert batch.contended() and batch.others_turn_s() == pytest.approx(0.2)
+    assert not chat.contended()  # the batch has not computed
+    clock.advance(RECENT_S + 0.01)
+    assert not batch.contended()  # quiet for a while: the batch may take it all
+
+    held = []  # the chat's turn, entered on another thread and never left
+    waiting = threading.Thread(target=lambda: held.append(chat.turn()) or held[0].__enter__(),
+                               daemon=True)
+    with batch.turn():
+        waiting.start()
+        deadline = time.monotonic() + DEADLINE_S
+        while not batch.contended():  # the chat thread is queued behind the batch's turn
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    waiting.join(DEADLINE_S)
+    assert turns.holder == "chat"
+
+    chat.leave()
+    turns2 = ComputeTurns(clock)
+    gone = turns2.party("gone", 1.0)
+    with gone.turn():
+        pass
+    gone.leave()
+    assert not turns2.party("other", 1.0).contended()
+
+
+def test_a_turn_is_not_reentrant() -> None:
+    party = ComputeTurns().party("p", 1.0)
+    with party.turn(), pytest.raises(RuntimeError, match="not reentrant"), party.turn():
+        pass
+
+
+def test_a_model_off_the_cpu_never_waits() -> None:
+    turns = ComputeTurns()
+    cpu = turns.party("cpu", 1.0)
+    with cpu.turn():
+        entered = threading.Event()
+
+        def gpu_model() -> None:
+            with NO_TURNS.turn():
+                entered.set()
+
+        threading.Thread(target=gpu_model, daemon=True).start()
+        assert entered.wait(DEADLINE_S)  # while the CPU model holds its turn
+    assert not NO_TURNS.contended()
+
+
+def test_batch_pace_sizes_decodes_to_the_others_turns() -> None:
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat, batch = turns.party("chat", 2.0), turns.party("batch", 1.0)
+    pace = BatchPace(batch)
+    assert pace.tokens_per_decode(4096) == 4096  # alone: full size
+    with chat.turn():
+        clock.advance(0.1)
+    assert pace.tokens_per_decode(4096) == 256  # no measure of its own yet: a modest start
+    pace.seconds_per_token = 0.001
+    assert pace.tokens_per_decode(4096) == 100  # about one chat turn's worth
+    assert pace.tokens_per_decode(64) == 64
+    pace.seconds_per_token = 1.0
+    assert pace.tokens_per_decode(4096) == MIN_DECODE_TOKENS
+    with pace.decode(100):
+        pass
+    assert list(pace.decoded) == [100] and pace.seconds_per_token < 1.0
+    clock.advance(RECENT_S + 0.01)
+    assert pace.tokens_per_decode(4096) == 4096  # chat went quiet
