@@ -45,6 +45,7 @@ WORDS = ("alpha beta gamma delta river mountain window garden copper silver musi
          "orange paper stone cloud").split()
 BATCH_TOKENS, UBATCH, SEQUENCES = 4096, 512, 64  # as appliance.residency.loader sets them
 CHAT_STREAMS = 4
+GPU_LAYERS = 0  # --gpu: every layer on the GPU (bench/gpu_check.sh measures the 5x there)
 
 
 def inputs(n: int, words: int = 60) -> list[str]:
@@ -60,7 +61,7 @@ def raw_per_input(path: Path, texts: list[str], threads: int) -> float:
     """Inputs per second: one llama_decode per input, as a plain loop would do it."""
     from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime
 
-    rt = EmbeddingRuntime(path, EmbeddingOptions(0, BATCH_TOKENS, UBATCH, 1, threads))
+    rt = EmbeddingRuntime(path, EmbeddingOptions(GPU_LAYERS, BATCH_TOKENS, UBATCH, 1, threads))
     try:
         ids = [rt.tokenize(t) for t in texts]
         started = time.perf_counter()
@@ -75,7 +76,7 @@ def raw_batched(path: Path, texts: list[str], threads: int) -> tuple[float, int]
     """Inputs per second through EmbeddingRuntime.embed directly (the ceiling), and tokens."""
     from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime
 
-    rt = EmbeddingRuntime(path, EmbeddingOptions(0, BATCH_TOKENS, UBATCH, SEQUENCES, threads))
+    rt = EmbeddingRuntime(path, EmbeddingOptions(GPU_LAYERS, BATCH_TOKENS, UBATCH, SEQUENCES, threads))
     try:
         ids = [rt.tokenize(t) for t in texts]
         rt.embed(ids[:4])  # warm
@@ -105,7 +106,7 @@ def cpp_server_rate(binary: Path, model: Path, texts: list[str], threads: int) -
     args = [str(binary), "-m", str(model), "--embeddings", "--pooling", "last",
             "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
             "-c", str(slots * 256), "-np", str(slots), "-b", str(BATCH_TOKENS),
-            "-ub", str(UBATCH), "-ngl", "0", "--no-webui"]
+            "-ub", str(UBATCH), "-ngl", str(GPU_LAYERS), "--no-webui"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health")
@@ -206,7 +207,11 @@ def main() -> None:
     parser.add_argument("--solo-s", type=float, default=15.0,
                         help="seconds the 4 chat streams run alone before the embedding batch")
     parser.add_argument("--cpp-server", type=Path, help="llama-server (build_llama_server.sh)")
+    parser.add_argument("--gpu", action="store_true", help="offload both models to the GPU")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/...)")
     args = parser.parse_args()
+    global GPU_LAYERS
+    GPU_LAYERS = 99 if args.gpu else 0
     texts = inputs(args.inputs)
     out: dict[str, Any] = {"embed_model": args.embed.name, "chat_model": args.chat.name,
                            "threads": args.threads, "inputs": args.inputs,
@@ -223,7 +228,8 @@ def main() -> None:
         for f in (args.embed, args.chat):
             (folder / f.name).symlink_to(f.resolve())
         embed_id, chat_id = args.embed.stem.lower(), args.chat.stem.lower()
-        daemon = Daemon(folder, args.threads, parallel=CHAT_STREAMS, context=4096)
+        daemon = Daemon(folder, args.threads, parallel=CHAT_STREAMS, context=4096,
+                        gpu="auto" if args.gpu else "none")
         try:
             proc = psutil.Process(daemon.process.pid)
             rss_before = proc.memory_info().rss
@@ -266,7 +272,8 @@ def main() -> None:
     out["targets"] = targets
     text = json.dumps(out, indent=2)
     print(text)
-    results = REPO / "bench" / "results" / f"embed_throughput-{args.embed.stem.lower()}.json"
+    results = args.out or (REPO / "bench" / "results"
+                           / f"embed_throughput-{args.embed.stem.lower()}.json")
     results.write_text(text + "\n")
 
 

@@ -7,7 +7,8 @@
 #   - decode tok/s through our API (1, 4, 8 streams) against a raw llama-cpp-python loop and
 #     llama-bench on the same file;
 #   - KV q8_0 against f16: llama.cpp's bytes and decode speed (bench/kv_cache.py);
-#   - the draft speed-up, if bench/speculative.py exists.
+#   - the draft speed-up, if bench/speculative.py exists;
+#   - embeddings: one request of 256 inputs against one request per input (bench/embed_throughput.py).
 # Every step has its own timeout; a failed step is recorded and the rest still run.
 #
 # usage: bench/gpu_check.sh [--cpu-rehearsal] [--shape qwen3-8b] [--deadline SECONDS]
@@ -164,11 +165,23 @@ make_pair() {
             --out "$work/models/pair-$(echo "$quant" | tr 'A-Z' 'a-z').gguf" || return 1
     done
 }
+# The embedding model for the one-request-vs-one-per-input figure (a GPU-shaped 5x target).
+make_embed() {
+    "$python" -m converter.synthetic "$work/embed-src" --shape qwen3-embedding-0.6b || return 1
+    "$python" -m appliance.cli convert "$work/embed-src" --quant Q8_0 --out "$embed_model"
+}
 export python model shape
-export -f make_model make_pair
+if [ $rehearsal = 0 ]; then
+    embed_model=$work/models/qwen3-embedding-0.6b-q8_0.gguf
+else
+    embed_model=${EMBED_MODEL:-/work/models/embed/qwen3-embedding-0.6b-q8_0.gguf}
+fi
+export embed_model
+export -f make_model make_pair make_embed
 if [ $rehearsal = 0 ]; then
     step model 480 make_model
     [ -f bench/speculative.py ] && step pair 120 make_pair
+    step embed_model 120 make_embed
     wait "$build_pid"
     target=$work/models/pair-q8_0.gguf draft=$work/models/pair-q4_k_m.gguf
 else
@@ -208,6 +221,14 @@ if [ -f "$model" ]; then
             --tokens "$tokens" --rounds 2 --threads "$threads" --out "$work/step-speculative.json"
     else
         skip speculative "bench/speculative.py is not in this tree"
+    fi
+    if [ -f "$embed_model" ]; then
+        gpu_flag=$([ $rehearsal = 0 ] && echo --gpu)
+        step embed "$(slack 150)" "$python" bench/embed_throughput.py "$embed_model" "$model" \
+            --threads "$threads" --inputs "$(( tokens * 2 ))" --per-request-inputs "$tokens" \
+            --solo-s 5 $gpu_flag --out "$work/step-embed.json"
+    else
+        skip embed "no embedding model at $embed_model"
     fi
 else
     skip measurements "no model"

@@ -117,13 +117,14 @@ def chain_for(rt: object) -> object:
 
 
 class Daemon:
-    def __init__(self, models_dir: Path, threads: int, parallel: int, context: int) -> None:
+    def __init__(self, models_dir: Path, threads: int, parallel: int, context: int,
+                 gpu: str = "none") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "APPLIANCE_PORT": str(self.port),
                "APPLIANCE_MODELS_DIR": str(models_dir), "APPLIANCE_THREADS": str(threads),
                "APPLIANCE_PARALLEL": str(parallel), "APPLIANCE_CONTEXT_LENGTH": str(context),
-               "APPLIANCE_CONFIG": "/nonexistent.toml", "APPLIANCE_GPU": "none",
+               "APPLIANCE_CONFIG": "/nonexistent.toml", "APPLIANCE_GPU": gpu,
                "APPLIANCE_LOG_LEVEL": "warning", "APPLIANCE_MAX_QUEUE": "64"}
         self.process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve"],
                                         env=env, cwd=REPO, stderr=subprocess.DEVNULL)
