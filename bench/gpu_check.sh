@@ -215,7 +215,7 @@ if [ -f "$model" ]; then
     fi
     step kv_cache "$(slack 120)" "$python" bench/kv_cache.py "$model" --context "$kv_context" --fill "$kv_fill" \
         --steps "$tokens" --rounds "$rounds" --threads "$threads" --gpu-layers "$gpu_layers" \
-        --out "$work/step-kv_cache.json"
+        $([ -x "$bench_bin" ] && echo --llama-bench "$bench_bin") --out "$work/step-kv_cache.json"
     if [ -f bench/speculative.py ] && [ -f "$target" ]; then
         step speculative "$(slack 150)" "$python" bench/speculative.py "$target" "$draft" \
             --tokens "$tokens" --rounds 2 --threads "$threads" --out "$work/step-speculative.json"
