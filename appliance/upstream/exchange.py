@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 
@@ -27,6 +28,7 @@ from appliance.upstream.pool import RETRY_S, Upstream, UpstreamPool, describe_fa
 MAX_ERROR_BYTES = 64 * 2**10  # an upstream's error body; more is not an error message
 MAX_ERROR_MESSAGE = 500  # characters of it quoted in ours
 EVENT_STREAM = "text/event-stream"
+T = TypeVar("T")
 
 
 async def send_json(pool: UpstreamPool, upstream: Upstream, path: str, body: dict[str, Any],
@@ -93,13 +95,23 @@ def _timeout(upstream: Upstream) -> UpstreamTimeout:
 
 async def _send(pool: UpstreamPool, upstream: Upstream, outgoing: httpx.Request
                 ) -> httpx.Response:
+    return await guarded_send(pool, upstream,
+                              lambda: upstream.client.send(outgoing, stream=True))
+
+
+async def guarded_send(pool: UpstreamPool, upstream: Upstream,
+                       send: Callable[[], Awaitable[T]]) -> T:
+    """`send()`, once more on a fresh connection if a pooled one was closed under us, with every
+    transport failure turned into our error: unreachable (503 + Retry-After, and the pool told),
+    too slow (504), anything else broken (502)."""
     try:
         try:
-            return await upstream.client.send(outgoing, stream=True)
-        except httpx.RemoteProtocolError:
-            # Once more on a fresh connection: a pooled one may have been closed just as we
-            # sent (nothing was answered, so nothing was done).
-            return await upstream.client.send(outgoing, stream=True)
+            return await send()
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            # A pooled connection the upstream closed just as we sent (an end of file, or a
+            # reset once the close is through): nothing was answered, so at most a generation
+            # is started twice.
+            return await send()
     except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException):
         raise _timeout(upstream) from None
     except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError,

@@ -33,10 +33,9 @@ from appliance.api.errors import error_body
 from appliance.errors import (
     ApplianceError,
     UpstreamBadAnswer,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
-from appliance.upstream.pool import RETRY_S, Upstream, UpstreamPool, describe_failure, read_bounded
+from appliance.upstream.exchange import guarded_send
+from appliance.upstream.pool import Upstream, UpstreamPool, describe_failure, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -107,26 +106,7 @@ class _Answer:
 async def _send(pool: UpstreamPool, upstream: Upstream, outgoing: httpx.Request,
                 stream: bool) -> _Answer:
     """The upstream's response with its headers read, and its whole body unless streamed."""
-    try:
-        try:
-            return await _send_once(upstream, outgoing, stream)
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-            # Once more on a fresh connection: a pooled one may have been closed by the
-            # upstream just as we sent (an end of file, or a reset once the close is through);
-            # nothing was answered, so at most a generation is started twice.
-            return await _send_once(upstream, outgoing, stream)
-    except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException):
-        raise UpstreamTimeout(f"upstream {upstream.name} ({upstream.url}) did not answer within "
-                              f"{upstream.settings.timeout_s:g} s (upstreams.{upstream.name}"
-                              ".timeout_s)") from None
-    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError,
-            httpx.WriteError) as e:
-        reason = describe_failure(e)
-        pool.unreachable(upstream, reason)
-        raise UpstreamUnavailable(f"upstream {upstream.name} ({upstream.url}) is unreachable: "
-                                  f"{reason}; retry later", retry_after=RETRY_S) from None
-    except httpx.HTTPError as e:
-        raise _bad(upstream, describe_failure(e)) from None
+    return await guarded_send(pool, upstream, lambda: _send_once(upstream, outgoing, stream))
 
 
 async def _send_once(upstream: Upstream, outgoing: httpx.Request, stream: bool) -> _Answer:
