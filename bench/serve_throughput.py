@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -135,16 +136,25 @@ class Daemon:
         self.process.wait(timeout=60)
 
 
-def wait_healthy(url: str, timeout: float = 120) -> None:
+def wait_healthy(url: str, timeout: float = 120, process: subprocess.Popen | None = None,
+                 log: IO[bytes] | None = None) -> None:
+    """Until `url` answers 200. With `process` (and its `log`): its own last words if it exits
+    first (a flag this build does not know, a model it cannot load)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = ""
+            if log is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-1500:]
+            raise SystemExit(f"{process.args[0]} exited ({process.returncode}):\n{tail}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise SystemExit(f"server at {url} did not come up")
+    raise SystemExit(f"server at {url} did not come up in {timeout:.0f} s")
 
 
 def stream_once(url: str, body: dict, path: str = "/v1/completions") -> dict:

@@ -35,12 +35,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serve_throughput import NO_END, PROMPT, free_port  # noqa: E402
+from bench.serve_throughput import NO_END, PROMPT, free_port, wait_healthy  # noqa: E402
 
 CONTEXT = 2048
 
@@ -144,7 +143,7 @@ def cpp_server(binary: Path, target: Path, draft: Path | None, threads: int, tok
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(process, log, f"http://127.0.0.1:{port}/health")
+        wait_healthy(f"http://127.0.0.1:{port}/health", 600, process, log)
         body = {"prompt": PROMPT + f" ({time.perf_counter_ns()})", "n_predict": tokens,
                 "temperature": 0.0, "top_k": 1, "cache_prompt": False,
                 "logit_bias": [[int(t), False] for t in NO_END]}
@@ -157,27 +156,6 @@ def cpp_server(binary: Path, target: Path, draft: Path | None, threads: int, tok
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=30)
         log.close()
-
-
-def _wait_healthy(process: subprocess.Popen, log: IO[bytes], url: str,
-                  timeout: float = 600) -> None:
-    """Until llama-server answers /health; its own last words if it exits first (a flag this
-    llama.cpp does not know, a model it cannot load)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            tail = log.read().decode(errors="replace")[-1500:]
-            raise SystemExit(f"llama-server exited ({process.returncode}):\n{tail}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"llama-server at {url} did not come up in {timeout:.0f} s")
 
 
 def main() -> None:
