@@ -92,7 +92,11 @@ def with_ram(plan: OffloadPlan, info: GGUFInfo, n_ctx_total: int,
     file, and every page is read on a decode), the CPU layers' KV cache, the CPU scratch."""
     n_cpu_layers = max(0, plan.n_layers - min(plan.n_gpu_layers, plan.n_layers))
     weights_total = sum(t.nbytes for t in info.tensors)
-    weights = max(0, weights_total - plan.weights_on_gpu)
+    on_gpu = plan.weights_on_gpu
+    if plan.all_on_gpu and not info.tensor_bytes("output.weight"):
+        # A tied head goes to the GPU as a copy: the input embedding stays in RAM all the same.
+        on_gpu -= info.tensor_bytes("token_embd.weight")
+    weights = max(0, weights_total - on_gpu)
     kv = kv_bytes_per_layer(info, n_ctx_total, plan.kv_cache_type) * n_cpu_layers
     compute = compute_buffer_bytes(info, n_ubatch) if plan.n_gpu_layers <= plan.n_layers else 0
     return replace(plan, weights_in_ram=weights, kv_in_ram=kv, compute_in_ram=compute)

@@ -71,6 +71,8 @@ def test_whole_model_fits_a_24_gib_card_with_20_free(tiny_gguf: Path, tiny_info)
     vocab, hidden, ff = 151936, 64, 128
     assert plan.compute_buffer == 512 * (vocab + 4 * hidden + 2 * ff) * 4
     assert plan.device == "Fake RTX" and plan.reason == "all layers on the GPU"
+    # llama.cpp keeps the input embedding on the CPU; the tied head on the GPU is its copy.
+    assert plan.weights_in_ram == tiny_info.tensor_bytes("token_embd.weight") > 0
 
 
 def test_tight_card_takes_the_last_layers_only(tiny_gguf: Path, tiny_info) -> None:
