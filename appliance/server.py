@@ -158,5 +158,5 @@ def serve(settings: Settings) -> int:
                             timeout_graceful_shutdown=int(settings.switch_wait_s) + 5,
                             server_header=False)
     server = _Server(config, extra_port=settings.ollama_port)
-    asyncio.run(server.serve())
+    server.run()  # on uvloop, and httptools parsing requests, when installed (they are)
     return 0 if server.started else 1

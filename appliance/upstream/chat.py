@@ -26,6 +26,7 @@ from appliance.engine.output import Delta, ToolCall, ToolCallDelta
 from appliance.errors import UpstreamBadAnswer, UpstreamTimeout
 from appliance.upstream.exchange import bad, error_message, scrub, send_json
 from appliance.upstream.pool import Upstream, UpstreamPool, describe_failure
+from appliance.upstream.wire import UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class UpstreamChat:
     tool calls and `outcome` the counts (the upstream's usage, or the chunks counted when it
     sent none, e.g. after `cancel()`)."""
 
-    def __init__(self, pool: UpstreamPool, upstream: Upstream, response: httpx.Response,
+    def __init__(self, pool: UpstreamPool, upstream: Upstream, response: UpstreamResponse,
                  limit: int | None) -> None:
         self.pool = pool
         self.upstream = upstream

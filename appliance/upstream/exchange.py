@@ -24,6 +24,7 @@ from appliance.errors import (
     UpstreamUnavailable,
 )
 from appliance.upstream.pool import RETRY_S, Upstream, UpstreamPool, describe_failure, read_bounded
+from appliance.upstream.wire import UpstreamResponse
 
 MAX_ERROR_BYTES = 64 * 2**10  # an upstream's error body; more is not an error message
 MAX_ERROR_MESSAGE = 500  # characters of it quoted in ours
@@ -32,16 +33,16 @@ T = TypeVar("T")
 
 
 async def send_json(pool: UpstreamPool, upstream: Upstream, path: str, body: dict[str, Any],
-                    stream: bool) -> httpx.Response:
+                    stream: bool) -> UpstreamResponse:
     """POST `body` to `path`; the response once its headers are in, a 200 of the expected
     type (an event stream when `stream`, JSON otherwise), its body still to be read."""
-    outgoing = upstream.client.build_request(
-        "POST", path, content=json.dumps(body, ensure_ascii=False).encode(),
-        headers={"Content-Type": "application/json",
-                 "Accept": EVENT_STREAM if stream else "application/json"})
+    content = json.dumps(body, ensure_ascii=False).encode()
+    headers = {"Content-Type": "application/json",
+               "Accept": EVENT_STREAM if stream else "application/json"}
     started = time.perf_counter()
     try:
-        response = await _send(pool, upstream, outgoing)
+        response = await guarded_send(pool, upstream,
+                                      lambda: upstream.wire.post(path, content, headers))
         pool.metrics.upstream_latency.labels(upstream=upstream.name).observe(
             time.perf_counter() - started)
         await _check(upstream, response, EVENT_STREAM if stream else "application/json")
@@ -93,12 +94,6 @@ def _timeout(upstream: Upstream) -> UpstreamTimeout:
                            ".timeout_s)")
 
 
-async def _send(pool: UpstreamPool, upstream: Upstream, outgoing: httpx.Request
-                ) -> httpx.Response:
-    return await guarded_send(pool, upstream,
-                              lambda: upstream.client.send(outgoing, stream=True))
-
-
 async def guarded_send(pool: UpstreamPool, upstream: Upstream,
                        send: Callable[[], Awaitable[T]]) -> T:
     """`send()`, once more on a fresh connection if a pooled one was closed under us, with every
@@ -124,7 +119,7 @@ async def guarded_send(pool: UpstreamPool, upstream: Upstream,
         raise bad(upstream, describe_failure(e)) from None
 
 
-async def _check(upstream: Upstream, response: httpx.Response, expected: str) -> None:
+async def _check(upstream: Upstream, response: UpstreamResponse, expected: str) -> None:
     """Raise for anything but a 200 of the `expected` type, closing the response."""
     status = response.status_code
     if status == 200 and expected in response.headers.get("content-type", ""):
@@ -149,7 +144,7 @@ async def _check(upstream: Upstream, response: httpx.Response, expected: str) ->
                            status=status, retry_after=_retry_after(response))
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: UpstreamResponse) -> float | None:
     try:
         seconds = float(response.headers.get("retry-after", ""))
     except ValueError:

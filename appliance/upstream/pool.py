@@ -1,4 +1,4 @@
-"""The configured upstreams: one httpx client each, their model listings and their health.
+"""The configured upstreams: their clients, their model listings and their health.
 
 Each upstream's `/models` listing is fetched by a background task (every REFRESH_S while it is
 up, every RETRY_S while it is down, and at once after a proxied request could not reach it), so
@@ -25,6 +25,7 @@ import httpx
 
 from appliance.config import UpstreamSettings
 from appliance.metrics import Metrics
+from appliance.upstream.wire import UpstreamResponse, WireClient
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,12 @@ class Health:
 
 @dataclass
 class Upstream:
-    """One `[upstreams.NAME]`: its settings, its client and its health."""
+    """One `[upstreams.NAME]`: its settings, its clients and its health."""
 
     name: str
     settings: UpstreamSettings
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # the background listing
+    wire: WireClient  # requests we forward or make for a client
     health: Health = field(default_factory=Health)
     key: str | None = None  # to scrub from anything we pass on; never sent to our clients
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -78,10 +80,22 @@ class Upstream:
                 "latency_ms": h.latency_ms, "models": len(self.model_ids()), "error": h.error}
 
 
-def make_client(settings: UpstreamSettings, key: str | None) -> httpx.AsyncClient:
+def _headers(key: str | None) -> dict[str, str]:
     headers = {"Accept-Encoding": "identity", "User-Agent": "qwen-appliance-upstream"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def make_wire(settings: UpstreamSettings, key: str | None) -> WireClient:
+    # No proxy variables, no ~/.netrc and no redirects, as for the listing client below.
+    return WireClient(settings.url + "/", _headers(key), timeout_s=settings.timeout_s,
+                      connect_timeout_s=min(CHECK_TIMEOUT_S, settings.timeout_s),
+                      keepalive_s=KEEPALIVE_S)
+
+
+def make_client(settings: UpstreamSettings, key: str | None) -> httpx.AsyncClient:
+    headers = _headers(key)
     timeout = httpx.Timeout(settings.timeout_s, connect=min(CHECK_TIMEOUT_S, settings.timeout_s))
     # trust_env=False: no proxy variables and no ~/.netrc credentials sent to a LAN server;
     # redirects are not followed, so a request and its key go only where the url says.
@@ -103,7 +117,8 @@ class UpstreamPool:
         self.metrics = metrics
         self._is_local = is_local
         self._local_now = local_now
-        self.upstreams = [Upstream(name, s, make_client(s, keys.get(name)), key=keys.get(name))
+        self.upstreams = [Upstream(name, s, make_client(s, keys.get(name)),
+                                   make_wire(s, keys.get(name)), key=keys.get(name))
                           for name, s in configured.items()]
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -118,6 +133,7 @@ class UpstreamPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for upstream in self.upstreams:
             await upstream.client.aclose()
+            await upstream.wire.aclose()
 
     def find(self, name: str) -> Upstream | None:
         """The upstream serving `name` (exact id), by the cached listings and the config."""
@@ -206,7 +222,7 @@ async def _list_models(client: httpx.AsyncClient) -> tuple[str, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+async def read_bounded(response: httpx.Response | UpstreamResponse, limit: int) -> bytes:
     """The body, or ValueError once it passes `limit` bytes (the rest is never read)."""
     chunks, size = [], 0
     async for chunk in response.aiter_bytes():

@@ -36,6 +36,7 @@ from appliance.errors import (
 )
 from appliance.upstream.exchange import guarded_send
 from appliance.upstream.pool import Upstream, UpstreamPool, describe_failure, read_bounded
+from appliance.upstream.wire import UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,12 @@ async def proxy(pool: UpstreamPool, upstream: Upstream, request: Request, path: 
 async def _proxy(pool: UpstreamPool, upstream: Upstream, request: Request, path: str,
                  stream: bool) -> Response:
     body = await request.body()  # the bytes FastAPI read and validated; cached
-    outgoing = upstream.client.build_request(
-        "POST", path, content=body,
-        headers={"Content-Type": "application/json",
-                 "Accept": "text/event-stream" if stream else "application/json"})
+    headers = {"Content-Type": "application/json",
+               "Accept": "text/event-stream" if stream else "application/json"}
     started = time.perf_counter()
     try:
-        answer = await until_disconnect(request, _send(pool, upstream, outgoing, stream))
+        answer = await until_disconnect(request, _send(pool, upstream, path, body, headers,
+                                                       stream))
     except ClientGone:
         return Response(status_code=CLIENT_GONE)
     response = answer.response
@@ -99,25 +99,25 @@ async def _proxy(pool: UpstreamPool, upstream: Upstream, request: Request, path:
 
 @dataclass
 class _Answer:
-    response: httpx.Response
+    response: UpstreamResponse
     content: bytes | None  # None: the body is still to be streamed
 
 
-async def _send(pool: UpstreamPool, upstream: Upstream, outgoing: httpx.Request,
-                stream: bool) -> _Answer:
+async def _send(pool: UpstreamPool, upstream: Upstream, path: str, body: bytes,
+                headers: dict[str, str], stream: bool) -> _Answer:
     """The upstream's response with its headers read, and its whole body unless streamed."""
-    return await guarded_send(pool, upstream, lambda: _send_once(upstream, outgoing, stream))
+    async def once() -> _Answer:
+        if stream:
+            return _Answer(await upstream.wire.post(path, body, headers), None)
+        return await asyncio.wait_for(_send_whole(upstream, path, body, headers),
+                                      upstream.settings.timeout_s)
+    return await guarded_send(pool, upstream, once)
 
 
-async def _send_once(upstream: Upstream, outgoing: httpx.Request, stream: bool) -> _Answer:
-    if stream:
-        return _Answer(await upstream.client.send(outgoing, stream=True), None)
-    return await asyncio.wait_for(_send_whole(upstream, outgoing), upstream.settings.timeout_s)
-
-
-async def _send_whole(upstream: Upstream, outgoing: httpx.Request) -> _Answer:
+async def _send_whole(upstream: Upstream, path: str, body: bytes, headers: dict[str, str]
+                      ) -> _Answer:
     """Send, and read the body within the upstream's size limit (a bounded buffer)."""
-    response = await upstream.client.send(outgoing, stream=True)
+    response = await upstream.wire.post(path, body, headers)
     try:
         limit = upstream.settings.max_response_bytes
         try:
@@ -130,7 +130,7 @@ async def _send_whole(upstream: Upstream, outgoing: httpx.Request) -> _Answer:
         await response.aclose()
 
 
-def _whole(upstream: Upstream, response: httpx.Response, content: bytes) -> Response:
+def _whole(upstream: Upstream, response: UpstreamResponse, content: bytes) -> Response:
     """A complete answer, or an error answer, with the upstream's status."""
     status = response.status_code
     if 300 <= status < 400:
@@ -151,7 +151,7 @@ def _whole(upstream: Upstream, response: httpx.Response, content: bytes) -> Resp
                     media_type="application/json")
 
 
-async def _relay(pool: UpstreamPool, upstream: Upstream, response: httpx.Response,
+async def _relay(pool: UpstreamPool, upstream: Upstream, response: UpstreamResponse,
                  content_type: str) -> AsyncIterator[bytes]:
     """The upstream's stream, each chunk passed on as it arrives."""
     try:

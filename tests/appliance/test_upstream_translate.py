@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
-import httpx
 import pytest
 
 from appliance.api.ollama_schemas import ChatRequest, GenerateRequest
@@ -126,22 +126,29 @@ def _events(*events: Any) -> bytes:
 
 async def _read(body: bytes, status: int = 200, content_type: str = "text/event-stream",
                 whole: bool = False) -> tuple[list[Any], Any]:
-    """Our reading of `body` as sent by an upstream on a real socket-less httpx transport."""
-    def answer(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=body, headers={"content-type": content_type})
+    """Our reading of `body` as sent by an upstream: a real socket server on 127.0.0.1 that
+    answers every request with it."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        await reader.readexactly(length)
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        writer.close()
 
-    settings = UpstreamSettings(url="http://up.example/v1", max_response_bytes=2**16)
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = UpstreamSettings(url=f"http://127.0.0.1:{port}/v1", max_response_bytes=2**16)
     pool = UpstreamPool({"up": settings}, {"up": "secret-key"}, Metrics(), lambda _: False)
     upstream = pool.upstreams[0]
-    await upstream.client.aclose()
-    upstream.client = httpx.AsyncClient(base_url=settings.url + "/",
-                                        transport=httpx.MockTransport(answer))
     try:
         chat = await open_chat(pool, upstream, {"model": "m", "messages": []}, whole)
         deltas = [d async for d in chat.deltas()]
         return deltas, chat
     finally:
-        await upstream.client.aclose()
+        await pool.close()
+        server.close()
 
 
 def test_a_streamed_answer_is_read_as_deltas_calls_and_usage() -> None:
