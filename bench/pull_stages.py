@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance.library.download import CHUNK, WRITEBACK, _writeback  # noqa: E402
+from appliance.library.sink import CHUNK, WRITEBACK, start_writeback  # noqa: E402
 from bench.pull_speed import make_gguf, start_hub  # noqa: E402
 
 MB = 1e6
@@ -94,7 +94,7 @@ def hash_alone(size: int) -> int:
 def write_alone(path: Path, size: int, writeback: bool) -> tuple[float, float]:
     """Seconds to write `size` bytes (page cache), then seconds of the fsync after it."""
     buffer = bytearray(os.urandom(CHUNK))
-    start_writeback = _writeback()
+    writeback_from = start_writeback()
     started = time.perf_counter()
     with path.open("wb") as out:
         fd = out.fileno()
@@ -104,7 +104,7 @@ def write_alone(path: Path, size: int, writeback: bool) -> tuple[float, float]:
             out.write(memoryview(buffer)[:n])
             done += n
             if writeback and done - synced >= WRITEBACK:
-                start_writeback(fd, synced, done - synced)
+                writeback_from(fd, synced, done - synced)
                 synced = done
         out.flush()
         wrote = time.perf_counter() - started
