@@ -8,6 +8,8 @@ real server would). Each run starts with nothing dirty in the page cache (the pr
 deleted, then a sync, untimed), so no contender pays for another's writeback. Contenders:
 - `curl`: only writes (its bytes may still sit in the page cache when it exits);
 - `curl && sha256sum && sync FILE`: the same guarantees as a pull (every byte checked, durable);
+  coreutils' sha256sum may not use the CPU's SHA instructions, so also
+- `curl && openssl dgst -sha256 && sync FILE`: the same with OpenSSL's hash (the pull's);
 - `appliance pull` (the CLI): start-up, the hub metadata call, download with sha256 of every
   byte, size and GGUF header checks, fsync, rename and manifest;
 - the pull in this process (Library.pull after its plan): the transfer alone, without start-up
@@ -119,6 +121,11 @@ class Contenders:
                        f"&& sync {self.target}", shell=True, check=True,
                        stdout=subprocess.DEVNULL)
 
+    def curl_checked_openssl(self) -> None:
+        subprocess.run(f"curl -sf -o {self.target} {self.url} && openssl dgst -sha256 "
+                       f"{self.target} && sync {self.target}", shell=True, check=True,
+                       stdout=subprocess.DEVNULL)
+
     def pull_cli(self) -> None:
         subprocess.run([sys.executable, "-m", "appliance.cli", "pull", "bench/Big-GGUF",
                         "--models-dir", str(self.models)], check=True, cwd=REPO,
@@ -134,7 +141,7 @@ class Contenders:
         return started
 
 
-NAMES = ("curl", "curl_checked", "pull_cli", "pull_in_process")
+NAMES = ("curl", "curl_checked", "curl_checked_openssl", "pull_cli", "pull_in_process")
 
 
 def main() -> int:
@@ -182,6 +189,8 @@ def main() -> int:
               "ratio_best": round(max(rates["pull_cli"]) / max(rates["curl"]), 3),
               # Against a curl that gives the pull's guarantees (sha256 checked, durable).
               "ratio_median_vs_checked": round(median("pull_cli") / median("curl_checked"), 3),
+              "ratio_median_vs_checked_openssl": round(
+                  median("pull_cli") / median("curl_checked_openssl"), 3),
               # The transfer alone (no start-up, no metadata call), as measured before.
               "ratio_median_in_process": round(median("pull_in_process") / median("curl"), 3),
               # CPU seconds (user + system) of each contender's processes (the in-process
