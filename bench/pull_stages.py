@@ -227,11 +227,12 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
 
 def cli_pull(endpoint: str, models: Path, *flags: str) -> float:
     """Seconds of `appliance pull` from its start to its exit (`--dry-run`: everything before
-    the first body byte: start-up, imports, the metadata call, the fit line)."""
+    the first body byte: start-up, imports, the metadata call, the fit line). The same settings
+    every run (APPLIANCE_CONFIG beside `models`), as a user has: their memo is used."""
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "appliance.cli", "pull", "bench/Big-GGUF",
                     "--models-dir", str(models), *flags], check=True,
-                   env=pull_env(endpoint, models), cwd=REPO, stdout=subprocess.DEVNULL,
+                   env=pull_env(endpoint, models.parent), cwd=REPO, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
