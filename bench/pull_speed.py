@@ -149,7 +149,10 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/pull_speed.json")
+    parser.add_argument("--contenders", default=",".join(NAMES),
+                        help="which to run (curl and pull_cli always)")
     args = parser.parse_args()
+    names = tuple(n for n in NAMES if n in {"curl", "pull_cli", *args.contenders.split(",")})
     rates: dict[str, list[float]] = {name: [] for name in NAMES}
     cpu: dict[str, list[float]] = {name: [] for name in NAMES}
     hub_cpu: dict[str, list[float]] = {name: [] for name in NAMES}
@@ -163,7 +166,7 @@ def main() -> int:
             subprocess.run(["curl", "-sf", "-o", os.devnull, contenders.url], check=True)
             for run in range(args.runs):
                 # Alternating: each run starts with the next contender, so none always goes first.
-                order = NAMES[run % len(NAMES):] + NAMES[:run % len(NAMES)]
+                order = names[run % len(names):] + names[:run % len(names)]
                 for name in order:
                     contenders.clean()
                     who = resource.RUSAGE_SELF if name == "pull_in_process" else \
@@ -176,11 +179,11 @@ def main() -> int:
                     hub_cpu[name].append(process_cpu(hub_pid) - hub_used)
                 print(f"run {run + 1}: " + ", ".join(
                     f"{name} {rates[name][-1] / 1e6:.0f} MB/s ({cpu[name][-1]:.2f} s CPU)"
-                    for name in NAMES), flush=True)
+                    for name in names), flush=True)
             contenders.clean()
 
     def median(name: str) -> float:
-        return float(np.median(rates[name]))
+        return float(np.median(rates[name])) if rates[name] else float("nan")
 
     result = {"bytes": size, "runs": args.runs,
               **{f"{name}_mb_per_s": [round(r / 1e6, 1) for r in rates[name]] for name in NAMES},
@@ -202,6 +205,7 @@ def main() -> int:
               "load_average": os.getloadavg()[0],
               "note": "each contender a process of its own timed from start to exit (the "
                       "in-process pull: its transfer); a sync before each, untimed"}
+    result = {k: None if v != v else v for k, v in result.items()}  # a NaN: not run
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0 if result["ratio_median"] >= 0.8 else 1
