@@ -152,6 +152,8 @@ def main() -> int:
     parser.add_argument("--contenders", default=",".join(NAMES),
                         help="which to run (curl and pull_cli always)")
     args = parser.parse_args()
+    if args.size_mb < 64:
+        parser.error("--size-mb is at least 64 (the file is made of 64 MB tensors)")
     names = tuple(n for n in NAMES if n in {"curl", "pull_cli", *args.contenders.split(",")})
     rates: dict[str, list[float]] = {name: [] for name in NAMES}
     cpu: dict[str, list[float]] = {name: [] for name in NAMES}
