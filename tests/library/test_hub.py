@@ -3,6 +3,7 @@ with a clear error, never used (a sha256 names a file on disk)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,17 @@ def test_planning_does_not_import_hf_api(hub: LocalHub, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
     assert out == [hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"].sha256, "False"]
+
+
+def test_offline_mode_is_one_clear_line(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE (read by huggingface-hub at import, hence a child process): the metadata
+    request over its session is refused before any connection, as HfApi's was."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "APPLIANCE_CONFIG": str(tmp_path / "absent.toml"), "APPLIANCE_GPU": "none"}
+    done = subprocess.run([sys.executable, "-m", "appliance.cli", "pull", GGUF_REPO,
+                           "--models-dir", str(tmp_path / "models"), "--dry-run"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "appliance: error: HF_HUB_OFFLINE is set: the hub is not asked (hint: unset "
+        "HF_HUB_OFFLINE, or pull a local file)"]
