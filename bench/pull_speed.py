@@ -1,12 +1,19 @@
-"""Download overhead of `appliance pull`: a 1 GB GGUF from the local test hub, against curl
-fetching the same file from the same server, in the same run (alternating, best and median of N
-each; the exit status says whether the median ratio reaches 0.8).
+"""Download overhead of `appliance pull`: a 1 GB GGUF from the local test hub against curl
+fetching the same file from the same server, in the same run (alternating, median of N each;
+the exit status says whether the median ratio of the like-for-like pair reaches 0.8).
 
-The hub runs in a process of its own (as a real hub would: no interpreter shared with the pull).
-The pull's time includes what makes it a pull: sha256 of every byte, the size check, the GGUF
-header check, fsync and rename (not the hub metadata call before it: a fixed cost, not a
-rate); curl only writes (its bytes may still sit in the page cache).
-Both write to the same disk.
+Like with like: every contender is a process of its own, timed from its start to its exit, and
+writes the same bytes to the same disk; the hub runs in a process of its own (sendfile, as a
+real server would). Each run starts with nothing dirty in the page cache (the previous file
+deleted, then a sync, untimed), so no contender pays for another's writeback. Contenders:
+- `curl`: only writes (its bytes may still sit in the page cache when it exits);
+- `curl && sha256sum && sync FILE`: the same guarantees as a pull (every byte checked, durable);
+  coreutils' sha256sum may not use the CPU's SHA instructions, so also
+- `curl && openssl dgst -sha256 && sync FILE`: the same with OpenSSL's hash (the pull's);
+- `appliance pull` (the CLI): start-up, the hub metadata call, download with sha256 of every
+  byte, size and GGUF header checks, fsync, rename and manifest;
+- the pull in this process (Library.pull after its plan): the transfer alone, without start-up
+  and metadata, comparable with earlier results.
 
     python bench/pull_speed.py [--size-mb 1024] [--runs 5]
 """
@@ -57,18 +64,84 @@ def cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def start_hub(source: Path) -> Iterator[str]:
-    """The test hub in a process of its own serving `source` as bench/Big-GGUF; its URL."""
+    """The test hub's URL (hub_process without its pid)."""
+    with hub_process(source) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def hub_process(source: Path) -> Iterator[tuple[str, int]]:
+    """The test hub in a process of its own serving `source` as bench/Big-GGUF; (URL, pid)."""
     hub = subprocess.Popen([sys.executable, "-m", "tests.library.hub_server",
                             "bench/Big-GGUF", f"{source.name}={source}"], cwd=REPO,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert hub.stdout is not None and hub.stdin is not None
     try:
-        yield hub.stdout.readline().strip()
+        yield hub.stdout.readline().strip(), hub.pid
     finally:
         hub.stdin.close()
         hub.wait(timeout=30)
+
+
+def pull_env(endpoint: str, work: Path) -> dict[str, str]:
+    return {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": "",
+            "APPLIANCE_CONFIG": str(work / "absent.toml"), "APPLIANCE_GPU": "none"}
+
+
+class Contenders:
+    """Each way of getting the file, timed from its start to the file complete."""
+
+    def __init__(self, work: Path, endpoint: str) -> None:
+        self.work = work
+        self.endpoint = endpoint
+        self.url = f"{endpoint}/bench/Big-GGUF/resolve/main/Big-F32.gguf"
+        self.target = work / "curl.out"
+        self.models = work / "models"
+
+    def clean(self) -> None:
+        """Nothing of the last run left, nothing dirty in the page cache."""
+        self.target.unlink(missing_ok=True)
+        shutil.rmtree(self.models, ignore_errors=True)
+        self.models.mkdir()
+        os.sync()
+
+    def curl(self) -> None:  # each returns None, or when its timed part began
+        subprocess.run(["curl", "-sf", "-o", str(self.target), self.url], check=True)
+
+    def curl_checked(self) -> None:
+        subprocess.run(f"curl -sf -o {self.target} {self.url} && sha256sum {self.target} "
+                       f"&& sync {self.target}", shell=True, check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def curl_checked_openssl(self) -> None:
+        subprocess.run(f"curl -sf -o {self.target} {self.url} && openssl dgst -sha256 "
+                       f"{self.target} && sync {self.target}", shell=True, check=True,
+                       stdout=subprocess.DEVNULL)
+
+    def pull_cli(self) -> None:
+        subprocess.run([sys.executable, "-m", "appliance.cli", "pull", "bench/Big-GGUF",
+                        "--models-dir", str(self.models)], check=True, cwd=REPO,
+                       env=pull_env(self.endpoint, self.work), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+    def pull_in_process(self) -> float:
+        """The transfer only: timed from after the metadata call (returns that moment)."""
+        library = Library(self.models, hub=Hub(self.endpoint, token=False))
+        plan = library.plan("bench/Big-GGUF")
+        started = time.perf_counter()
+        library.pull(plan)
+        return started
+
+
+NAMES = ("curl", "curl_checked", "curl_checked_openssl", "pull_cli", "pull_in_process")
 
 
 def main() -> int:
@@ -76,50 +149,65 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/pull_speed.json")
+    parser.add_argument("--contenders", default=",".join(NAMES),
+                        help="which to run (curl and pull_cli always)")
     args = parser.parse_args()
+    if args.size_mb < 64:
+        parser.error("--size-mb is at least 64 (the file is made of 64 MB tensors)")
+    names = tuple(n for n in NAMES if n in {"curl", "pull_cli", *args.contenders.split(",")})
+    rates: dict[str, list[float]] = {name: [] for name in NAMES}
+    cpu: dict[str, list[float]] = {name: [] for name in NAMES}
+    hub_cpu: dict[str, list[float]] = {name: [] for name in NAMES}
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         work = Path(tmp)
         source = work / "Big-F32.gguf"
         make_gguf(source, args.size_mb)
         size = source.stat().st_size
-        curl_rates, pull_rates, curl_cpu, pull_cpu = [], [], [], []
-        with start_hub(source) as endpoint:
-            url = f"{endpoint}/bench/Big-GGUF/resolve/main/Big-F32.gguf"
+        with hub_process(source) as (endpoint, hub_pid):
+            contenders = Contenders(work, endpoint)
+            subprocess.run(["curl", "-sf", "-o", os.devnull, contenders.url], check=True)
             for run in range(args.runs):
-                target = work / "curl.out"
-                used = cpu_seconds(resource.RUSAGE_CHILDREN)
-                started = time.perf_counter()
-                subprocess.run(["curl", "-sf", "-o", str(target), url], check=True)
-                curl_rates.append(size / (time.perf_counter() - started))
-                curl_cpu.append(cpu_seconds(resource.RUSAGE_CHILDREN) - used)
-                target.unlink()
-                models = work / f"models-{run}"
-                models.mkdir()
-                library = Library(models, hub=Hub(endpoint, token=False))
-                plan = library.plan("bench/Big-GGUF")
-                used = cpu_seconds(resource.RUSAGE_SELF)
-                started = time.perf_counter()
-                library.pull(plan)
-                pull_rates.append(size / (time.perf_counter() - started))
-                pull_cpu.append(cpu_seconds(resource.RUSAGE_SELF) - used)
-                shutil.rmtree(models)
-                print(f"run {run + 1}: curl {curl_rates[-1] / 1e6:.0f} MB/s "
-                      f"({curl_cpu[-1]:.2f} s CPU), pull {pull_rates[-1] / 1e6:.0f} MB/s "
-                      f"({pull_cpu[-1]:.2f} s CPU)", flush=True)
+                # Alternating: each run starts with the next contender, so none always goes first.
+                order = names[run % len(names):] + names[:run % len(names)]
+                for name in order:
+                    contenders.clean()
+                    who = resource.RUSAGE_SELF if name == "pull_in_process" else \
+                        resource.RUSAGE_CHILDREN
+                    used, hub_used = cpu_seconds(who), process_cpu(hub_pid)
+                    started = time.perf_counter()
+                    started = getattr(contenders, name)() or started
+                    rates[name].append(size / (time.perf_counter() - started))
+                    cpu[name].append(cpu_seconds(who) - used)
+                    hub_cpu[name].append(process_cpu(hub_pid) - hub_used)
+                print(f"run {run + 1}: " + ", ".join(
+                    f"{name} {rates[name][-1] / 1e6:.0f} MB/s ({cpu[name][-1]:.2f} s CPU)"
+                    for name in names), flush=True)
+            contenders.clean()
+
+    def median(name: str) -> float:
+        return float(np.median(rates[name])) if rates[name] else float("nan")
+
     result = {"bytes": size, "runs": args.runs,
-              "curl_mb_per_s": [round(r / 1e6, 1) for r in curl_rates],
-              "pull_mb_per_s": [round(r / 1e6, 1) for r in pull_rates],
-              "ratio_best": round(max(pull_rates) / max(curl_rates), 3),
-              "ratio_median": round(float(np.median(pull_rates) / np.median(curl_rates)), 3),
-              # CPU seconds (user + system) of curl's process and of the pull's threads: what
-              # a loaded machine's numbers cannot hide (the hub's own CPU is in neither).
-              "curl_cpu_s": [round(c, 3) for c in curl_cpu],
-              "pull_cpu_s": [round(c, 3) for c in pull_cpu],
+              **{f"{name}_mb_per_s": [round(r / 1e6, 1) for r in rates[name]] for name in NAMES},
+              # The figure of the issue, like for like: the pull command against curl.
+              "ratio_median": round(median("pull_cli") / median("curl"), 3),
+              "ratio_best": round(max(rates["pull_cli"]) / max(rates["curl"]), 3),
+              # Against a curl that gives the pull's guarantees (sha256 checked, durable).
+              "ratio_median_vs_checked": round(median("pull_cli") / median("curl_checked"), 3),
+              "ratio_median_vs_checked_openssl": round(
+                  median("pull_cli") / median("curl_checked_openssl"), 3),
+              # The transfer alone (no start-up, no metadata call), as measured before.
+              "ratio_median_in_process": round(median("pull_in_process") / median("curl"), 3),
+              # CPU seconds (user + system) of each contender's processes (the in-process
+              # pull: this process's threads), and the hub's for each.
+              **{f"{name}_cpu_s": [round(c, 3) for c in cpu[name]] for name in NAMES},
+              **{f"hub_cpu_s_{name}": [round(c, 3) for c in hub_cpu[name]] for name in NAMES},
               "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                          f"{os.cpu_count()} cores",
               "load_average": os.getloadavg()[0],
-              "note": "pull includes sha256 of every byte, header check, fsync and rename; "
-                      "the hub is a separate process"}
+              "note": "each contender a process of its own timed from start to exit (the "
+                      "in-process pull: its transfer); a sync before each, untimed"}
+    result = {k: None if v != v else v for k, v in result.items()}  # a NaN: not run
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0 if result["ratio_median"] >= 0.8 else 1

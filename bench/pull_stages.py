@@ -1,11 +1,15 @@
 """Where a pull's time goes: each stage of `appliance pull` of a big GGUF from the local test hub
 timed on its own, in one run, beside curl fetching the same file from the same server.
 
-Stages: the hub metadata call (huggingface-hub's model_info, the first one with its imports),
-receiving the body alone (http.client read1 + copy, and readinto1 into a reused buffer), sha256
-alone (from memory), writing alone (page cache, no fsync), the fsync of the written file alone
-(with and without writeback started every 64 MiB), the whole in-process pull split at its
-progress events, and the `appliance pull` command end to end (process start-up included).
+Stages: curl to a file, to /dev/null, and its own time to first byte; the hub metadata call
+(the first one with its imports), receiving the body alone (http.client read1 + copy, and
+readinto1 into a reused buffer), sha256 alone (from memory), writing alone (page cache, no
+fsync; past it, O_DIRECT as the pull's writer) and the fsync after each (page cache with and
+without writeback started every 64 MiB); the whole in-process pull split where its body starts
+and ends and where its writer and hasher finish, with each thread's CPU seconds; `appliance pull
+--dry-run` (everything before the first body byte) and `appliance pull` end to end; the hub
+process's CPU seconds for curl, the in-process pull and the command. A sync (untimed) before
+each disk stage, so none pays for another's writeback.
 
     python bench/pull_stages.py [--size-mb 1024] [--runs 3]
 """
@@ -17,6 +21,7 @@ import contextlib
 import hashlib
 import http.client
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -33,8 +38,8 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance.library.download import CHUNK, WRITEBACK, _writeback  # noqa: E402
-from bench.pull_speed import make_gguf, start_hub  # noqa: E402
+from appliance.library.sink import ALIGN, CHUNK, WRITEBACK, open_direct, start_writeback  # noqa: E402
+from bench.pull_speed import hub_process, make_gguf, process_cpu, pull_env  # noqa: E402
 
 MB = 1e6
 
@@ -94,7 +99,7 @@ def hash_alone(size: int) -> int:
 def write_alone(path: Path, size: int, writeback: bool) -> tuple[float, float]:
     """Seconds to write `size` bytes (page cache), then seconds of the fsync after it."""
     buffer = bytearray(os.urandom(CHUNK))
-    start_writeback = _writeback()
+    writeback_from = start_writeback()
     started = time.perf_counter()
     with path.open("wb") as out:
         fd = out.fileno()
@@ -104,7 +109,7 @@ def write_alone(path: Path, size: int, writeback: bool) -> tuple[float, float]:
             out.write(memoryview(buffer)[:n])
             done += n
             if writeback and done - synced >= WRITEBACK:
-                start_writeback(fd, synced, done - synced)
+                writeback_from(fd, synced, done - synced)
                 synced = done
         out.flush()
         wrote = time.perf_counter() - started
@@ -115,6 +120,30 @@ def write_alone(path: Path, size: int, writeback: bool) -> tuple[float, float]:
     return wrote, synced_s
 
 
+def write_direct_alone(path: Path, size: int) -> tuple[float, float]:
+    """Seconds to write `size` bytes past the page cache (O_DIRECT, as the pull's writer), then
+    seconds of the fsync after it; (nan, nan) where the filesystem refuses O_DIRECT."""
+    buffer = mmap.mmap(-1, CHUNK)
+    buffer[:] = os.urandom(CHUNK)
+    path.touch()
+    fd = open_direct(path)
+    if fd is None:
+        return float("nan"), float("nan")
+    try:
+        started = time.perf_counter()
+        done = 0
+        whole = size // ALIGN * ALIGN  # the last few bytes go through the page cache in a pull
+        while done < whole:
+            done += os.pwrite(fd, memoryview(buffer)[:min(CHUNK, whole - done)], done)
+        wrote = time.perf_counter() - started
+        started = time.perf_counter()
+        os.fsync(fd)
+        return wrote, time.perf_counter() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
@@ -123,16 +152,22 @@ def timed(fn: Callable[[], object]) -> float:
 
 def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     """One in-process pull, split where its request goes out, where the answer's headers are
-    in, at its last byte, and at its end: plan (hub metadata), start, body, then the checks
-    after the last byte (drain, fsync, header, rename, manifest)."""
+    in, at its last byte received, when the writer and hasher are done with it, and at its end:
+    plan (hub metadata), start, body, drain, then fsync, header check, rename and manifest.
+    With the CPU seconds of each thread: the receiver (this one), the writer and the hasher
+    (is the hash on the critical path?)."""
     from appliance.library import download as download_module
+    from appliance.library import sink as sink_module
     from appliance.library.hub import Hub
     from appliance.library.pull import Library
 
     marks: dict[str, float] = {}
     fsyncs: list[float] = []
+    thread_cpu = {"write": 0.0, "hash": 0.0}
     real_fsync = os.fsync
     real_stream = download_module._stream
+    real = {name: getattr(sink_module.Sink, name) for name in ("_write", "_hash", "finish",
+                                                               "drain")}
 
     @contextlib.contextmanager
     def marked_stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -146,42 +181,68 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
         real_fsync(fd)
         fsyncs.append(time.perf_counter() - started)
 
-    def report(event: object) -> None:
-        now = time.perf_counter()
-        stage, completed, total = (getattr(event, k, None) for k in ("stage", "completed",
-                                                                     "total"))
-        if stage == "download" and completed and completed == total:
-            marks.setdefault("last_byte", now)
-        if stage == "verify":
-            marks.setdefault("verify", now)
+    def timed_thread(name: str) -> Callable[[Any], None]:
+        def run(sink: Any) -> None:
+            real["_" + name](sink)
+            thread_cpu[name] += time.thread_time()
+        return run
+
+    def finish(sink: Any) -> str:
+        marks["received"] = time.perf_counter()
+        return real["finish"](sink)
+
+    def drain(sink: Any) -> None:
+        real["drain"](sink)
+        marks["drained"] = time.perf_counter()
 
     library = Library(models, hub=Hub(endpoint, token=False))
     started = time.perf_counter()
     plan = library.plan("bench/Big-GGUF")
     planned = time.perf_counter()
-    download_module.os.fsync = counted_fsync  # the same os module: pull.py's fsyncs count too
+    os.fsync = counted_fsync  # one os module: the sink's and pull.py's fsyncs count
     download_module._stream = marked_stream  # type: ignore[assignment]
+    patched = {"_write": timed_thread("write"), "_hash": timed_thread("hash"),
+               "finish": finish, "drain": drain}
+    for name, fn in patched.items():
+        setattr(sink_module.Sink, name, fn)
+    receiver_cpu = time.thread_time()
     try:
-        library.pull(plan, report)
+        library.pull(plan)
     finally:
-        download_module.os.fsync = real_fsync
+        receiver_cpu = time.thread_time() - receiver_cpu
+        os.fsync = real_fsync
         download_module._stream = real_stream
+        for name, fn in real.items():
+            setattr(sink_module.Sink, name, fn)
     done = time.perf_counter()
     return {"plan_s": planned - started, "to_request_s": marks["request"] - planned,
             "to_response_s": marks["response"] - planned,
-            "body_s": marks["last_byte"] - marks["response"],
-            "after_last_byte_s": done - marks["last_byte"],
-            "fsync_s": sum(fsyncs), "total_s": done - planned}
+            "body_s": marks["received"] - marks["response"],
+            "drain_after_last_byte_s": marks["drained"] - marks["received"],
+            "after_last_byte_s": done - marks["received"],
+            "fsync_s": sum(fsyncs), "total_s": done - planned,
+            "cpu_receiver_s": receiver_cpu, "cpu_writer_s": thread_cpu["write"],
+            "cpu_hasher_s": thread_cpu["hash"]}
 
 
-def cli_pull(endpoint: str, models: Path) -> float:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": "",
-           "APPLIANCE_CONFIG": str(models / "absent.toml"), "APPLIANCE_GPU": "none"}
+def cli_pull(endpoint: str, models: Path, *flags: str) -> float:
+    """Seconds of `appliance pull` from its start to its exit (`--dry-run`: everything before
+    the first body byte: start-up, imports, the metadata call, the fit line). The same settings
+    every run (APPLIANCE_CONFIG beside `models`), as a user has: their memo is used."""
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "appliance.cli", "pull", "bench/Big-GGUF",
-                    "--models-dir", str(models)], check=True, env=env, cwd=REPO,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    "--models-dir", str(models), *flags], check=True,
+                   env=pull_env(endpoint, models.parent), cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
+
+
+def curl_first_byte(url: str) -> float:
+    """curl's own time to its first body byte (its start-up excluded: curl reports it)."""
+    out = subprocess.run(["curl", "-sf", "-o", os.devnull, "-r", "0-0", "-w",
+                          "%{time_starttransfer}", url], check=True, capture_output=True,
+                         text=True).stdout
+    return float(out)
 
 
 def main() -> int:
@@ -200,13 +261,23 @@ def main() -> int:
         source = work / "Big-F32.gguf"
         make_gguf(source, args.size_mb)
         size = source.stat().st_size
-        with start_hub(source) as endpoint:
+        with hub_process(source) as (endpoint, hub_pid):
             url = f"{endpoint}/bench/Big-GGUF/resolve/main/Big-F32.gguf"
             target = work / "curl.out"
+
+            def hub_cpu_of(name: str, fn: Callable[[], object]) -> Any:
+                """fn() with the hub's CPU seconds meanwhile added as hub_cpu_NAME_s."""
+                os.sync()  # nothing dirty left by the stage before
+                used = process_cpu(hub_pid)
+                answer = fn()
+                add(f"hub_cpu_{name}_s", process_cpu(hub_pid) - used)
+                return answer
+
             for run in range(args.runs):
-                add("curl_to_file_s", timed(lambda: subprocess.run(
-                    ["curl", "-sf", "-o", str(target), url], check=True)))
+                add("curl_to_file_s", hub_cpu_of("curl", lambda: timed(lambda: subprocess.run(
+                    ["curl", "-sf", "-o", str(target), url], check=True))))
                 target.unlink()
+                add("curl_first_byte_s", curl_first_byte(url))
                 add("curl_to_null_s", timed(lambda: subprocess.run(
                     ["curl", "-sf", "-o", os.devnull, url], check=True)))
                 add("receive_read1_s", timed(lambda: receive_read1(url)))
@@ -218,13 +289,19 @@ def main() -> int:
                 wrote, synced = write_alone(work / "write.out", size, writeback=True)
                 add("write_with_writeback_s", wrote)
                 add("fsync_after_writeback_s", synced)
+                os.sync()
+                wrote, synced = write_direct_alone(work / "write.out", size)
+                add("write_direct_s", wrote)
+                add("fsync_after_direct_s", synced)
                 models = work / f"models-{run}"
                 models.mkdir()
-                for key, value in pull_phases(endpoint, models).items():
+                for key, value in hub_cpu_of("pull", lambda m=models: pull_phases(
+                        endpoint, m)).items():
                     add(f"pull_{key}", value)
                 shutil.rmtree(models)
                 models.mkdir()
-                add("cli_pull_s", cli_pull(endpoint, models))
+                add("cli_dry_run_s", cli_pull(endpoint, models, "--dry-run"))
+                add("cli_pull_s", hub_cpu_of("cli", lambda m=models: cli_pull(endpoint, m)))
                 shutil.rmtree(models)
                 print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()),
                       flush=True)
@@ -232,8 +309,8 @@ def main() -> int:
     rates = {k.removesuffix("_s") + "_mb_per_s": round(size / v / MB, 1)
              for k, v in median.items()
              if k in ("curl_to_file_s", "curl_to_null_s", "receive_read1_s",
-                      "receive_readinto1_s", "sha256_s", "write_s", "pull_body_s",
-                      "pull_total_s", "cli_pull_s")}
+                      "receive_readinto1_s", "sha256_s", "write_s", "write_direct_s",
+                      "pull_body_s", "pull_total_s", "cli_pull_s")}
     result = {"bytes": size, "runs": args.runs, "median_s": median, "median_rates": rates,
               "all_s": {k: [round(x, 3) for x in v] for k, v in runs.items()},
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",

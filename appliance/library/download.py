@@ -9,21 +9,19 @@ is configured (HTTPS_PROXY and friends) the download goes through huggingface-hu
 which honours it.
 
 Receiving, writing and hashing overlap: this thread only receives, into a few large reused
-buffers; a writer thread appends each one to the file and asks the kernel to start writing back
-every WRITEBACK bytes, so that the one fsync at the end finds little left to do; a hasher thread
-hashes them (hashlib and file writes drop the GIL). A cancel (the daemon stopping) shuts the socket, so a read
-that waits on a slow network returns at once; what was received stays in the partial file.
+buffers; the sink's writer thread appends each one to the file (past the page cache where the
+filesystem allows) and its hasher thread hashes them (hashlib and file writes drop the GIL); see
+sink.py. A cancel (the daemon stopping) shuts the socket, so a read that waits on a slow network
+returns at once; what was received stays in the partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import http.client
 import logging
 import mmap
-import os
 import queue
 import socket
 import ssl
@@ -43,14 +41,12 @@ from appliance.library.errors import (
     RepoNotFound,
 )
 from appliance.library.hub import OFFLINE_HINT, TOKEN_HINT, hub_errors
+from appliance.library.sink import CHUNK, Buffer, Sink
 
 log = logging.getLogger(__name__)
 
-CHUNK = 8 * 2**20  # one buffer; measured: 1 MiB chunks cost ~10 % against curl, 4 MiB ~2 %
 BUFFERS = 4  # in flight between receiving and writing: 32 MiB of memory at most
-Buffer = bytearray | mmap.mmap
 HAND_OFF_S = 0.5  # a partly filled buffer goes to the writer after this: progress on slow links
-WRITEBACK = 64 * 2**20  # start the kernel writing back every this many bytes
 MAX_REDIRECTS = 5
 RETRIES = 5  # connection drops resumed in a row before giving up (a made progress resets it)
 BACKOFF_S = (0.5, 1, 2, 4, 8)
@@ -111,112 +107,6 @@ def hash_file(path: Path, limit: int | None = None) -> Any:
     return sha
 
 
-def _writeback() -> Callable[[int, int, int], Any]:
-    """sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE): start writing pages back without
-    waiting (Linux); elsewhere nothing, and the final fsync does it all."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
-        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    except (OSError, AttributeError):
-        return lambda fd, offset, n: None
-    return lambda fd, offset, n: call(fd, offset, n, 2)
-
-
-class _Sink:
-    """The partial file's two threads: the writer appends buffers in order and starts their
-    writeback, the hasher hashes them in the same order (after the bytes already there, for a
-    resumed pull) and hands each buffer back to the receiver. Each thread is its own share of a
-    busy machine's CPU, and hashlib and writes both drop the GIL."""
-
-    def __init__(self, out: Any, have: int, free: queue.Queue[Buffer]) -> None:
-        self.out = out
-        self.fd = out.fileno()
-        self.free = free
-        self.written = have
-        self.error: BaseException | None = None
-        self._existing = have
-        self._synced = have
-        self._sha = hashlib.sha256()
-        self._writeback = _writeback()
-        self._start()
-
-    def _start(self) -> None:
-        self._writes: queue.Queue[tuple[Buffer, int] | None] = queue.Queue()
-        self._hashes: queue.Queue[tuple[Buffer, int] | None] = queue.Queue()
-        self._threads = [threading.Thread(target=self._write, name="pull-write", daemon=True),
-                         threading.Thread(target=self._hash, name="pull-hash", daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def put(self, buffer: Buffer, n: int) -> None:
-        self._writes.put((buffer, n))
-
-    def _write(self) -> None:
-        while (item := self._writes.get()) is not None:
-            buffer, n = item
-            if self.error is None:
-                try:
-                    self.out.write(memoryview(buffer)[:n])
-                    self.written += n
-                    if self.written - self._synced >= WRITEBACK:
-                        self._writeback(self.fd, self._synced, self.written - self._synced)
-                        self._synced = self.written
-                except BaseException as e:  # a full disk: the receiver stops and raises it
-                    self.error = e
-            self._hashes.put(item)
-        self._hashes.put(None)
-
-    def _hash(self) -> None:
-        if self._existing:
-            try:
-                self._sha = self._hash_existing()
-            except BaseException as e:  # reported by the receiving thread
-                self.error = e
-        while (item := self._hashes.get()) is not None:
-            buffer, n = item
-            if self.error is None:
-                self._sha.update(memoryview(buffer)[:n])
-            self.free.put(buffer)
-
-    def _hash_existing(self) -> Any:
-        sha = hashlib.sha256()
-        left = self._existing
-        offset = 0
-        while left > 0:
-            chunk = os.pread(self.fd, min(CHUNK, left), offset)
-            if not chunk:
-                break
-            sha.update(chunk)
-            left -= len(chunk)
-            offset += len(chunk)
-        return sha
-
-    def drain(self) -> None:
-        """Wait until every buffer handed over is written and hashed; raise what was hit."""
-        self._writes.put(None)
-        for thread in self._threads:
-            thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def restart(self) -> None:
-        """Empty the file and the hash (the server ignored a Range); the sink runs again."""
-        self.drain()
-        self.out.truncate(0)
-        self.out.seek(0)
-        self.written = self._existing = self._synced = 0
-        self._sha = hashlib.sha256()
-        self._start()
-
-    def finish(self) -> str:
-        """Every byte written and on the disk (one fsync); the sha256 in hex."""
-        self.drain()
-        self.out.flush()
-        os.fsync(self.fd)
-        return self._sha.hexdigest()
-
-
 def download(url: str, partial: Path, *, size: int, sha256: str | None,
              headers: dict[str, str], repo: str, on_bytes: Callable[[int], None],
              cancel: Cancel | None = None, timeout: float = 30.0) -> str:
@@ -239,7 +129,7 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
         free.put(mmap.mmap(-1, CHUNK))
     failures = 0
     with partial.open("a+b") as out:  # read too: a resume hashes what is there
-        sink = _Sink(out, have, free)
+        sink = Sink(partial, out, have, free)
         try:
             while have < size:  # a partial already whole (cut short before its install) is
                 if cancel.is_set():  # only hashed again
@@ -260,13 +150,14 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
                             if sink.error is not None:
                                 free.put(buffer)
                                 sink.drain()  # raises the writer's error
+                            start = sink.start_in_buffer(have)
                             try:
-                                n = _fill(buffer, read, cancel)
+                                n = _fill(buffer, start, read, cancel)
                             except BaseException:
                                 free.put(buffer)  # its bytes are fetched again on the retry
                                 raise
                             if n:
-                                sink.put(buffer, n)
+                                sink.put(buffer, start, n)
                                 have += n
                                 on_bytes(have)
                                 failures = 0
@@ -297,6 +188,8 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
                 sink.drain()  # what arrived is written: a later pull resumes after it
             out.flush()
             raise
+        finally:
+            sink.close()
     actual = partial.stat().st_size
     if actual != size:
         partial.unlink(missing_ok=True)
@@ -314,13 +207,13 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
 Reader = Callable[[memoryview], int]
 
 
-def _fill(buffer: Buffer, read: Reader, cancel: threading.Event) -> int:
-    """Receive into `buffer` until it is full, the body ends, or HAND_OFF_S passed with some
-    bytes in it (so progress flows on slow links); the count received."""
-    view = memoryview(buffer)
+def _fill(buffer: Buffer, start: int, read: Reader, cancel: threading.Event) -> int:
+    """Receive into `buffer` from `start` until it is full, the body ends, or HAND_OFF_S passed
+    with some bytes in it (so progress flows on slow links); the count received."""
+    view = memoryview(buffer)[start:]
     n = 0
     started = time.monotonic()
-    while n < len(buffer):
+    while n < len(view):
         got = read(view[n:])
         if not got:
             break

@@ -46,6 +46,14 @@ class HubUnreachable(LibraryError):
     code = "hub_unreachable"
 
 
+class BadHubAnswer(LibraryError):
+    """The hub (or a mirror) answered with metadata we cannot trust."""
+
+    status = 502
+    type = "server_error"
+    code = "bad_hub_answer"
+
+
 class NotEnoughSpace(LibraryError):
     """The models folder's disk cannot hold what the pull needs."""
 

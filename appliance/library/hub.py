@@ -1,8 +1,11 @@
 """Resolve a hub repository into what to download: the GGUF file(s) for a quantization, or the
 safetensors checkpoint for our converter, with sizes and LFS sha256s from the hub's metadata.
 
-All hub calls go through huggingface-hub (its HfApi, its HTTP session, its error types), with
-the endpoint passed explicitly: huggingface-hub reads HF_ENDPOINT once, at import.
+All hub calls go through huggingface-hub (its HTTP session, headers and token, its error
+types), with the endpoint passed explicitly: huggingface-hub reads HF_ENDPOINT once, at import.
+The metadata call is HfApi.model_info's request (same URL, parameters and error checks) without
+HfApi: importing huggingface_hub.hf_api cost every `appliance pull` 0.3 s (a loaded 2-core
+VM) before its first byte, and its answer is read here with bounds on what we use.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
 from appliance.library.errors import (
+    BadHubAnswer,
     BadReference,
     GatedRepo,
     HubUnreachable,
@@ -95,13 +100,23 @@ class Hub:
 
     # -- calls -----------------------------------------------------------------------------
 
-    def model_info(self, ref: HubRef) -> Any:
-        from huggingface_hub import HfApi
+    def model_info(self, ref: HubRef) -> tuple[str | None, list[HubFile]]:
+        """The repo's commit and files (with sizes and LFS sha256s): what HfApi.model_info(
+        files_metadata=True) asks for."""
+        from huggingface_hub.utils import get_session, hf_raise_for_status
 
-        api = HfApi(endpoint=self.endpoint, token=self.token)
+        url = f"{self.endpoint}/api/models/{ref.repo}"
+        if ref.revision is not None:
+            url += f"/revision/{quote(ref.revision, safe='')}"
         with hub_errors(ref.repo, ref.revision):
-            return api.model_info(ref.repo, revision=ref.revision, files_metadata=True,
-                                  timeout=self.timeout)
+            response = get_session().get(url, headers=self.headers(), timeout=self.timeout,
+                                         params={"blobs": True})
+            hf_raise_for_status(response)
+        try:
+            data = response.json()
+        except ValueError:
+            data = None  # refused below as malformed
+        return read_model_info(ref.repo, data)
 
     def file_url(self, repo: str, filename: str, commit: str) -> str:
         """hf_hub_url's answer for a model repo, from its own template: importing hf_hub_url
@@ -122,14 +137,8 @@ class Hub:
     # -- planning --------------------------------------------------------------------------
 
     def plan(self, ref: HubRef) -> HubPlan:
-        info = self.model_info(ref)
-        siblings = list(info.siblings or [])
-        if len(siblings) > MAX_FILES:
-            raise LibraryError(f"{ref.repo} lists {len(siblings)} files; that is not a model "
-                               "repository we can pull", "choose a GGUF or safetensors repo")
-        commit = info.sha or ref.revision or "main"
-        files = [HubFile(s.rfilename, int(s.size or (s.lfs.size if s.lfs else 0) or 0),
-                         s.lfs.sha256 if s.lfs else None) for s in siblings]
+        sha, files = self.model_info(ref)
+        commit = sha or ref.revision or "main"
         ggufs = [f for f in files if f.name.lower().endswith(".gguf")
                  and "mmproj" not in f.name.lower()]
         if ggufs:
@@ -140,6 +149,47 @@ class Hub:
         raise RepoNotFound(f"{ref.repo} has neither GGUF files nor a safetensors checkpoint",
                            "pull a repo with .gguf files (e.g. Qwen/Qwen3-8B-GGUF) or a "
                            "transformers checkpoint (e.g. Qwen/Qwen3-8B)")
+
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_COMMIT = re.compile(r"^[0-9a-zA-Z._-]{1,100}$")
+
+
+def read_model_info(repo: str, data: Any) -> tuple[str | None, list[HubFile]]:
+    """(commit, files) from the hub's model info; a malformed answer (a broken or hostile
+    mirror) is refused, never trusted: a sha256 names the partial file on disk."""
+
+    def malformed(what: str) -> BadHubAnswer:
+        return BadHubAnswer(f"the hub's answer about {repo} is malformed ({what})",
+                            "check HF_ENDPOINT, or try again later")
+
+    if not isinstance(data, Mapping):
+        raise malformed("not an object")
+    siblings = data.get("siblings") or []
+    if not isinstance(siblings, list):
+        raise malformed("siblings")
+    if len(siblings) > MAX_FILES:
+        raise LibraryError(f"{repo} lists {len(siblings)} files; that is not a model "
+                           "repository we can pull", "choose a GGUF or safetensors repo")
+    sha = data.get("sha")
+    if sha is not None and not (isinstance(sha, str) and _COMMIT.match(sha)):
+        raise malformed("sha")
+    files = []
+    for item in siblings:
+        name = item.get("rfilename") if isinstance(item, Mapping) else None
+        if not isinstance(name, str) or not 0 < len(name) <= 1000:
+            raise malformed("a file name")
+        lfs = item.get("lfs")
+        if lfs is not None and not isinstance(lfs, Mapping):
+            raise malformed(f"lfs of {name[:80]}")
+        size = item.get("size") or (lfs or {}).get("size") or 0
+        digest = (lfs or {}).get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**50:
+            raise malformed(f"size of {name[:80]}")
+        if digest is not None and not (isinstance(digest, str) and _SHA256.match(digest)):
+            raise malformed(f"sha256 of {name[:80]}")
+        files.append(HubFile(name, size, digest.lower() if digest else None))
+    return sha, files
 
 
 def plan_gguf(ref: HubRef, commit: str, ggufs: list[HubFile]) -> HubPlan:

@@ -1,0 +1,90 @@
+"""The hub's metadata answer, read with bounds: what a broken or hostile mirror sends is refused
+with a clear error, never used (a sha256 names a file on disk)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.library.errors import BadHubAnswer, LibraryError
+from appliance.library.hub import MAX_FILES, HubFile, read_model_info
+from appliance.library.pull import Library
+from tests.library.conftest import GGUF_REPO
+from tests.library.hub_server import LocalHub
+
+SHA = "ab" * 32
+
+
+def test_a_good_answer_gives_sizes_and_lfs_sha256s() -> None:
+    sha, files = read_model_info("a/b", {"sha": "0123abc", "siblings": [
+        {"rfilename": "m-Q4_K_M.gguf", "size": 10, "lfs": {"size": 10, "sha256": SHA.upper()}},
+        {"rfilename": "README.md", "size": 5},
+        {"rfilename": "x.gguf", "lfs": {"size": 7, "sha256": SHA}}]})
+    assert sha == "0123abc"
+    assert files == [HubFile("m-Q4_K_M.gguf", 10, SHA), HubFile("README.md", 5, None),
+                     HubFile("x.gguf", 7, SHA)]
+
+
+@pytest.mark.parametrize("answer", [
+    None, [], "text", {"siblings": "x"}, {"siblings": [1]}, {"siblings": [{"size": 3}]},
+    {"siblings": [{"rfilename": ""}]}, {"siblings": [{"rfilename": "a" * 1001}]},
+    {"siblings": [{"rfilename": "a", "size": -1}]},
+    {"siblings": [{"rfilename": "a", "size": True}]},
+    {"siblings": [{"rfilename": "a", "size": "12"}]},
+    {"siblings": [{"rfilename": "a", "size": 2**60}]},
+    {"siblings": [{"rfilename": "a", "lfs": "x"}]},
+    {"siblings": [{"rfilename": "a", "lfs": {"size": 3, "sha256": "../../etc/passwd"}}]},
+    {"siblings": [{"rfilename": "a", "lfs": {"size": 3, "sha256": SHA[:-1] + "g"}}]},
+    {"siblings": [], "sha": "../x"}, {"siblings": [], "sha": 5},
+])
+def test_a_malformed_answer_is_refused(answer: Any) -> None:
+    with pytest.raises(BadHubAnswer, match="malformed") as e:
+        read_model_info("a/b", answer)
+    assert e.value.status == 502 and "\n" not in e.value.message
+
+
+def test_too_many_files_are_refused_before_reading_them() -> None:
+    with pytest.raises(LibraryError, match="files; that is not a model"):
+        read_model_info("a/b", {"siblings": [{}] * (MAX_FILES + 1)})
+
+
+def test_a_hostile_mirror_naming_files_by_path_is_refused(library: Library,
+                                                          hub: LocalHub) -> None:
+    """Through huggingface-hub's session and the local hub: a sha256 that is a path."""
+    hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"].sha256 = "../../outside"
+    with pytest.raises(BadHubAnswer, match=r"sha256 of Tiny-Q4_K_M\.gguf"):
+        library.plan(GGUF_REPO)
+    assert hub.gets.total() == 0
+    assert not any(library.models_dir.rglob("*.partial"))
+
+
+def test_planning_does_not_import_hf_api(hub: LocalHub, tmp_path: Path) -> None:
+    """HfApi's import cost every CLI pull 0.3 s before its first byte; its request is ours
+    (in a fresh interpreter: this one may have imported it for another test)."""
+    code = ("import sys; from pathlib import Path; from appliance.library.hub import Hub; "
+            "from appliance.library.pull import Library; "
+            f"plan = Library(Path({str(tmp_path)!r}), hub=Hub({hub.url!r}, token=False))"
+            f".plan({GGUF_REPO!r}); "
+            "print(plan.hub.files[0].sha256, 'huggingface_hub.hf_api' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == [hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"].sha256, "False"]
+
+
+def test_offline_mode_is_one_clear_line(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE (read by huggingface-hub at import, hence a child process): the metadata
+    request over its session is refused before any connection, as HfApi's was."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "APPLIANCE_CONFIG": str(tmp_path / "absent.toml"), "APPLIANCE_GPU": "none"}
+    done = subprocess.run([sys.executable, "-m", "appliance.cli", "pull", GGUF_REPO,
+                           "--models-dir", str(tmp_path / "models"), "--dry-run"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "appliance: error: HF_HUB_OFFLINE is set: the hub is not asked (hint: unset "
+        "HF_HUB_OFFLINE, or pull a local file)"]
