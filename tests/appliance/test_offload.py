@@ -295,3 +295,18 @@ def test_the_repacked_copy_is_what_llama_cpp_allocates(small_checkpoint: Path, t
                       info, 256, repack_types=types)
     assert on_gpu.all_on_gpu and on_gpu.repack_in_ram == 0
     assert weights_repacked(info, 1, False, types) < plan.repack_in_ram
+
+
+@pytest.mark.parametrize(("system_info", "expected"), [
+    ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | OPENMP = 1 | REPACK = 1 | ",
+     {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}),
+    ("CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |", {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}),
+    ("CPU : NEON = 1 | ARM_FMA = 1 | DOTPROD = 1 | REPACK = 1 |",
+     {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}),
+    ("CPU : AVX2 = 1 | REPACK = 0 |", set()),  # built without repacking
+    ("CPU : SSE3 = 1 | REPACK = 1 |", set()),  # no kernel for this instruction set
+])
+def test_repacked_types_follow_the_build(system_info: str, expected: set[str]) -> None:
+    from appliance.engine.runtime import repack_types
+
+    assert repack_types(system_info) == expected
