@@ -246,7 +246,8 @@ def fewer_layers(n_gpu_layers: int) -> int:
 
 
 def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, margin: int,
-               n_ubatch: int = N_UBATCH, kv_type: str = "f16") -> OffloadPlan:
+               n_ubatch: int = N_UBATCH, kv_type: str = "f16",
+               repack_types: frozenset[str] = frozenset()) -> OffloadPlan:
     """Layers across `devices` (in llama.cpp's device order: workers, then local GPUs) and the
     CPU. Local GPUs fill first (no network between them and the output); the workers share what
     is left in proportion to their free memory (as llama.cpp's own default split does); the CPU
@@ -318,4 +319,5 @@ def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, 
         free_vram=sum(s.free for s in local), weights_on_gpu=sum(s.weights for s in local),
         kv_on_gpu=sum(s.kv for s in local), compute_buffer=sum(s.compute for s in local),
         margin=margin, weights_in_ram=cpu.weights, kv_in_ram=cpu.kv,
-        compute_in_ram=cpu.compute, split=(*shares, cpu))
+        compute_in_ram=cpu.compute, split=(*shares, cpu),
+        repack_in_ram=weights_repacked(info, cpu_layers, placed == 0, repack_types))

@@ -267,7 +267,8 @@ class ModelLoader:
 
         def plan(n_ctx_total: int, kv_type: str) -> OffloadPlan:
             return plan_split(entry.info, devices, n_ctx_total=n_ctx_total,
-                              margin=self.settings.vram_margin_mib * 2**20, kv_type=kv_type)
+                              margin=self.settings.vram_margin_mib * 2**20, kv_type=kv_type,
+                              repack_types=self.repack_types())
 
         wanted = overrides.context_length or self.settings.context_length
         trained = entry.info.context_length or None
