@@ -1,18 +1,21 @@
 """Embedding throughput, chat and embeddings at once, and resident memory, in one run.
 
     python bench/embed_throughput.py EMBED.gguf CHAT.gguf [--threads 2] [--inputs 256]
-        [--cpp-server $(bench/build_llama_server.sh)]
+        [--rounds 3] [--cpp-server $(bench/build_llama_server.sh)]
 
 (a) throughput: `--inputs` texts of ~64 tokens embedded in one /v1/embeddings request of our
     daemon, against (1) one request per input through our API and (2) llama.cpp's llama-server
-    `--embeddings` on the same file with the same threads and the same batch sizes (one request
-    with every input). Also in process, without HTTP: one llama_decode per input (the naive
-    loop) and our EmbeddingRuntime with many inputs per decode (the ceiling).
+    `--embeddings` on the same file, set up as our embedding model is (the model's pooling, the
+    same threads, 64 sequences in one unified 4096-token cache, 512-token micro-batches), one
+    request with every input; the two servers alternate for `--rounds` rounds (medians), and
+    the cosine of their vectors for the same inputs is reported. Also in process, without HTTP:
+    one llama_decode per input (the naive loop) and our EmbeddingRuntime with many inputs per
+    decode (the ceiling).
 (b) chat and embeddings at once: 4 streams of a chat turn on CHAT.gguf, their aggregate decode
     rate alone, then while one all-inputs embedding request runs (tokens counted inside the
     request's time window only); both must finish, and each model must have loaded once.
-(c) memory: the daemon's RSS growth with both models resident (after the work, so every page
-    they touch is in) against the planner's RAM figures, and each model's RSS at load.
+(c) memory: the daemon's RSS growth with both models resident, after each has reached the peak
+    the planner plans for (see resident_memory), against the planner's RAM figures.
 Targets (the issue's): (a) >= 5x per-request and >= 1.0x llama-server; (b) >= 0.5x solo;
 (c) within 10 %. Prints one JSON object and writes bench/results/embed_throughput-<embed>.json.
 """
