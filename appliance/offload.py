@@ -10,10 +10,11 @@ buffer): the residency manager admits a model beside the resident ones on both f
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from appliance.gguf_info import GGUFInfo
+from appliance.gguf_info import GGML_TYPES, GGUFInfo
 
 MIB = 2**20
 N_UBATCH = 512
@@ -21,6 +22,7 @@ N_UBATCH = 512
 # scale and 32 int8 (34 bytes per 32 values); block_q4_0 an f16 scale and 32 nibbles (18 per 32).
 KV_BLOCKS = {"f16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18)}
 KV_CACHE_TYPES = tuple(KV_BLOCKS)
+_LAYER_INDEX = re.compile(r"blk\.(\d+)\.")
 
 
 def kv_type_fits(info: GGUFInfo, kv_type: str) -> bool:
@@ -62,6 +64,7 @@ class OffloadPlan:
     kv_in_ram: int = 0
     compute_in_ram: int = 0
     output_in_ram: int = 0  # llama.cpp's host buffer of outputs (logits, embeddings)
+    repack_in_ram: int = 0  # the CPU backend's repacked copy of some weights (weights_repacked)
     split: tuple[DeviceShare, ...] = ()  # per device, when layers are split over RPC workers
     context_per_slot: int = 0  # set by appliance.context_sizing with the reason for it
     context_reason: str = ""
@@ -74,7 +77,8 @@ class OffloadPlan:
 
     @property
     def planned_ram(self) -> int:
-        own = self.weights_in_ram + self.kv_in_ram + self.compute_in_ram + self.output_in_ram
+        own = (self.weights_in_ram + self.kv_in_ram + self.compute_in_ram + self.output_in_ram
+               + self.repack_in_ram)
         return own + (self.draft.planned_ram if self.draft else 0)
 
     @property
@@ -87,9 +91,10 @@ class OffloadPlan:
 
 
 def with_ram(plan: OffloadPlan, info: GGUFInfo, n_ctx_total: int,
-             n_ubatch: int = N_UBATCH) -> OffloadPlan:
+             n_ubatch: int = N_UBATCH, repack_types: frozenset[str] = frozenset()) -> OffloadPlan:
     """`plan` with the RAM it leaves on the CPU: the weights not offloaded (llama.cpp maps the
-    file, and every page is read on a decode), the CPU layers' KV cache, the CPU scratch."""
+    file, and every page is read on a decode), the CPU layers' KV cache, the CPU scratch, and
+    the repacked copy of the CPU's weights of `repack_types` (weights_repacked)."""
     n_cpu_layers = max(0, plan.n_layers - min(plan.n_gpu_layers, plan.n_layers))
     weights_total = sum(t.nbytes for t in info.tensors)
     on_gpu = plan.weights_on_gpu
@@ -99,7 +104,35 @@ def with_ram(plan: OffloadPlan, info: GGUFInfo, n_ctx_total: int,
     weights = max(0, weights_total - on_gpu)
     kv = kv_bytes_per_layer(info, n_ctx_total, plan.kv_cache_type) * n_cpu_layers
     compute = compute_buffer_bytes(info, n_ubatch) if plan.n_gpu_layers <= plan.n_layers else 0
-    return replace(plan, weights_in_ram=weights, kv_in_ram=kv, compute_in_ram=compute)
+    repack = weights_repacked(info, n_cpu_layers, plan.n_gpu_layers <= plan.n_layers,
+                              repack_types)
+    return replace(plan, weights_in_ram=weights, kv_in_ram=kv, compute_in_ram=compute,
+                   repack_in_ram=repack)
+
+
+def weights_repacked(info: GGUFInfo, n_cpu_layers: int, head_on_cpu: bool,
+                     repack_types: frozenset[str]) -> int:
+    """Bytes of the CPU backend's repacked copy (llama.cpp's CPU_REPACK buffer): the matrices
+    of the layers left on the CPU, and of the output head there, whose type this build repacks
+    into interleaved rows for its SIMD kernels (ggml-cpu/repack.cpp; rows in whole groups of 8).
+    It is a second copy, in anonymous memory: the file's pages of those tensors were read to
+    make it and stay mapped (clean page cache the kernel may drop, but RSS until it does), so
+    the planner counts both, as the daemon's RSS shows them. Never the token embedding: it is
+    read by row lookup, which no repacked layout serves. A tied head (that tensor, duplicated
+    for the matrix product) is counted when its type is repacked: unchecked against llama.cpp,
+    as our converter keeps the token embedding in Q6_K, which x86 does not repack."""
+    if not repack_types:
+        return 0
+    head = "output.weight" if info.tensor_bytes("output.weight") else "token_embd.weight"
+    total = 0
+    for t in info.tensors:
+        name = GGML_TYPES.get(t.type, ("",))[0]
+        if name not in repack_types or len(t.shape) != 2 or t.shape[1] % 8:
+            continue
+        layer = _LAYER_INDEX.match(t.name)
+        if (layer and int(layer.group(1)) < n_cpu_layers) or (head_on_cpu and t.name == head):
+            total += t.nbytes
+    return total
 
 
 def head_sizes(info: GGUFInfo) -> tuple[int, int]:
@@ -145,14 +178,15 @@ def output_buffer_bytes(info: GGUFInfo, n_outputs: int) -> int:
 def plan_offload(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str,
                  margin: int, gpu_build: bool, forced_layers: int | None = None,
                  n_ubatch: int = N_UBATCH, kv_type: str = "f16",
-                 n_outputs: int = 0) -> OffloadPlan:
+                 n_outputs: int = 0, repack_types: frozenset[str] = frozenset()) -> OffloadPlan:
     """Layers on the GPU from free VRAM, and what that leaves in RAM; `n_outputs`: the most
-    outputs one decode asks for (an embedding model: every token of a full batch)."""
+    outputs one decode asks for (an embedding model: every token of a full batch);
+    `repack_types`: the weight types this llama.cpp build repacks on the CPU."""
     plan = _plan_gpu(info, n_ctx_total=n_ctx_total, free_vram=free_vram, device=device,
                      margin=margin, gpu_build=gpu_build, forced_layers=forced_layers,
                      n_ubatch=n_ubatch, kv_type=kv_type)
     plan = replace(plan, output_in_ram=output_buffer_bytes(info, n_outputs))
-    return with_ram(plan, info, n_ctx_total, n_ubatch)
+    return with_ram(plan, info, n_ctx_total, n_ubatch, repack_types)
 
 
 def _plan_gpu(info: GGUFInfo, *, n_ctx_total: int, free_vram: int, device: str, margin: int,
@@ -212,7 +246,8 @@ def fewer_layers(n_gpu_layers: int) -> int:
 
 
 def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, margin: int,
-               n_ubatch: int = N_UBATCH, kv_type: str = "f16") -> OffloadPlan:
+               n_ubatch: int = N_UBATCH, kv_type: str = "f16",
+               repack_types: frozenset[str] = frozenset()) -> OffloadPlan:
     """Layers across `devices` (in llama.cpp's device order: workers, then local GPUs) and the
     CPU. Local GPUs fill first (no network between them and the output); the workers share what
     is left in proportion to their free memory (as llama.cpp's own default split does); the CPU
@@ -284,4 +319,5 @@ def plan_split(info: GGUFInfo, devices: list[DeviceShare], *, n_ctx_total: int, 
         free_vram=sum(s.free for s in local), weights_on_gpu=sum(s.weights for s in local),
         kv_on_gpu=sum(s.kv for s in local), compute_buffer=sum(s.compute for s in local),
         margin=margin, weights_in_ram=cpu.weights, kv_in_ram=cpu.kv,
-        compute_in_ram=cpu.compute, split=(*shares, cpu))
+        compute_in_ram=cpu.compute, split=(*shares, cpu),
+        repack_in_ram=weights_repacked(info, cpu_layers, placed == 0, repack_types))

@@ -43,6 +43,30 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+# The weight types ggml's CPU backend repacks, by an instruction set its build reports
+# (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type, in the llama.cpp we build).
+_REPACKED_BY_FEATURE = {"AVX2": {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}, "AVX512": {"Q2_K"},
+                        "DOTPROD": {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}}
+
+
+def repack_types(system_info: str) -> frozenset[str]:
+    """The weight types a build with this llama_print_system_info() keeps a repacked copy of
+    on the CPU: none unless it was built with REPACK."""
+    features = {name.strip() for part in system_info.split("|") if "=" in part
+                for name, value in [part.rsplit("=", 1)] if value.strip() == "1"}
+    features = {f.split(":")[-1].strip() for f in features}  # "CPU : SSE3" → "SSE3"
+    if "REPACK" not in features:
+        return frozenset()
+    return frozenset().union(*(types for feature, types in _REPACKED_BY_FEATURE.items()
+                               if feature in features))
+
+
+def cpu_repack_types() -> frozenset[str]:
+    """The weight types this process's llama.cpp repacks on the CPU."""
+    ensure_backend()
+    return repack_types(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+
+
 @dataclass(frozen=True)
 class ThinkMarkup:
     """Qwen3's thinking tags as single tokens, and the token runs the engine appends itself."""

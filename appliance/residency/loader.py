@@ -33,7 +33,12 @@ from appliance.engine.compute_turns import (
 from appliance.engine.draft import DraftBudget, DraftModel
 from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime, EmbeddingWorker
 from appliance.engine.rpc import RpcWorkers, WorkerDevice
-from appliance.engine.runtime import LlamaRuntime, RuntimeOptions, gpu_offload_supported
+from appliance.engine.runtime import (
+    LlamaRuntime,
+    RuntimeOptions,
+    cpu_repack_types,
+    gpu_offload_supported,
+)
 from appliance.engine.scheduler import Scheduler, SchedulerObserver
 from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable, WorkerUnavailable
 from appliance.gpu import GpuProbe
@@ -144,6 +149,7 @@ class ModelLoader:
         self.ram_total = ram_total  # physical RAM: auto context's KV share on CPU
         self.failures = FailureMemory()
         self._gpu_build: bool | None = None
+        self._repack_types: frozenset[str] | None = None
         workers = getattr(settings, "rpc_workers", None)
         # Chat models split their layers over these; embedding models stay local (small).
         self.rpc = rpc if rpc is not None else RpcWorkers(workers) if workers else None
@@ -152,6 +158,12 @@ class ModelLoader:
         if self._gpu_build is None:
             self._gpu_build = gpu_offload_supported()
         return self._gpu_build
+
+    def repack_types(self) -> frozenset[str]:
+        """The weight types llama.cpp keeps a repacked copy of on this CPU (planned RAM)."""
+        if self._repack_types is None:
+            self._repack_types = cpu_repack_types()
+        return self._repack_types
 
     def preflight(self, entry: ModelEntry) -> None:
         """Raise ModelUnusable if `entry` cannot work, without touching what is loaded."""
@@ -198,7 +210,7 @@ class ModelLoader:
                 margin=self.settings.vram_margin_mib * 2**20, gpu_build=self.gpu_build(),
                 forced_layers=overrides.gpu_layers, n_ubatch=n_ubatch, kv_type=kv_type,
                 # Pooling makes every token of an embedding decode an output.
-                n_outputs=n_ctx_total if embedding else 0)
+                n_outputs=n_ctx_total if embedding else 0, repack_types=self.repack_types())
 
         if embedding:  # one decode's cache, cleared after it: f16, no sizing
             return plan(context, "f16"), context
@@ -255,7 +267,8 @@ class ModelLoader:
 
         def plan(n_ctx_total: int, kv_type: str) -> OffloadPlan:
             return plan_split(entry.info, devices, n_ctx_total=n_ctx_total,
-                              margin=self.settings.vram_margin_mib * 2**20, kv_type=kv_type)
+                              margin=self.settings.vram_margin_mib * 2**20, kv_type=kv_type,
+                              repack_types=self.repack_types())
 
         wanted = overrides.context_length or self.settings.context_length
         trained = entry.info.context_length or None
@@ -336,7 +349,8 @@ class ModelLoader:
                 n_threads=self.settings.threads, flash_attn=self.settings.flash_attn,
                 kv_cache_type=plan.kv_cache_type))))
         if layers != plan.n_gpu_layers:
-            plan = self._retried(entry, plan, layers, context * self.settings.parallel)
+            plan = self._retried(entry, plan, layers, context * self.settings.parallel,
+                                 self.repack_types())
         return runtime, plan
 
     def _open_draft(self, entry: ModelEntry, plan: OffloadPlan,
@@ -372,12 +386,13 @@ class ModelLoader:
                 log.warning("load of %s failed; retrying with %d GPU layers", entry.id, layers)
 
     @staticmethod
-    def _retried(entry: ModelEntry, plan: OffloadPlan, layers: int, n_ctx: int) -> OffloadPlan:
+    def _retried(entry: ModelEntry, plan: OffloadPlan, layers: int, n_ctx: int,
+                 repack_types: frozenset[str]) -> OffloadPlan:
         assert entry.info is not None
         retried = replace(plan, n_gpu_layers=layers, device=plan.device if layers else "cpu",
                           reason=f"retried with {layers} GPU layers after a failed load",
                           weights_on_gpu=0, kv_on_gpu=0, compute_buffer=0)
-        return with_ram(retried, entry.info, n_ctx)
+        return with_ram(retried, entry.info, n_ctx, repack_types=repack_types)
 
     def _load_embedding(self, entry: ModelEntry) -> EmbeddingModel:
         try:
@@ -388,7 +403,7 @@ class ModelLoader:
                     n_seq=EMBEDDING_SEQUENCES, n_threads=self.settings.threads,
                     flash_attn=self.settings.flash_attn))))
             if layers != plan.n_gpu_layers:
-                plan = self._retried(entry, plan, layers, context)
+                plan = self._retried(entry, plan, layers, context, self.repack_types())
         except (LoadFailed, ModelUnusable) as e:
             self.failures.remember(entry, e.message)
             raise

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import pytest
@@ -212,3 +214,99 @@ def test_an_embedding_plan_matches_what_llama_cpp_allocates(tiny_embedding_gguf:
         assert grown <= (plan.output_in_ram + plan.compute_in_ram) * 1.2
     finally:
         runtime.close()
+
+
+def _logged_buffers(load: Callable[[], Any]) -> dict[str, float]:
+    """llama.cpp's logged buffer sizes (bytes by buffer name) while `load` runs."""
+    import ctypes
+    import re
+
+    import llama_cpp
+    import llama_cpp._logger
+
+    lines: list[bytes] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if text and b"buffer size" in text:
+            lines.append(text)
+
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        load()
+    finally:  # back to llama-cpp-python's own logger
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+    logged: dict[str, float] = {}
+    for line in lines:
+        for name, mib in re.findall(rb"(\w+) model buffer size = +([\d.]+) MiB", line):
+            logged[name.decode()] = logged.get(name.decode(), 0) + float(mib) * MIB
+    return logged
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen3 with tied embeddings, 256 wide: rows whole Q4_K blocks, and a tied head
+    large enough (~20 MiB in Q4_0) that llama.cpp's MiB-rounded log shows whether it was
+    repacked."""
+    from converter.synthetic import Shape, build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("small-qwen3"), Shape(256, 2, 4, 2, 64, 512),
+                            shards=1, seed=3)
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_0"])
+def test_the_repacked_copy_is_what_llama_cpp_allocates(small_checkpoint: Path, tmp_path: Path,
+                                                       quant: str) -> None:
+    """llama.cpp's CPU backend keeps a second, repacked copy of some weights (its CPU_REPACK
+    buffer, anonymous memory beside the mapped file): the plan counts what this build really
+    allocates, on a model all on the CPU and with layers on a GPU (those are not repacked).
+    Q4_K_M repacks the layers' Q4_K matrices (not the Q6_K ones); Q4_0 every layer matrix."""
+    import llama_cpp
+
+    from appliance.engine.runtime import cpu_repack_types, ensure_backend
+    from appliance.offload import weights_repacked, with_ram
+    from converter.pipeline import ConvertOptions, convert
+
+    path = tmp_path / f"tiny-{quant.lower()}.gguf"
+    convert(ConvertOptions(source=str(small_checkpoint), out=path, quant=quant, quiet=True))
+    info = read_gguf_info(path)
+    types = cpu_repack_types()
+    ensure_backend()
+
+    def load() -> None:
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        assert model
+        llama_cpp.llama_model_free(model)
+
+    logged = _logged_buffers(load).get("CPU_REPACK", 0)
+    if not types:
+        assert logged == 0  # a build without REPACK: nothing planned, nothing allocated
+        pytest.skip("this llama.cpp build repacks nothing on this CPU")
+    plan = plan_offload(info, n_ctx_total=256, free_vram=0, device="cpu", margin=0,
+                        gpu_build=False, repack_types=types)
+    assert logged > 0
+    assert plan.repack_in_ram == pytest.approx(logged, rel=0.02, abs=0.01 * MIB)
+    assert plan.planned_ram >= plan.weights_in_ram + plan.repack_in_ram
+    # With every layer and the head on a GPU only the token embedding stays, never repacked.
+    on_gpu = with_ram(plan_offload(info, n_ctx_total=256, free_vram=20 * GIB, device="fake",
+                                   margin=0, gpu_build=True, repack_types=types),
+                      info, 256, repack_types=types)
+    assert on_gpu.all_on_gpu and on_gpu.repack_in_ram == 0
+    assert weights_repacked(info, 1, False, types) < plan.repack_in_ram
+
+
+@pytest.mark.parametrize(("system_info", "expected"), [
+    ("CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | OPENMP = 1 | REPACK = 1 | ",
+     {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}),
+    ("CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |", {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}),
+    ("CPU : NEON = 1 | ARM_FMA = 1 | DOTPROD = 1 | REPACK = 1 |",
+     {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}),
+    ("CPU : AVX2 = 1 | REPACK = 0 |", set()),  # built without repacking
+    ("CPU : SSE3 = 1 | REPACK = 1 |", set()),  # no kernel for this instruction set
+])
+def test_repacked_types_follow_the_build(system_info: str, expected: set[str]) -> None:
+    from appliance.engine.runtime import repack_types
+
+    assert repack_types(system_info) == expected

@@ -121,3 +121,25 @@ def test_setting_names_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("APPLIANCE_RPC_WORKERS", '["nohost"]')
     with pytest.raises(SettingsError, match=r"APPLIANCE_RPC_WORKERS.*host:port"):
         load_settings()
+
+
+def test_the_cpu_share_counts_its_repacked_copy(info) -> None:
+    """The layers left on this machine's CPU get llama.cpp's repacked copy (offload.py's
+    weights_repacked, checked against llama.cpp in test_offload.py); layers on workers do not."""
+    from appliance.gguf_info import GGML_TYPES
+    from appliance.offload import weights_repacked
+
+    every_type = frozenset(name for name, _, _ in GGML_TYPES.values())
+    sizes = units(info)
+    compute = compute_buffer_bytes(info)
+    last = worker(2, 64 * MIB + compute + sizes[0])
+    first = worker(1, 64 * MIB + compute + sizes[1])
+    plan = plan_split(info, [first, last], n_ctx_total=N_CTX, margin=64 * MIB,
+                      repack_types=every_type)
+    assert plan.split[-1].layers == info.n_layers - 1
+    lowest = weights_repacked(info, info.n_layers - 1, False, every_type)
+    assert plan.repack_in_ram == lowest > 0
+    assert lowest < weights_repacked(info, info.n_layers, True, every_type)
+    roomy = plan_split(info, [worker(1, 8 * GIB), worker(2, 8 * GIB)], n_ctx_total=N_CTX,
+                       margin=0, repack_types=every_type)
+    assert roomy.repack_in_ram == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.llama_bench import KvConfig, decode_rate
@@ -49,3 +50,38 @@ def test_llama_server_drafts_with_this_llama_cpp_flags(draft_pair: tuple[Path, P
     # draft agrees with its target on some greedy tokens.
     assert drafted["proposed"] > 0
     assert 0 < drafted["accepted"] <= drafted["proposed"]
+
+
+def test_llama_server_embeds_what_our_runtime_embeds(tiny_embedding_gguf: Path) -> None:
+    """The embedding bench's baseline: llama-server started with the bench's flags (this build
+    must accept them all) returns, for the same texts, the vectors our EmbeddingRuntime does:
+    the model's pooling, the same tokens, L2-normalized, one request with every input."""
+    from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime
+    from bench.embed_throughput import (
+        BATCH_TOKENS,
+        SEQUENCES,
+        UBATCH,
+        LlamaServer,
+        cosines,
+        embed_request,
+        inputs,
+    )
+
+    texts = inputs(12)
+    server = LlamaServer(built("llama-server"), tiny_embedding_gguf, threads=1)
+    try:
+        _, theirs = embed_request(server.url, "m", texts)
+    finally:
+        server.stop()
+    runtime = EmbeddingRuntime(tiny_embedding_gguf,
+                               EmbeddingOptions(0, BATCH_TOKENS, UBATCH, SEQUENCES, 1))
+    try:
+        ours = runtime.embed([runtime.tokenize(t) for t in texts])
+    finally:
+        runtime.close()
+    assert theirs.shape == ours.shape
+    assert cosines(ours, theirs).min() > 0.999
+    # Each of our vectors is closest to llama-server's vector of the same text, not another's:
+    # agreement above is not a model that maps every text to one direction.
+    similarity = ours @ (theirs / np.linalg.norm(theirs, axis=1, keepdims=True)).T
+    assert list(similarity.argmax(axis=1)) == list(range(len(texts)))
