@@ -97,11 +97,13 @@ class ComputeTurns:
         with self._cond:
             if self._holder is party:
                 raise RuntimeError(f"{party.name} already holds the CPU turn (not reentrant)")
-            # Back from idle: start level with the parties active now, so time spent idle is
-            # not a credit that locks the others out afterwards.
+            # Back from idle: start level with the parties active now, both ways. Time spent
+            # idle is no credit that locks the others out afterwards; and CPU it took while
+            # nobody else wanted any is no debt: an embedding model that had worked alone for
+            # a minute waited for chat streams started since to compute two minutes.
             competing = [p.vtime for p in self._others(party)]
             if competing and self._clock() - party.last_turn_end > RECENT_S:
-                party.vtime = max(party.vtime, min(competing))
+                party.vtime = min(competing)
             self._waiting.append(party)
             self._cond.wait_for(lambda: self._holder is None and self._next() is party)
             self._waiting.remove(party)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from appliance.engine.compute_turns import (
+    BATCH_WEIGHT,
+    INTERACTIVE_WEIGHT,
     MIN_DECODE_TOKENS,
     NO_TURNS,
     RECENT_S,
@@ -216,3 +218,52 @@ def test_batch_pace_sizes_decodes_to_the_others_turns() -> None:
     assert list(pace.decoded) == [100] and pace.seconds_per_token < 1.0
     clock.advance(RECENT_S + 0.01)
     assert pace.tokens_per_decode(4096) == 4096  # chat went quiet
+
+
+def test_a_batch_back_from_idle_is_not_held_back_by_turns_it_took_alone() -> None:
+    """As in the bench: an embedding model works alone (its CPU seconds pile up with nobody to
+    share with), goes quiet, chat streams start while it is quiet, then a batch comes. It gets
+    a turn after a chat turn or two, not after chat has caught up with all it did alone."""
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat = turns.party("chat", INTERACTIVE_WEIGHT)
+    batch = turns.party("batch", BATCH_WEIGHT)
+    for _ in range(20):  # 20 s of embedding alone
+        with batch.turn():
+            clock.advance(1.0)
+    clock.advance(RECENT_S + 1)  # quiet; the chat model starts while nobody else is active
+
+    chat_turns = 0
+    batch_queued_at: int | None = None  # chat turns taken when the batch was first seen queued
+    batch_done = threading.Event()
+    solo_turns = 20
+    limit = 5000  # the chat streams stop here at the latest: the batch then runs (no hang)
+
+    def chat_streams() -> None:
+        nonlocal chat_turns, batch_queued_at
+        while not batch_done.is_set() and chat_turns < limit:
+            with chat.turn():
+                if chat_turns == solo_turns:  # the batch comes while this turn computes
+                    deadline = time.monotonic() + DEADLINE_S
+                    while "batch" not in turns.waiting:
+                        assert time.monotonic() < deadline, "the batch never queued"
+                        time.sleep(0.0002)
+                    batch_queued_at = chat_turns
+                chat_turns += 1
+                clock.advance(0.05)  # a short decode step of 4 streams
+
+    streams = threading.Thread(target=chat_streams, daemon=True)
+    streams.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while chat_turns < solo_turns:  # chat alone for a while
+        assert time.monotonic() < deadline, "the chat party never took its turns"
+        time.sleep(0.001)
+    with batch.turn():
+        granted_at = chat_turns
+        clock.advance(0.2)
+    batch_done.set()
+    streams.join(DEADLINE_S)
+    assert not streams.is_alive()
+    assert batch_queued_at is not None
+    # Weighted 2:1, the batch may let a chat turn or two through first, not hundreds.
+    assert granted_at - batch_queued_at <= 3, (batch_queued_at, granted_at)
