@@ -77,6 +77,7 @@ class ComputeTurns:
         self._parties: list[TurnParty] = []
         self._waiting: list[TurnParty] = []
         self._holder: TurnParty | None = None
+        self._last_served_vtime = 0.0  # where a party arriving with nobody active starts
 
     def party(self, name: str, weight: float) -> TurnParty:
         party = TurnParty(self, name, weight)
@@ -97,13 +98,14 @@ class ComputeTurns:
         with self._cond:
             if self._holder is party:
                 raise RuntimeError(f"{party.name} already holds the CPU turn (not reentrant)")
-            # Back from idle: start level with the parties active now, both ways. Time spent
-            # idle is no credit that locks the others out afterwards; and CPU it took while
-            # nobody else wanted any is no debt: an embedding model that had worked alone for
-            # a minute waited for chat streams started since to compute two minutes.
-            competing = [p.vtime for p in self._others(party)]
-            if competing and self._clock() - party.last_turn_end > RECENT_S:
-                party.vtime = min(competing)
+            # Back from idle (or new): start level with the parties active now, or with the
+            # last one served when none is, so time spent idle is no credit that locks the
+            # others out afterwards. Leveling with nobody instead left a newcomer far behind
+            # a model that had worked alone: an embedding batch then waited for chat streams
+            # started since to compute twice what it had done alone (minutes).
+            if self._clock() - party.last_turn_end > RECENT_S:
+                competing = [p.vtime for p in self._others(party)]
+                party.vtime = max(party.vtime, min(competing, default=self._last_served_vtime))
             self._waiting.append(party)
             self._cond.wait_for(lambda: self._holder is None and self._next() is party)
             self._waiting.remove(party)
@@ -123,6 +125,7 @@ class ComputeTurns:
                 SMOOTHING * held + (1 - SMOOTHING) * party.turn_s)
             party.last_turn_end = now
             party.turns_taken += 1
+            self._last_served_vtime = party.vtime
             self._holder = None
             self._cond.notify_all()
 

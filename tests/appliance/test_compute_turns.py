@@ -5,6 +5,7 @@ the clock is a counter the holders advance, so CPU seconds are exact and nothing
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -267,3 +268,48 @@ def test_a_batch_back_from_idle_is_not_held_back_by_turns_it_took_alone() -> Non
     assert batch_queued_at is not None
     # Weighted 2:1, the batch may let a chat turn or two through first, not hundreds.
     assert granted_at - batch_queued_at <= 3, (batch_queued_at, granted_at)
+
+
+def test_a_batch_that_pauses_between_long_turns_still_gets_only_its_share() -> None:
+    """A batch whose turns are long and who pauses just past RECENT_S between them (one input
+    per request, say) keeps what it owes: chat still computes twice as long between its turns."""
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat = turns.party("chat", INTERACTIVE_WEIGHT)
+    batch = turns.party("batch", BATCH_WEIGHT)
+    chat_turns = 0
+    batch_back_at: float | None = None  # clock time the batch wants the CPU again
+    stop = threading.Event()
+
+    def chat_streams() -> None:
+        nonlocal chat_turns
+        while not stop.is_set():
+            with chat.turn():
+                back_at = batch_back_at
+                if back_at is not None and clock() >= back_at:  # the batch asks now
+                    deadline = time.monotonic() + DEADLINE_S
+                    while "batch" not in turns.waiting and not stop.is_set():
+                        assert time.monotonic() < deadline, "the batch never queued"
+                        time.sleep(0.0002)
+                chat_turns += 1
+                clock.advance(0.05)
+
+    streams = threading.Thread(target=chat_streams, daemon=True)
+    streams.start()
+    chat_turns_at_batch_turn = []
+    for _ in range(5):
+        with batch.turn():
+            chat_turns_at_batch_turn.append(chat_turns)
+            clock.advance(1.0)
+            batch_back_at = clock() + RECENT_S + 0.05  # quiet for a little more than RECENT_S
+        deadline = time.monotonic() + DEADLINE_S
+        while clock() < batch_back_at:
+            assert time.monotonic() < deadline, "the chat party stopped taking turns"
+            time.sleep(0.0005)
+    stop.set()
+    streams.join(DEADLINE_S)
+    assert not streams.is_alive()
+    between = [b - a for a, b in itertools.pairwise(chat_turns_at_batch_turn)]
+    # 1 s of batch is 2 s of chat, 40 of its turns, quiet time included; forgiving the batch
+    # what it owed after each pause would give chat about 22.
+    assert all(36 <= n <= 44 for n in between), between
