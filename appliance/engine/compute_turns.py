@@ -9,8 +9,8 @@ embedding batch ran beside them. So a model computing on the CPU takes a turn fo
 work: one model computes at a time, and when several want the CPU the one that has had the least
 of it, in CPU seconds divided by its weight, goes next (weighted fair queueing). A chat model
 weighs more than an embedding batch: a person is reading its tokens as they come. With turns
-(on by default, `cpu_turns`), bench/embed_throughput.py on a loaded 2-core machine: chat kept
-0.54x solo, and the batch took 3.5x its time alone (a third of the CPU, in smaller decodes).
+(on by default, `cpu_turns`), bench/embed_throughput.py on a loaded 2-core machine, two runs:
+chat kept 0.51-0.54x solo, and the batch took 2.5-3.5x its time alone (a third of the CPU).
 
 A batch party (the embedding worker) also sizes its work to the others' turns while they are
 active (`BatchPace`): a chat step waits for at most about one of its own steps, and the batch
