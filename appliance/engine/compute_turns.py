@@ -8,7 +8,9 @@ every graph node, and a thread preempted by the other pool holds its whole pool 
 embedding batch ran beside them. So a model computing on the CPU takes a turn for each piece of
 work: one model computes at a time, and when several want the CPU the one that has had the least
 of it, in CPU seconds divided by its weight, goes next (weighted fair queueing). A chat model
-weighs more than an embedding batch: a person is reading its tokens as they come.
+weighs more than an embedding batch: a person is reading its tokens as they come. With turns
+(on by default, `cpu_turns`), bench/embed_throughput.py on a loaded 2-core machine, two runs:
+chat kept 0.51-0.54x solo, and the batch took 2.5-3.5x its time alone (a third of the CPU).
 
 A batch party (the embedding worker) also sizes its work to the others' turns while they are
 active (`BatchPace`): a chat step waits for at most about one of its own steps, and the batch
@@ -77,6 +79,7 @@ class ComputeTurns:
         self._parties: list[TurnParty] = []
         self._waiting: list[TurnParty] = []
         self._holder: TurnParty | None = None
+        self._last_served_vtime = 0.0  # where a party arriving with nobody active starts
 
     def party(self, name: str, weight: float) -> TurnParty:
         party = TurnParty(self, name, weight)
@@ -97,11 +100,14 @@ class ComputeTurns:
         with self._cond:
             if self._holder is party:
                 raise RuntimeError(f"{party.name} already holds the CPU turn (not reentrant)")
-            # Back from idle: start level with the parties active now, so time spent idle is
-            # not a credit that locks the others out afterwards.
-            competing = [p.vtime for p in self._others(party)]
-            if competing and self._clock() - party.last_turn_end > RECENT_S:
-                party.vtime = max(party.vtime, min(competing))
+            # Back from idle (or new): start level with the parties active now, or with the
+            # last one served when none is, so time spent idle is no credit that locks the
+            # others out afterwards. Leveling with nobody instead left a newcomer far behind
+            # a model that had worked alone: an embedding batch then waited for chat streams
+            # started since to compute twice what it had done alone (minutes).
+            if self._clock() - party.last_turn_end > RECENT_S:
+                competing = [p.vtime for p in self._others(party)]
+                party.vtime = max(party.vtime, min(competing, default=self._last_served_vtime))
             self._waiting.append(party)
             self._cond.wait_for(lambda: self._holder is None and self._next() is party)
             self._waiting.remove(party)
@@ -121,6 +127,7 @@ class ComputeTurns:
                 SMOOTHING * held + (1 - SMOOTHING) * party.turn_s)
             party.last_turn_end = now
             party.turns_taken += 1
+            self._last_served_vtime = party.vtime
             self._holder = None
             self._cond.notify_all()
 

@@ -451,8 +451,6 @@ class ModelLoader:
         """The model's place in the CPU's queue; none for a model entirely on GPUs (or RPC
         workers): its decodes barely touch this machine's cores, and must not wait for them."""
         if plan.all_on_gpu or not self.settings.cpu_turns:
-            # Off by default: on a calm 2-core machine a 64-input embedding request beside 4
-            # busy chat streams had not finished after 6 minutes (alone: ~20 s).
             return NO_TURNS
         return self.turns.party(entry.id, weight)
 

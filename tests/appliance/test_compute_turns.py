@@ -5,6 +5,7 @@ the clock is a counter the holders advance, so CPU seconds are exact and nothing
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from collections.abc import Callable
 import pytest
 
 from appliance.engine.compute_turns import (
+    BATCH_WEIGHT,
+    INTERACTIVE_WEIGHT,
     MIN_DECODE_TOKENS,
     NO_TURNS,
     RECENT_S,
@@ -216,3 +219,97 @@ def test_batch_pace_sizes_decodes_to_the_others_turns() -> None:
     assert list(pace.decoded) == [100] and pace.seconds_per_token < 1.0
     clock.advance(RECENT_S + 0.01)
     assert pace.tokens_per_decode(4096) == 4096  # chat went quiet
+
+
+def test_a_batch_back_from_idle_is_not_held_back_by_turns_it_took_alone() -> None:
+    """As in the bench: an embedding model works alone (its CPU seconds pile up with nobody to
+    share with), goes quiet, chat streams start while it is quiet, then a batch comes. It gets
+    a turn after a chat turn or two, not after chat has caught up with all it did alone."""
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat = turns.party("chat", INTERACTIVE_WEIGHT)
+    batch = turns.party("batch", BATCH_WEIGHT)
+    for _ in range(20):  # 20 s of embedding alone
+        with batch.turn():
+            clock.advance(1.0)
+    clock.advance(RECENT_S + 1)  # quiet; the chat model starts while nobody else is active
+
+    chat_turns = 0
+    batch_queued_at: int | None = None  # chat turns taken when the batch was first seen queued
+    batch_done = threading.Event()
+    solo_turns = 20
+    limit = 5000  # the chat streams stop here at the latest: the batch then runs (no hang)
+
+    def chat_streams() -> None:
+        nonlocal chat_turns, batch_queued_at
+        while not batch_done.is_set() and chat_turns < limit:
+            with chat.turn():
+                if chat_turns == solo_turns:  # the batch comes while this turn computes
+                    deadline = time.monotonic() + DEADLINE_S
+                    while "batch" not in turns.waiting:
+                        assert time.monotonic() < deadline, "the batch never queued"
+                        time.sleep(0.0002)
+                    batch_queued_at = chat_turns
+                chat_turns += 1
+                clock.advance(0.05)  # a short decode step of 4 streams
+
+    streams = threading.Thread(target=chat_streams, daemon=True)
+    streams.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while chat_turns < solo_turns:  # chat alone for a while
+        assert time.monotonic() < deadline, "the chat party never took its turns"
+        time.sleep(0.001)
+    with batch.turn():
+        granted_at = chat_turns
+        clock.advance(0.2)
+    batch_done.set()
+    streams.join(DEADLINE_S)
+    assert not streams.is_alive()
+    assert batch_queued_at is not None
+    # Weighted 2:1, the batch may let a chat turn or two through first, not hundreds.
+    assert granted_at - batch_queued_at <= 3, (batch_queued_at, granted_at)
+
+
+def test_a_batch_that_pauses_between_long_turns_still_gets_only_its_share() -> None:
+    """A batch whose turns are long and who pauses just past RECENT_S between them (one input
+    per request, say) keeps what it owes: chat still computes twice as long between its turns."""
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat = turns.party("chat", INTERACTIVE_WEIGHT)
+    batch = turns.party("batch", BATCH_WEIGHT)
+    chat_turns = 0
+    batch_back_at: float | None = None  # clock time the batch wants the CPU again
+    stop = threading.Event()
+
+    def chat_streams() -> None:
+        nonlocal chat_turns
+        while not stop.is_set():
+            with chat.turn():
+                back_at = batch_back_at
+                if back_at is not None and clock() >= back_at:  # the batch asks now
+                    deadline = time.monotonic() + DEADLINE_S
+                    while "batch" not in turns.waiting and not stop.is_set():
+                        assert time.monotonic() < deadline, "the batch never queued"
+                        time.sleep(0.0002)
+                chat_turns += 1
+                clock.advance(0.05)
+
+    streams = threading.Thread(target=chat_streams, daemon=True)
+    streams.start()
+    chat_turns_at_batch_turn = []
+    for _ in range(5):
+        with batch.turn():
+            chat_turns_at_batch_turn.append(chat_turns)
+            clock.advance(1.0)
+            batch_back_at = clock() + RECENT_S + 0.05  # quiet for a little more than RECENT_S
+        deadline = time.monotonic() + DEADLINE_S
+        while clock() < batch_back_at:
+            assert time.monotonic() < deadline, "the chat party stopped taking turns"
+            time.sleep(0.0005)
+    stop.set()
+    streams.join(DEADLINE_S)
+    assert not streams.is_alive()
+    between = [b - a for a, b in itertools.pairwise(chat_turns_at_batch_turn)]
+    # 1 s of batch is 2 s of chat, 40 of its turns, quiet time included; forgiving the batch
+    # what it owed after each pause would give chat about 22.
+    assert all(36 <= n <= 44 for n in between), between
