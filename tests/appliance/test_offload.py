@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import gguf
 import pytest
@@ -16,6 +16,7 @@ from appliance.offload import fewer_layers, plan_offload
 from appliance.registry import Registry
 from appliance.residency.loader import ModelLoader
 
+T = TypeVar("T")
 GIB = 2**30
 MIB = 2**20
 
@@ -161,12 +162,8 @@ def test_an_embedding_plan_matches_what_llama_cpp_allocates(tiny_embedding_gguf:
     """The loader's plan for an embedding model against llama.cpp's own logged buffer sizes
     (as bench/kv_llama.py reads them), and its output buffer against the RSS a full-size
     decode really adds: llama.cpp keeps logits for every token even in an embeddings context."""
-    import ctypes
-    import re
     import shutil
 
-    import llama_cpp
-    import llama_cpp._logger
     import psutil
 
     from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime
@@ -181,24 +178,10 @@ def test_an_embedding_plan_matches_what_llama_cpp_allocates(tiny_embedding_gguf:
     plan, context = ModelLoader(settings, NoGpu()).plan_for(registry.resolve("e"))
     assert context == n_batch
 
-    lines: list[bytes] = []
-
-    @llama_cpp.llama_log_callback
-    def keep(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if text and b"buffer size" in text:
-            lines.append(text)
-
-    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    options = EmbeddingOptions(0, n_batch, EMBEDDING_UBATCH, EMBEDDING_SEQUENCES, 2)
+    runtime, logged = _logged_buffers(lambda: EmbeddingRuntime(tmp_path / "e.gguf", options),
+                                      rb"(model|KV|compute) buffer")
     try:
-        runtime = EmbeddingRuntime(tmp_path / "e.gguf", EmbeddingOptions(
-            0, n_batch, EMBEDDING_UBATCH, EMBEDDING_SEQUENCES, 2))
-    finally:  # back to llama-cpp-python's own logger
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
-    try:
-        logged: dict[str, float] = {}
-        for line in lines:
-            for kind, mib in re.findall(rb"(model|KV|compute) buffer size = +([\d.]+) MiB", line):
-                logged[kind.decode()] = logged.get(kind.decode(), 0) + float(mib) * MIB
         assert set(logged) == {"model", "KV", "compute"}
         assert plan.weights_in_ram == pytest.approx(logged["model"], rel=0.02)
         assert plan.kv_in_ram == pytest.approx(logged["KV"], rel=0.01)
@@ -216,8 +199,10 @@ def test_an_embedding_plan_matches_what_llama_cpp_allocates(tiny_embedding_gguf:
         runtime.close()
 
 
-def _logged_buffers(load: Callable[[], Any]) -> dict[str, float]:
-    """llama.cpp's logged buffer sizes (bytes by buffer name) while `load` runs."""
+def _logged_buffers(load: Callable[[], T], name: bytes = rb"(\w+) model buffer"
+                    ) -> tuple[T, dict[str, float]]:
+    """What `load` returns, and llama.cpp's buffer sizes it logged (bytes by the `name` pattern's
+    group: by default the model buffers, by backend)."""
     import ctypes
     import re
 
@@ -233,14 +218,14 @@ def _logged_buffers(load: Callable[[], Any]) -> dict[str, float]:
 
     llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
     try:
-        load()
+        loaded = load()
     finally:  # back to llama-cpp-python's own logger
         llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
     logged: dict[str, float] = {}
     for line in lines:
-        for name, mib in re.findall(rb"(\w+) model buffer size = +([\d.]+) MiB", line):
-            logged[name.decode()] = logged.get(name.decode(), 0) + float(mib) * MIB
-    return logged
+        for kind, mib in re.findall(name + rb" size = +([\d.]+) MiB", line):
+            logged[kind.decode()] = logged.get(kind.decode(), 0) + float(mib) * MIB
+    return loaded, logged
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +265,7 @@ def test_the_repacked_copy_is_what_llama_cpp_allocates(small_checkpoint: Path, t
         assert model
         llama_cpp.llama_model_free(model)
 
-    logged = _logged_buffers(load).get("CPU_REPACK", 0)
+    logged = _logged_buffers(load)[1].get("CPU_REPACK", 0)
     if not types:
         assert logged == 0  # a build without REPACK: nothing planned, nothing allocated
         pytest.skip("this llama.cpp build repacks nothing on this CPU")
