@@ -131,7 +131,9 @@ fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip >/dev/null
 wheel=$("$repo/installer/llama-wheel.sh" "$venv/bin/python" "$llama_version" "$cmake_args")
-"${pip[@]}" install "$wheel"
+"${pip[@]}" install "$wheel"  # with its dependencies
+# Again, forced: pip keeps an installed 0.3.36 built with other flags (a CPU build over CUDA).
+"${pip[@]}" install --force-reinstall --no-deps "$wheel"
 # llama.cpp's RPC worker from the same sources and flags, for `appliance worker`.
 # The worker is optional: the daemon runs without it, so a failed build is a warning.
 if rpc_server=$("$repo/installer/rpc-server.sh" "$venv/bin/python" "$llama_version" "$cmake_args"); then
