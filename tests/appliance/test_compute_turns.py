@@ -313,3 +313,48 @@ def test_a_batch_that_pauses_between_long_turns_still_gets_only_its_share() -> N
     # 1 s of batch is 2 s of chat, 40 of its turns, quiet time included; forgiving the batch
     # what it owed after each pause would give chat about 22.
     assert all(36 <= n <= 44 for n in between), between
+
+
+def test_a_chat_that_pauses_briefly_between_steps_keeps_its_share() -> None:
+    """Chat samples and streams between its decode steps, holding no turn for a moment. A
+    batch waiting right then must not take the CPU while chat is still owed it (it did: after
+    every chat step the batch took a long turn, and chat kept 0.37x solo beside it)."""
+    clock = Clock()
+    turns = ComputeTurns(clock)
+    chat = turns.party("chat", INTERACTIVE_WEIGHT)
+    batch = turns.party("batch", BATCH_WEIGHT)
+    order: list[str] = []
+    stop = threading.Event()
+
+    def batch_worker() -> None:
+        while not stop.is_set():
+            with batch.turn():
+                order.append("batch")
+                clock.advance(1.0)  # one whole input: a long decode
+
+    def chat_steps() -> None:
+        for _ in range(60):
+            with chat.turn():
+                order.append("chat")
+                clock.advance(0.1)
+            # Sampling between steps, while the batch wants the CPU.
+            deadline = time.monotonic() + DEADLINE_S
+            while "batch" not in turns.waiting and turns.holder != "batch":
+                assert time.monotonic() < deadline, "the batch never asked for the CPU"
+                time.sleep(0.0002)
+            time.sleep(0.002)
+
+    worker = threading.Thread(target=batch_worker, daemon=True)
+    streams = threading.Thread(target=chat_steps, daemon=True)
+    streams.start()
+    worker.start()
+    streams.join(DEADLINE_S)
+    stop.set()
+    worker.join(DEADLINE_S)
+    assert not streams.is_alive() and not worker.is_alive()
+    chat_time = order.count("chat") * 0.1
+    last_chat = len(order) - 1 - order[::-1].index("chat")
+    batch_time = order[:last_chat].count("batch") * 1.0  # while chat still wanted the CPU
+    # Weighted 2:1: chat computes about twice the batch's time while both want the CPU. One
+    # batch turn after each chat step would give the batch ten times chat's time.
+    assert chat_time >= 1.5 * batch_time - 1.0, order
