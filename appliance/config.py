@@ -165,9 +165,10 @@ class Settings(BaseSettings):
                          description="CPU threads for decoding")
     engine_nice: int = Field(5, ge=0, le=19,
                              description="nice value of the decoding threads (0: normal)")
-    cpu_turns: bool = Field(True,
-                            description="resident models on the CPU take turns to decode (chat "
-                                        "keeps about 2/3 of the CPU beside an embedding batch)")
+    cpu_turns: bool = Field(False,
+                            description="resident models on the CPU take turns to decode "
+                                        "(measured on 2 cores: no better for chat beside an "
+                                        "embedding batch, the batch slower; see README)")
     gpu: str = Field("auto", description="auto (NVML) or none")
     draft_max: int = Field(8, ge=0, le=32,
                            description="most tokens a draft model proposes per step (0: never "

@@ -8,9 +8,10 @@ every graph node, and a thread preempted by the other pool holds its whole pool 
 embedding batch ran beside them. So a model computing on the CPU takes a turn for each piece of
 work: one model computes at a time, and when several want the CPU the one that has had the least
 of it, in CPU seconds divided by its weight, goes next (weighted fair queueing). A chat model
-weighs more than an embedding batch: a person is reading its tokens as they come. With turns
-(on by default, `cpu_turns`), bench/embed_throughput.py on a loaded 2-core machine, two runs:
-chat kept 0.51-0.54x solo, and the batch took 2.5-3.5x its time alone (a third of the CPU).
+weighs more than an embedding batch: a person is reading its tokens as they come. Off by default
+(`cpu_turns`): on a calm 2-core machine (bench/cpu_turns.py, 24 inputs beside 4 chat streams)
+chat kept 0.51x solo with turns and 0.52x without, and the batch took 2.95x its time alone with
+turns against 1.93x without.
 
 A batch party (the embedding worker) also sizes its work to the others' turns while they are
 active (`BatchPace`): a chat step waits for at most about one of its own steps, and the batch

@@ -318,12 +318,12 @@ def test_an_idle_model_is_evicted_for_a_full_gpu_offload(models: Path) -> None:
     run(scenario, models, gpu=gpu, models={"e1": {"context_length": 2**21}})
 
 
-def test_models_on_the_cpu_take_turns_by_default_and_gpu_ones_never(models: Path) -> None:
+def test_models_on_the_cpu_take_turns_when_asked_and_gpu_ones_never(models: Path) -> None:
     registry = Registry(models)
     registry.scan()
     entry = registry.resolve("a")
     loader = ModelLoader(Settings(models_dir=models, parallel=2, context_length=2**20,
-                                  threads=1), NoGpu())
+                                  threads=1, cpu_turns=True), NoGpu())
     on_cpu = loader.plan_for(entry)[0]
     assert not on_cpu.all_on_gpu
     chat, embedding = loader.cpu_turns(entry, on_cpu, 2.0), loader.cpu_turns(entry, on_cpu, 1.0)
@@ -331,11 +331,11 @@ def test_models_on_the_cpu_take_turns_by_default_and_gpu_ones_never(models: Path
     assert chat._turns is embedding._turns  # one queue for the whole daemon
 
     gpu_loader = ModelLoader(Settings(models_dir=models, parallel=2, context_length=2**20,
-                                      threads=1), FakeGpu(64 * GIB))
+                                      threads=1, cpu_turns=True), FakeGpu(64 * GIB))
     gpu_loader._gpu_build = True
     on_gpu = gpu_loader.plan_for(entry)[0]
     assert on_gpu.all_on_gpu and gpu_loader.cpu_turns(entry, on_gpu, 2.0) is NO_TURNS
 
-    off = ModelLoader(Settings(models_dir=models, parallel=2, context_length=2**20, threads=1,
-                               cpu_turns=False), NoGpu())
+    off = ModelLoader(Settings(models_dir=models, parallel=2, context_length=2**20, threads=1),
+                      NoGpu())  # the default
     assert off.cpu_turns(entry, on_cpu, 2.0) is NO_TURNS
