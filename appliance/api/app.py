@@ -86,6 +86,7 @@ def create_app(settings: Settings, *, probe: GpuProbe | None = None,
         upstreams.start()
         tasks = []
         if settings.default_model:
+            manager.starting = settings.default_model
             tasks.append(asyncio.create_task(_load_default(manager, settings.default_model)))
         try:
             yield
@@ -142,3 +143,5 @@ async def _load_default(manager: ModelManager, name: str) -> None:
         await manager.load(name)
     except Exception as e:  # the daemon keeps serving; the status shows the failure
         log.error("default model %s did not load: %s", name, e)
+    finally:
+        manager.starting = None

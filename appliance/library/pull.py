@@ -265,16 +265,15 @@ class Library:
                              "it was deleted", "report it to the repo's owner") from None
         report(Progress("install", "writing manifest", model=plan.model_id))
         targets = [self.models_dir / name for name in hub.local_names]
-        # Later parts first, the first part last: the model appears whole or not at all.
-        # Each part is on the disk already: download() fsyncs it before it returns its sha256.
-        for (_, partial, _), target in reversed(list(zip(files, targets, strict=True))):
-            os.replace(partial, target)
         manifest = Manifest(plan.model_id, "hub", [
             FileRecord(t.name, f.size, digest) for (f, _, digest), t in zip(files, targets,
                                                                                strict=True)],
             quant=hub.quant, repo=hub.repo, revision=hub.commit,
             hub_files=[f.name for f in hub.files])
-        write_manifest(self.models_dir, manifest)
+        # Later parts first, the first part last: the model appears whole or not at all.
+        # Each part is on the disk already: download() fsyncs it before it returns its sha256.
+        self._install(manifest, list(reversed([(partial, target) for (_, partial, _), target
+                                               in zip(files, targets, strict=True)])))
         return Installed(plan.model_id, targets, manifest)
 
     def _pull_converted(self, plan: PullPlan, report: Reporter,
@@ -299,14 +298,27 @@ class Library:
         report(Progress("install", "writing manifest", model=plan.model_id))
         digest = hash_file(result).hexdigest()
         _fsync(result)
-        os.replace(result, target)
         manifest = Manifest(plan.model_id, "hub+convert",
-                            [FileRecord(target.name, target.stat().st_size, digest)],
+                            [FileRecord(target.name, result.stat().st_size, digest)],
                             quant=hub.quant, repo=hub.repo, revision=hub.commit,
                             hub_files=[f.name for f in hub.files],
                             converter_version=f"qwen-appliance {__version__}")
-        write_manifest(self.models_dir, manifest)
+        self._install(manifest, [(result, target)])
         return Installed(plan.model_id, [target], manifest)
+
+    def _install(self, manifest: Manifest, moves: list[tuple[Path, Path]]) -> None:
+        """Move checked files into place, with their manifest. A new model gets its manifest
+        first (models are listed by their files, so it waits unseen): the model appears with
+        its source. An update gets it last: a crash between leaves the new file with the old
+        manifest, which `recorded_sha256` distrusts (older than the file), never the old file
+        with the new manifest's digests."""
+        new = not any(target.exists() for _, target in moves)
+        if new:
+            write_manifest(self.models_dir, manifest)
+        for source, target in moves:
+            os.replace(source, target)
+        if not new:
+            write_manifest(self.models_dir, manifest)
 
     def _convert(self, plan: PullPlan, source: Path, staging: Path, report: Reporter,
                  cancel: Cancel | None = None) -> Path:

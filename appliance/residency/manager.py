@@ -61,6 +61,9 @@ class ModelManager:
         self.target: str | None = None  # the model being loaded or unloaded
         self.failure: str | None = None  # why the last load failed
         self.engine_failure: str | None = None  # why an engine died, until the next load
+        # The default model from start-up until its load settles: health says "loading" from
+        # the first request on, not "ok" for the moment before the load takes the lock.
+        self.starting: str | None = None
         self.load_seconds_observed: Callable[[float], None] = lambda _: None
         self.loads: dict[str, int] = {}  # loads per model id since start (reloads show here)
         self._transition = asyncio.Lock()
@@ -383,12 +386,16 @@ class ModelManager:
         if (self.state in (ModelState.LOADING, ModelState.UNLOADING) and current is not None
                 and self.target != current.id):
             return ModelState.READY
+        if self.state is ModelState.UNLOADED and self.starting:
+            return ModelState.LOADING
         return self.state
 
     def transition(self) -> dict[str, str] | None:
         """The load or unload running now, whichever model it concerns."""
         if self.state in (ModelState.LOADING, ModelState.UNLOADING) and self.target:
             return {"action": self.state.value, "model": self.target}
+        if self.state is ModelState.UNLOADED and self.starting:
+            return {"action": ModelState.LOADING.value, "model": self.starting}
         return None
 
     def status(self) -> dict[str, Any]:

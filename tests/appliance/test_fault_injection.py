@@ -114,8 +114,7 @@ def check_models_intact(url: str, models_dir: Path, before: dict[str, str],
 
 def kill_under_load(url: str, log: Path | None) -> int:
     """Start STREAMS streams, kill -9 the daemon while they run, and return its pid."""
-    pid = serving_pid(url)
-    assert pid is not None
+    pid = wait_for(lambda: serving_pid(url), "the daemon to answer", log=log)
     load = Load(url, STREAMS)
 
     def loaded() -> bool:

@@ -20,6 +20,7 @@ import uvicorn
 from appliance.api.app import create_app
 from appliance.config import Settings
 from appliance.engine.embedding import EmbeddingOptions, EmbeddingRuntime
+from appliance.residency.loader import ModelLoader
 from tests.appliance.conftest import FOREVER, Daemon, free_port, run_daemon
 from tests.conftest import EMBED, MODEL_A, run_cli
 
@@ -189,6 +190,45 @@ def gated_daemon(folder: Path, tmp_path: Path) -> Iterator[tuple[str, GatedEmbed
         yield url, gate
     finally:
         gate.release.set()
+        server.should_exit = True
+        thread.join(60)
+
+
+def test_health_says_loading_from_the_first_request_while_the_default_model_starts(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the default model's load takes the lock (its checks run first), /health must not
+    answer "ok" with no model: a service manager or a test would take the daemon as ready."""
+    checking, release = threading.Event(), threading.Event()
+    preflight = ModelLoader.preflight
+
+    def gated_preflight(self: ModelLoader, entry: Any) -> None:
+        checking.set()
+        release.wait(120)
+        preflight(self, entry)
+
+    monkeypatch.setattr(ModelLoader, "preflight", gated_preflight)
+    port = free_port()
+    settings = Settings(models_dir=folder, port=port, threads=2, context_length=4096,
+                        gpu="none", parallel=2, default_model=MODEL_A)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_config=None))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.started and checking.is_set(), "the server to start")
+        health = httpx.get(url + "/health", timeout=10)
+        assert health.status_code == 503, health.text
+        assert health.json()["status"] == "loading"
+        assert health.json()["transition"] == {"action": "loading", "model": MODEL_A}
+        assert status(url)["state"] == "loading"
+        release.set()
+        wait_for(lambda: httpx.get(url + "/health", timeout=5).status_code == 200,
+                 "the default model to load")
+        ready = httpx.get(url + "/health", timeout=5).json()
+        assert ready["model"] == MODEL_A and ready["transition"] is None
+    finally:
+        release.set()
         server.should_exit = True
         thread.join(60)
 
