@@ -130,12 +130,7 @@ async def _check(upstream: Upstream, response: UpstreamResponse, expected: str) 
         content = str(e).encode()
     finally:
         await response.aclose()
-    if 300 <= status < 400:
-        raise bad(upstream, f"answered a redirect (HTTP {status}), which is not followed; "
-                  f"fix upstreams.{upstream.name}.url")
-    if status in (401, 403):  # the client's key was ours and was right: this is our config
-        raise bad(upstream, f"refused our key (HTTP {status}); check "
-                  f"upstreams.{upstream.name}.api_key_file")
+    refuse_redirect_or_key(upstream, response)
     if status == 200:
         kind = response.headers.get("content-type", "no type")[:60]
         raise bad(upstream, f"answered with {kind!r} where {expected} was asked for")
@@ -150,6 +145,19 @@ def _retry_after(response: UpstreamResponse) -> float | None:
     except ValueError:
         return None
     return seconds if 0 < seconds < 86400 else None
+
+
+def refuse_redirect_or_key(upstream: Upstream, response: UpstreamResponse) -> None:
+    """A redirect (never followed) or our key refused (401/403: the client's key was ours and
+    was right, so this is our config) is a bad answer, whatever the dialect."""
+    status = response.status_code
+    if 300 <= status < 400:
+        raise bad(upstream, f"answered a redirect (HTTP {status}) to "
+                  f"{response.headers.get('location', '?')[:200]!r}, which is not followed; "
+                  f"fix upstreams.{upstream.name}.url")
+    if status in (401, 403):
+        raise bad(upstream, f"refused our key (HTTP {status}); check "
+                  f"upstreams.{upstream.name}.api_key_file")
 
 
 def error_message(content: bytes) -> str:

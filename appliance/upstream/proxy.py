@@ -34,15 +34,20 @@ from appliance.errors import (
     ApplianceError,
     UpstreamBadAnswer,
 )
-from appliance.upstream.exchange import guarded_send
+from appliance.upstream.exchange import (
+    MAX_ERROR_BYTES,
+    bad,
+    error_message,
+    guarded_send,
+    refuse_redirect_or_key,
+    scrub,
+)
 from appliance.upstream.pool import Upstream, UpstreamPool, describe_failure, read_bounded
 from appliance.upstream.wire import UpstreamResponse
 
 log = logging.getLogger(__name__)
 
 CLIENT_GONE = 499
-MAX_ERROR_BYTES = 64 * 2**10  # an upstream's error body; more is not an error message
-MAX_ERROR_MESSAGE = 500  # characters of a non-JSON error body quoted in ours
 STREAM_TYPES = ("text/event-stream", "application/json", "application/x-ndjson")
 PASSED_HEADERS = ("retry-after",)  # of the upstream's response headers, only these
 
@@ -79,7 +84,7 @@ async def _proxy(pool: UpstreamPool, upstream: Upstream, request: Request, path:
         content_type = response.headers.get("content-type", "")
         if not content_type.startswith(STREAM_TYPES):
             await response.aclose()
-            raise _bad(upstream, f"answered a stream as {content_type[:60] or 'no type'!r}")
+            raise bad(upstream, f"answered a stream as {content_type[:60] or 'no type'!r}")
         stack = contextlib.AsyncExitStack()
         stack.push_async_callback(response.aclose)  # also when the client leaves mid-stream
         return GenerationStream(_relay(pool, upstream, response, content_type), stack,
@@ -133,20 +138,16 @@ async def _send_whole(upstream: Upstream, path: str, body: bytes, headers: dict[
 def _whole(upstream: Upstream, response: UpstreamResponse, content: bytes) -> Response:
     """A complete answer, or an error answer, with the upstream's status."""
     status = response.status_code
-    if 300 <= status < 400:
-        raise _bad(upstream, f"answered a redirect (HTTP {status}) to "
-                   f"{response.headers.get('location', '?')[:200]!r}, which is not followed; "
-                   f"fix upstreams.{upstream.name}.url")
-    if status in (401, 403):  # the client's key was ours and was right: this is our config
-        raise _bad(upstream, f"refused our key (HTTP {status}); check "
-                   f"upstreams.{upstream.name}.api_key_file")
-    content = _scrub(content, upstream.key)
+    refuse_redirect_or_key(upstream, response)
+    # The key scrubbed from the bytes: a server that echoes headers in its errors.
+    content = scrub(content.decode("utf-8", errors="replace"), upstream.key).encode() \
+        if upstream.key and upstream.key.encode() in content else content
     headers = {k: v for k in PASSED_HEADERS if (v := response.headers.get(k))}
     if status >= 400:
         return Response(_error_json(upstream, status, content), status_code=status,
                         headers=headers, media_type="application/json")
     if "json" not in response.headers.get("content-type", ""):
-        raise _bad(upstream, "answered with something that is not JSON")
+        raise bad(upstream, "answered with something that is not JSON")
     return Response(content, status_code=status, headers=headers,
                     media_type="application/json")
 
@@ -177,24 +178,9 @@ def _error_json(upstream: Upstream, status: int, content: bytes) -> bytes:
     if isinstance(data, dict) and isinstance(data.get("error"), dict) and isinstance(
             data["error"].get("message"), str):
         return content
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        text = data["error"]  # llama-server's and Ollama's shape: {"error": "message"}
-    else:
-        text = content.decode("utf-8", errors="replace").strip()
-    message = f"upstream {upstream.name} answered HTTP {status}: {text[:MAX_ERROR_MESSAGE]}"
+    message = f"upstream {upstream.name} answered HTTP {status}: {error_message(content)}"
     kind = "invalid_request_error" if status < 500 else "server_error"
     return json.dumps(error_body(message, kind, None, "upstream_error")).encode()
-
-
-def _bad(upstream: Upstream, what: str) -> UpstreamBadAnswer:
-    return UpstreamBadAnswer(f"upstream {upstream.name} ({upstream.url}) {what}")
-
-
-def _scrub(content: bytes, key: str | None) -> bytes:
-    """The body without the upstream's key in it (a server that echoes headers in errors)."""
-    if not key or len(key) < 4:
-        return content
-    return content.replace(key.encode(), b"[upstream key removed]")
 
 
 async def routed(pool: UpstreamPool, request: Request, model: str | None, path: str,
