@@ -438,7 +438,9 @@ def test_the_daemon_is_healthy_and_never_answered_500(target: Daemon) -> None:
 def test_health_answers_while_a_huge_prompt_is_prepared(daemon: Daemon) -> None:
     """Rendering and tokenizing run off the event loop: /health keeps answering meanwhile.
     Were the loop blocked, one /health call would wait out the whole preparation."""
-    content = "lorem ipsum dolor sit amet " * 40_000  # about 1 MB
+    # About 3.8 MB (the body limit is 4 MiB): seconds of preparing, so that one slow answer on
+    # a loaded machine (a GIL hand-off convoy held one for 0.7 s of 1.2) stays a small part of it.
+    content = "lorem ipsum dolor sit amet " * 140_000
     with httpx.Client(base_url=daemon.url, timeout=60) as http:
         http.post("/v1/completions", json={"model": MODEL_A, "prompt": "x", "max_tokens": 1})
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
