@@ -3,10 +3,10 @@ timed on its own, in one run, beside curl fetching the same file from the same s
 
 Stages: curl to a file, to /dev/null, and its own time to first byte; the hub metadata call
 (the first one with its imports), receiving the body alone (http.client read1 + copy, and
-readinto1 into a reused buffer), sha256 alone (from memory), writing alone (page cache, no
-fsync; past it, O_DIRECT as the pull's writer) and the fsync after each (page cache with and
-without writeback started every 64 MiB); the whole in-process pull split where its body starts
-and ends and where its writer and hasher finish, with each thread's CPU seconds; `appliance pull
+readinto1 into a reused buffer), sha256 alone (from memory), writing alone (page cache as curl
+does, and past it with O_DIRECT) and the fsync after each, the pull's own disk side (sink.py:
+write, hash and sync as it goes) fed from memory; the whole in-process pull split where its
+body starts and ends and where its writer and hasher finish, with each thread's CPU seconds; `appliance pull
 --dry-run` (everything before the first body byte) and `appliance pull` end to end; the hub
 process's CPU seconds for curl, the in-process pull and the command. A sync (untimed) before
 each disk stage, so none pays for another's writeback.
@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import platform
+import queue
 import shutil
 import statistics
 import subprocess
@@ -38,10 +39,11 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from appliance.library.sink import ALIGN, CHUNK, WRITEBACK, open_direct, start_writeback  # noqa: E402
+from appliance.library.sink import CHUNK, Sink  # noqa: E402
 from bench.pull_speed import hub_process, make_gguf, process_cpu, pull_env  # noqa: E402
 
 MB = 1e6
+ALIGN = 4096  # O_DIRECT's unit for offsets, lengths and memory
 
 
 def _get(url: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -96,21 +98,18 @@ def hash_alone(size: int) -> int:
     return done
 
 
-def write_alone(path: Path, size: int, writeback: bool) -> tuple[float, float]:
-    """Seconds to write `size` bytes (page cache), then seconds of the fsync after it."""
+def write_alone(path: Path, size: int) -> tuple[float, float]:
+    """Seconds to write `size` bytes into the page cache (curl's way), then seconds of the fsync
+    after it."""
     buffer = bytearray(os.urandom(CHUNK))
-    writeback_from = start_writeback()
     started = time.perf_counter()
     with path.open("wb") as out:
         fd = out.fileno()
-        done = synced = 0
+        done = 0
         while done < size:
             n = min(CHUNK, size - done)
             out.write(memoryview(buffer)[:n])
             done += n
-            if writeback and done - synced >= WRITEBACK:
-                writeback_from(fd, synced, done - synced)
-                synced = done
         out.flush()
         wrote = time.perf_counter() - started
         started = time.perf_counter()
@@ -120,19 +119,46 @@ def write_alone(path: Path, size: int, writeback: bool) -> tuple[float, float]:
     return wrote, synced_s
 
 
+def sink_alone(path: Path, size: int) -> tuple[float, float]:
+    """The pull's own disk side (sink.py: writer, hasher and syncer threads) fed from memory:
+    seconds until every byte is handed over, then seconds of its finish (the last window's
+    fsync)."""
+    free: queue.Queue[Any] = queue.Queue()
+    for _ in range(4):
+        buffer = mmap.mmap(-1, CHUNK)
+        buffer[:] = os.urandom(CHUNK)
+        free.put(buffer)
+    started = time.perf_counter()
+    with path.open("a+b") as out:
+        sink = Sink(path, out, 0, free)
+        done = 0
+        while done < size:
+            n = min(CHUNK, size - done)
+            sink.put(free.get(), 0, n)
+            done += n
+        handed = time.perf_counter() - started
+        started = time.perf_counter()
+        sink.finish()
+        finished = time.perf_counter() - started
+    path.unlink()
+    return handed, finished
+
+
 def write_direct_alone(path: Path, size: int) -> tuple[float, float]:
-    """Seconds to write `size` bytes past the page cache (O_DIRECT, as the pull's writer), then
-    seconds of the fsync after it; (nan, nan) where the filesystem refuses O_DIRECT."""
+    """Seconds to write `size` bytes past the page cache (O_DIRECT, the pull's writer until it
+    lost to sink.py's syncer), then seconds of the fsync after it; (nan, nan) where the
+    filesystem refuses O_DIRECT."""
     buffer = mmap.mmap(-1, CHUNK)
     buffer[:] = os.urandom(CHUNK)
     path.touch()
-    fd = open_direct(path)
-    if fd is None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
         return float("nan"), float("nan")
     try:
         started = time.perf_counter()
         done = 0
-        whole = size // ALIGN * ALIGN  # the last few bytes go through the page cache in a pull
+        whole = size // ALIGN * ALIGN
         while done < whole:
             done += os.pwrite(fd, memoryview(buffer)[:min(CHUNK, whole - done)], done)
         wrote = time.perf_counter() - started
@@ -163,11 +189,11 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
 
     marks: dict[str, float] = {}
     fsyncs: list[float] = []
-    thread_cpu = {"write": 0.0, "hash": 0.0}
+    thread_cpu = {"write": 0.0, "hash": 0.0, "sync": 0.0}
     real_fsync = os.fsync
     real_stream = download_module._stream
-    real = {name: getattr(sink_module.Sink, name) for name in ("_write", "_hash", "finish",
-                                                               "drain")}
+    real = {name: getattr(sink_module.Sink, name) for name in ("_write", "_hash", "_sync",
+                                                               "finish", "drain")}
 
     @contextlib.contextmanager
     def marked_stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -202,7 +228,7 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     os.fsync = counted_fsync  # one os module: the sink's and pull.py's fsyncs count
     download_module._stream = marked_stream  # type: ignore[assignment]
     patched = {"_write": timed_thread("write"), "_hash": timed_thread("hash"),
-               "finish": finish, "drain": drain}
+               "_sync": timed_thread("sync"), "finish": finish, "drain": drain}
     for name, fn in patched.items():
         setattr(sink_module.Sink, name, fn)
     receiver_cpu = time.thread_time()
@@ -222,7 +248,7 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
             "after_last_byte_s": done - marks["received"],
             "fsync_s": sum(fsyncs), "total_s": done - planned,
             "cpu_receiver_s": receiver_cpu, "cpu_writer_s": thread_cpu["write"],
-            "cpu_hasher_s": thread_cpu["hash"]}
+            "cpu_hasher_s": thread_cpu["hash"], "cpu_syncer_s": thread_cpu["sync"]}
 
 
 def cli_pull(endpoint: str, models: Path, *flags: str) -> float:
@@ -283,12 +309,14 @@ def main() -> int:
                 add("receive_read1_s", timed(lambda: receive_read1(url)))
                 add("receive_readinto1_s", timed(lambda: receive_readinto1(url)))
                 add("sha256_s", timed(lambda: hash_alone(size)))
-                wrote, synced = write_alone(work / "write.out", size, writeback=False)
+                wrote, synced = write_alone(work / "write.out", size)
                 add("write_s", wrote)
                 add("fsync_after_plain_write_s", synced)
-                wrote, synced = write_alone(work / "write.out", size, writeback=True)
-                add("write_with_writeback_s", wrote)
-                add("fsync_after_writeback_s", synced)
+                os.sync()
+                handed, finished = sink_alone(work / "write.out", size)
+                add("sink_handed_over_s", handed)
+                add("sink_finish_s", finished)
+                add("sink_total_s", handed + finished)
                 os.sync()
                 wrote, synced = write_direct_alone(work / "write.out", size)
                 add("write_direct_s", wrote)
@@ -309,7 +337,7 @@ def main() -> int:
     rates = {k.removesuffix("_s") + "_mb_per_s": round(size / v / MB, 1)
              for k, v in median.items()
              if k in ("curl_to_file_s", "curl_to_null_s", "receive_read1_s",
-                      "receive_readinto1_s", "sha256_s", "write_s", "write_direct_s",
+                      "receive_readinto1_s", "sha256_s", "write_s", "write_direct_s", "sink_total_s",
                       "pull_body_s", "pull_total_s", "cli_pull_s")}
     result = {"bytes": size, "runs": args.runs, "median_s": median, "median_rates": rates,
               "all_s": {k: [round(x, 3) for x in v] for k, v in runs.items()},

@@ -9,8 +9,8 @@ is configured (HTTPS_PROXY and friends) the download goes through huggingface-hu
 which honours it.
 
 Receiving, writing and hashing overlap: this thread only receives, into a few large reused
-buffers; the sink's writer thread appends each one to the file (past the page cache where the
-filesystem allows) and its hasher thread hashes them (hashlib and file writes drop the GIL); see
+buffers; the sink's writer thread appends each one to the file, its hasher thread hashes them
+and its syncer makes them durable as they come (hashlib, file writes and syncs drop the GIL); see
 sink.py. A cancel (the daemon stopping) shuts the socket, so a read that waits on a slow network
 returns at once; what was received stays in the partial file.
 """
@@ -150,14 +150,13 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
                             if sink.error is not None:
                                 free.put(buffer)
                                 sink.drain()  # raises the writer's error
-                            start = sink.start_in_buffer(have)
                             try:
-                                n = _fill(buffer, start, read, cancel)
+                                n = _fill(buffer, read, cancel)
                             except BaseException:
                                 free.put(buffer)  # its bytes are fetched again on the retry
                                 raise
                             if n:
-                                sink.put(buffer, start, n)
+                                sink.put(buffer, 0, n)
                                 have += n
                                 on_bytes(have)
                                 failures = 0
@@ -188,8 +187,6 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
                 sink.drain()  # what arrived is written: a later pull resumes after it
             out.flush()
             raise
-        finally:
-            sink.close()
     actual = partial.stat().st_size
     if actual != size:
         partial.unlink(missing_ok=True)
@@ -207,10 +204,10 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
 Reader = Callable[[memoryview], int]
 
 
-def _fill(buffer: Buffer, start: int, read: Reader, cancel: threading.Event) -> int:
-    """Receive into `buffer` from `start` until it is full, the body ends, or HAND_OFF_S passed
-    with some bytes in it (so progress flows on slow links); the count received."""
-    view = memoryview(buffer)[start:]
+def _fill(buffer: Buffer, read: Reader, cancel: threading.Event) -> int:
+    """Receive into `buffer` until it is full, the body ends, or HAND_OFF_S passed with some
+    bytes in it (so progress flows on slow links); the count received."""
+    view = memoryview(buffer)
     n = 0
     started = time.monotonic()
     while n < len(view):

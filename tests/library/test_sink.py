@@ -1,5 +1,6 @@
-"""The download's disk side: pieces of any size at any offset land in order, past the page cache
-where the filesystem allows, hashed together with what a resumed partial already held."""
+"""The download's disk side: pieces of any size land in order, hashed together with what a
+resumed partial already held, made durable window by window while the writing goes on, and out
+of the page cache once on the disk."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import mmap
 import os
 import queue
+import time
 from pathlib import Path
 
 import pytest
@@ -16,42 +18,29 @@ import pytest
 from appliance.gguf_info import read_gguf_info
 from appliance.library import sink as sink_module
 from appliance.library.pull import Library
-from appliance.library.sink import ALIGN, CHUNK, Sink, open_direct
+from appliance.library.sink import CHUNK, Sink
 from tests.library.conftest import GGUF_REPO
 from tests.library.hub_server import LocalHub
 
-# A resume point off a block boundary, then pieces that start and end off one, a piece smaller
-# than a block, whole blocks, and a full buffer.
-EXISTING = 5 * ALIGN + 1264
-PIECES = [1000, 3 * ALIGN + 17, ALIGN, 3, CHUNK, 2 * ALIGN - 1]
+EXISTING = 5 * 4096 + 1264  # a resume point off any block boundary
+PIECES = [1000, 3 * 4096 + 17, 4096, 3, CHUNK, 2 * 4096 - 1]
 
 
-def _write_pieces(path: Path, data: bytes, direct: bool = True) -> tuple[Sink, str]:
+def _put_pieces(sink: Sink, data: bytes, pieces: list[int]) -> None:
+    offset = EXISTING
+    for n in pieces:
+        buffer = mmap.mmap(-1, CHUNK)
+        buffer[:n] = data[offset:offset + n]
+        sink.put(buffer, 0, n)
+        offset += n
+
+
+def _write_pieces(path: Path, data: bytes, pieces: list[int] = PIECES) -> str:
     path.write_bytes(data[:EXISTING])
-    free: queue.Queue = queue.Queue()
     with path.open("a+b") as out:
-        sink = Sink(path, out, EXISTING, free, direct=direct)
-        try:
-            offset = EXISTING
-            for n in PIECES:
-                buffer = mmap.mmap(-1, CHUNK + ALIGN)
-                start = sink.start_in_buffer(offset)
-                buffer[start:start + n] = data[offset:offset + n]
-                sink.put(buffer, start, n)
-                offset += n
-            digest = sink.finish()
-        finally:
-            sink.close()
-    return sink, digest
-
-
-def _needs_direct(folder: Path) -> None:
-    probe = folder / "probe"
-    probe.touch()
-    fd = open_direct(probe)
-    if fd is None:
-        pytest.skip(f"the filesystem of {folder} refuses O_DIRECT")
-    os.close(fd)
+        sink = Sink(path, out, EXISTING, queue.Queue())
+        _put_pieces(sink, data, pieces)
+        return sink.finish()
 
 
 @pytest.fixture()
@@ -59,55 +48,58 @@ def data() -> bytes:
     return os.urandom(EXISTING + sum(PIECES))
 
 
-def test_pieces_off_block_boundaries_land_in_order_past_the_page_cache(tmp_path: Path,
-                                                                        data: bytes) -> None:
-    _needs_direct(tmp_path)
+def test_pieces_land_in_order_hashed_after_what_was_there(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "model.partial"
-    sink, digest = _write_pieces(path, data)
-    assert sink.direct, "the writer fell back to the page cache on a filesystem with O_DIRECT"
+    digest = _write_pieces(path, data)
     assert path.read_bytes() == data
     assert digest == hashlib.sha256(data).hexdigest()
 
 
-def test_through_the_page_cache_when_asked(tmp_path: Path, data: bytes) -> None:
-    path = tmp_path / "model.partial"
-    sink, digest = _write_pieces(path, data, direct=False)
-    assert not sink.direct
-    assert path.read_bytes() == data and digest == hashlib.sha256(data).hexdigest()
-
-
-def test_a_filesystem_refusing_direct_writes_gets_the_page_cache(
-        tmp_path: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Some filesystems accept an O_DIRECT open and refuse the write (EINVAL): the bytes of
-    that write and every later one go through the page cache, none lost or doubled. Only the
-    third direct write fails, after two have landed."""
-    real_pwrite = os.pwrite
-    calls = []
-
-    def pwrite(fd: int, view: memoryview, offset: int) -> int:
-        calls.append(offset)
-        if len(calls) == 3:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, view, offset)
-
-    monkeypatch.setattr(sink_module.os, "pwrite", pwrite)
-    _needs_direct(tmp_path)
-    path = tmp_path / "model.partial"
-    sink, digest = _write_pieces(path, data)
-    assert len(calls) == 3 and not sink.direct
-    assert path.read_bytes() == data and digest == hashlib.sha256(data).hexdigest()
-
-
 def test_a_full_disk_is_reported_not_swallowed(tmp_path: Path, data: bytes,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    def pwrite(fd: int, view: memoryview, offset: int) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(sink_module.os, "pwrite", pwrite)
-    _needs_direct(tmp_path)
     path = tmp_path / "model.partial"
-    with pytest.raises(OSError, match="No space"):
-        _write_pieces(path, data)
+    path.write_bytes(b"")
+    real_write = os.write
+    with path.open("a+b") as out:
+        def write(fd: int, view: memoryview) -> int:  # the partial's writes only
+            if fd == out.fileno():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, view)
+
+        monkeypatch.setattr(sink_module.os, "write", write)
+        sink = Sink(path, out, 0, queue.Queue())
+        sink.put(mmap.mmap(-1, CHUNK), 0, 4096)
+        with pytest.raises(OSError, match="No space"):
+            sink.finish()
+
+
+def test_windows_become_durable_while_the_writing_goes_on_then_leave_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The syncer makes each window durable while later pieces are still being written (the
+    disk works while the bytes arrive), and no page of the file stays cached at the end."""
+    monkeypatch.setattr(sink_module, "SYNC_EVERY", 2**20)
+    pieces = [2**20] * 12
+    data = os.urandom(EXISTING + sum(pieces))
+    path = tmp_path / "model.partial"
+    path.write_bytes(data[:EXISTING])
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+    with path.open("a+b") as out:
+        def fdatasync(fd: int) -> None:
+            real_fdatasync(fd)
+            if fd == out.fileno():
+                synced.append(os.fstat(fd).st_size)
+
+        monkeypatch.setattr(sink_module.os, "fdatasync", fdatasync)
+        sink = Sink(path, out, EXISTING, queue.Queue())
+        _put_pieces(sink, data, pieces)
+        deadline = time.monotonic() + 60
+        while len(synced) < 2 and time.monotonic() < deadline:  # before finish() is called
+            time.sleep(0.01)
+        assert len(synced) >= 2, synced
+        digest = sink.finish()
+    assert _resident_fraction(path) < 0.1  # first: reading the file back caches it
+    assert digest == hashlib.sha256(data).hexdigest() and path.read_bytes() == data
 
 
 def _resident_fraction(path: Path) -> float:
@@ -130,12 +122,10 @@ def _resident_fraction(path: Path) -> float:
 
 def test_a_pull_over_a_slow_link_lands_whole_and_leaves_the_page_cache_alone(
         library: Library, hub: LocalHub) -> None:
-    """Through the real hub at a slow rate: buffers are handed over part-filled, at offsets off
-    any block boundary, yet the file is whole, and its body did not go through the page cache
-    (a resident model's weights stay in memory while a big pull runs): only the header the
-    pull checks is read back."""
+    """Through the real hub at a slow rate: buffers are handed over part-filled, yet the file is
+    whole, and its body does not stay in the page cache (a resident model's weights stay in
+    memory while a big pull runs): only the header the pull checks is read back."""
     library.models_dir.mkdir(parents=True, exist_ok=True)
-    _needs_direct(library.models_dir)
     source = hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"]
     hub.faults.rate = 12 * 2**20  # a ~1.4 s download: several part-filled hand-offs
     model = library.pull(library.plan(GGUF_REPO))
