@@ -191,7 +191,7 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     fsyncs: list[float] = []
     thread_cpu = {"write": 0.0, "hash": 0.0, "sync": 0.0}
     real_fsync = os.fsync
-    real_stream = download_module._stream
+    real_stream = download_module.stream
     real = {name: getattr(sink_module.Sink, name) for name in ("_write", "_hash", "_sync",
                                                                "finish", "drain")}
 
@@ -226,7 +226,7 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     plan = library.plan("bench/Big-GGUF")
     planned = time.perf_counter()
     os.fsync = counted_fsync  # one os module: the sink's and pull.py's fsyncs count
-    download_module._stream = marked_stream  # type: ignore[assignment]
+    download_module.stream = marked_stream  # type: ignore[assignment]
     patched = {"_write": timed_thread("write"), "_hash": timed_thread("hash"),
                "_sync": timed_thread("sync"), "finish": finish, "drain": drain}
     for name, fn in patched.items():
@@ -237,7 +237,7 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     finally:
         receiver_cpu = time.thread_time() - receiver_cpu
         os.fsync = real_fsync
-        download_module._stream = real_stream
+        download_module.stream = real_stream
         for name, fn in real.items():
             setattr(sink_module.Sink, name, fn)
     done = time.perf_counter()

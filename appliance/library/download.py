@@ -1,12 +1,7 @@
 """One file from the hub into a partial file: resumed with a Range request after any break,
 hashed (sha256) as it arrives, and checked against the hub's LFS sha256 and size at the end.
 
-The URL and headers (token, user agent) are huggingface-hub's. The bytes come over the standard
-library's http.client: measured on localhost, huggingface-hub's httpx2 session streams 64-72 MB/s
-where http.client reads 900 MB/s and curl 400 MB/s, and a pull must keep up with curl. Redirects
-(the hub sends LFS files to a CDN) are followed, without the token on another host. Where a proxy
-is configured (HTTPS_PROXY and friends) the download goes through huggingface-hub's session,
-which honours it.
+The URL and headers (token, user agent) are huggingface-hub's; the GET is transport.py's.
 
 Receiving, writing and hashing overlap: this thread only receives, into a few large reused
 buffers; the sink's writer thread appends each one to the file, its hasher thread hashes them
@@ -19,35 +14,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import logging
 import mmap
 import queue
-import socket
-import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 from appliance.library.errors import (
-    GatedRepo,
+    OFFLINE_HINT,
     HubUnreachable,
     IntegrityError,
     LibraryError,
-    RepoNotFound,
 )
-from appliance.library.hub import OFFLINE_HINT, TOKEN_HINT, hub_errors
 from appliance.library.sink import CHUNK, Buffer, Sink
+from appliance.library.transport import Reader, stream
 
 log = logging.getLogger(__name__)
 
 BUFFERS = 4  # in flight between receiving and writing: 32 MiB of memory at most
 HAND_OFF_S = 0.5  # a partly filled buffer goes to the writer after this: progress on slow links
-MAX_REDIRECTS = 5
 RETRIES = 5  # connection drops resumed in a row before giving up (a made progress resets it)
 BACKOFF_S = (0.5, 1, 2, 4, 8)
 
@@ -138,7 +126,7 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
                 if have:
                     request_headers["Range"] = f"bytes={have}-"
                 try:
-                    with _stream(url, request_headers, repo, timeout) as (status, read, abort), \
+                    with stream(url, request_headers, repo, timeout) as (status, read, abort), \
                             cancel.hooked(abort):
                         if have and status != 206:
                             # The server ignored the Range: start over rather than append twice.
@@ -200,10 +188,6 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
     return digest
 
 
-# Receives into the view it is given, with at most one system call; the count, 0 at the end.
-Reader = Callable[[memoryview], int]
-
-
 def _fill(buffer: Buffer, read: Reader, cancel: threading.Event) -> int:
     """Receive into `buffer` until it is full, the body ends, or HAND_OFF_S passed with some
     bytes in it (so progress flows on slow links); the count received."""
@@ -218,139 +202,3 @@ def _fill(buffer: Buffer, read: Reader, cancel: threading.Event) -> int:
         if cancel.is_set() or time.monotonic() - started > HAND_OFF_S:
             break
     return n
-
-
-class _Chunks:
-    """A Reader over an iterator of byte strings (huggingface-hub's session behind a proxy)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._left = memoryview(b"")
-
-    def __call__(self, view: memoryview) -> int:
-        if not self._left:
-            self._left = memoryview(next(self._chunks, b""))
-        n = min(len(view), len(self._left))
-        view[:n] = self._left[:n]
-        self._left = self._left[n:]
-        return n
-
-
-def _body_reader(response: http.client.HTTPResponse) -> Reader:
-    """Straight from the socket into our buffer where the body has a length (a hub file
-    always has): readinto1 makes no bytes object and no copy, where read1 allocates up to the
-    asked size and copies it; measured in bench/pull_stages.py. A chunked body: read1."""
-    fp = response.fp
-    if response.chunked or response.length is None or fp is None:
-        def read1(view: memoryview) -> int:
-            data = response.read1(len(view))
-            view[:len(data)] = data
-            return len(data)
-
-        return read1
-
-    def readinto1(view: memoryview) -> int:
-        left = response.length or 0
-        if not left:
-            return 0
-        n = fp.readinto1(view[:left] if len(view) > left else view)
-        if not n:
-            return 0  # closed before its Content-Length: the caller says so
-        response.length = left - n
-        return n
-
-    return readinto1
-
-
-@contextlib.contextmanager
-def _stream(url: str, headers: dict[str, str], repo: str,
-            timeout: float) -> Iterator[tuple[int, Reader, Callable[[], None]]]:
-    """(status, read, abort) for a GET of `url`; http.client, or huggingface-hub's session
-    behind a proxy. Transport failures and 5xx become HubUnreachable (retried), 4xx our typed
-    errors. `abort` (from another thread) makes a waiting read return."""
-    scheme = urlsplit(url).scheme
-    if urllib.request.getproxies().get(scheme):
-        from huggingface_hub.utils import get_session, hf_raise_for_status
-
-        with hub_errors(repo), get_session().stream("GET", url, headers=headers,
-                                                    follow_redirects=True,
-                                                    timeout=timeout) as response:
-            hf_raise_for_status(response)
-            yield response.status_code, _Chunks(response.iter_bytes(2**20)), response.close
-        return
-    with _direct(url, headers, repo, timeout) as answer:
-        yield answer
-
-
-def _unreachable(repo: str, e: Exception) -> HubUnreachable:
-    return HubUnreachable(f"cannot reach the hub for {repo} ({type(e).__name__})", OFFLINE_HINT)
-
-
-@contextlib.contextmanager
-def _direct(url: str, headers: dict[str, str], repo: str,
-            timeout: float) -> Iterator[tuple[int, Reader, Callable[[], None]]]:
-    origin = urlsplit(url).netloc
-    for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme == "https":
-            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parts.netloc, timeout=timeout, context=ssl.create_default_context())
-        elif parts.scheme == "http":
-            connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
-        else:
-            raise HubUnreachable(f"the hub sent the download of {repo} to {parts.scheme}:",
-                                 OFFLINE_HINT)
-        sent = dict(headers)
-        if parts.netloc != origin:  # a CDN gets no token
-            sent.pop("authorization", None)
-            sent.pop("Authorization", None)
-        try:
-            try:
-                connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
-                                   headers=sent)
-                sock = connection.sock  # the response may take it over from the connection
-                response = connection.getresponse()
-            except (OSError, http.client.HTTPException) as e:
-                raise _unreachable(repo, e) from None
-            if response.status in (301, 302, 303, 307, 308):
-                location = response.getheader("Location")
-                response.read()
-                if not location:
-                    raise HubUnreachable(f"the hub redirected {repo} nowhere", OFFLINE_HINT)
-                url = urljoin(url, location)
-                continue
-            if response.status >= 400:
-                _raise_for(response.status, response.getheader("X-Error-Code"), repo)
-
-            body = _body_reader(response)
-
-            def read(view: memoryview, response: http.client.HTTPResponse = response,
-                     body: Reader = body) -> int:
-                # Only the network's failures are retried; a full disk (the writer's) is not.
-                try:
-                    n = body(view)
-                except (OSError, http.client.HTTPException) as e:
-                    raise _unreachable(repo, e) from None
-                if not n and response.length:  # closed before its Content-Length
-                    raise HubUnreachable(f"the connection for {repo} ended early",
-                                         OFFLINE_HINT)
-                return n
-
-            def abort(sock: socket.socket | None = sock) -> None:
-                if sock is not None:
-                    sock.shutdown(socket.SHUT_RDWR)
-
-            yield response.status, read, abort
-            return
-        finally:
-            connection.close()
-    raise HubUnreachable(f"too many redirects for {repo}", OFFLINE_HINT)
-
-
-def _raise_for(status: int, code: str | None, repo: str) -> None:
-    if code == "GatedRepo" or status in (401, 403):
-        raise GatedRepo(f"hub repository {repo} is gated or private", TOKEN_HINT)
-    if status in (404, 410):
-        raise RepoNotFound(f"a file of {repo} is gone from the hub (HTTP {status})",
-                           "pull again: the repo may have changed")
-    raise HubUnreachable(f"the hub answered HTTP {status} for {repo}", OFFLINE_HINT)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from appliance.errors import ApplianceError
 
+OFFLINE_HINT = ("check the network, or pull a local file instead (appliance pull ./model.gguf); "
+                "HF_ENDPOINT picks another hub or mirror")
+TOKEN_HINT = ("accept the model's licence on its hub page, then set HF_TOKEN (or run "
+              "`hf auth login`) where the pull runs")
+
 
 class LibraryError(ApplianceError):
     """Base: a library failure with a one-line `hint` saying what to do."""

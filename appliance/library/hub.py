@@ -1,25 +1,32 @@
 """Resolve a hub repository into what to download: the GGUF file(s) for a quantization, or the
 safetensors checkpoint for our converter, with sizes and LFS sha256s from the hub's metadata.
 
-All hub calls go through huggingface-hub (its HTTP session, headers and token, its error
-types), with the endpoint passed explicitly: huggingface-hub reads HF_ENDPOINT once, at import.
-The metadata call is HfApi.model_info's request (same URL, parameters and error checks) without
-HfApi: importing huggingface_hub.hf_api cost every `appliance pull` 0.3 s (a loaded 2-core
-VM) before its first byte, and its answer is read here with bounds on what we use.
+The hub as huggingface-hub sees it: its endpoint (passed explicitly: it reads HF_ENDPOINT once,
+at import), URL template, token settings and user agent, and HfApi.model_info's request (same
+URL and parameters, its refusals read the way hf_raise_for_status reads them). The request
+itself goes over the library's transport (transport.py): importing HfApi, huggingface-hub's
+session or its header helpers cost every `appliance pull` 0.3-0.5 s before its first byte on a
+2-core VM. Behind a proxy, huggingface-hub's session makes the call. The answer is read here
+with bounds on what we use.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import json
+import os
+import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
+from appliance import __version__
 from appliance.library.errors import (
+    TOKEN_HINT,
     BadHubAnswer,
     BadReference,
     GatedRepo,
@@ -34,10 +41,7 @@ DEFAULT_QUANT = "Q4_K_M"
 _QUANT_IN_NAME = re.compile(r"(?:^|[-_./])((?:UD-)?(?:I?Q[0-9][A-Z0-9_]*|BF16|F16|F32))$", re.I)
 SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.I)
 MAX_FILES = 10_000  # a repo listing past this is refused, not walked
-OFFLINE_HINT = ("check the network, or pull a local file instead (appliance pull ./model.gguf); "
-                "HF_ENDPOINT picks another hub or mirror")
-TOKEN_HINT = ("accept the model's licence on its hub page, then set HF_TOKEN (or run "
-              "`hf auth login`) where the pull runs")
+MAX_INFO_BYTES = 64 * 2**20  # a model info answer (10,000 files are ~3 MB); more is refused
 
 
 @dataclass(frozen=True)
@@ -102,21 +106,42 @@ class Hub:
 
     def model_info(self, ref: HubRef) -> tuple[str | None, list[HubFile]]:
         """The repo's commit and files (with sizes and LFS sha256s): what HfApi.model_info(
-        files_metadata=True) asks for."""
-        from huggingface_hub.utils import get_session, hf_raise_for_status
+        files_metadata=True) asks for, over the library's transport (transport.py)."""
+        from huggingface_hub import constants
 
+        from appliance.library.transport import proxied, read_all, stream
+
+        if constants.HF_HUB_OFFLINE:
+            raise HubUnreachable("HF_HUB_OFFLINE is set: the hub is not asked",
+                                 "unset HF_HUB_OFFLINE, or pull a local file")
         url = f"{self.endpoint}/api/models/{ref.repo}"
         if ref.revision is not None:
             url += f"/revision/{quote(ref.revision, safe='')}"
-        with hub_errors(ref.repo, ref.revision):
-            response = get_session().get(url, headers=self.headers(), timeout=self.timeout,
-                                         params={"blobs": True})
-            hf_raise_for_status(response)
+        url += "?blobs=true"
+        if proxied(url):
+            return read_model_info(ref.repo, self._model_info_by_session(ref, url))
+        with stream(url, self.headers(), ref.repo, self.timeout,
+                    functools.partial(_info_refusal, ref)) as (_, read, _abort):
+            body = read_all(read, MAX_INFO_BYTES, ref.repo)
         try:
-            data = response.json()
+            data = json.loads(body)
         except ValueError:
             data = None  # refused below as malformed
         return read_model_info(ref.repo, data)
+
+    def _model_info_by_session(self, ref: HubRef, url: str) -> Any:
+        """Through huggingface-hub's session, which honours the proxy settings."""
+        from huggingface_hub.utils import get_session, hf_raise_for_status
+
+        from appliance.library.transport import hub_errors
+
+        with hub_errors(ref.repo, ref.revision):
+            response = get_session().get(url, headers=self.headers(), timeout=self.timeout)
+            hf_raise_for_status(response)
+        try:
+            return response.json()
+        except ValueError:
+            return None
 
     def file_url(self, repo: str, filename: str, commit: str) -> str:
         """hf_hub_url's answer for a model repo, from its own template: importing hf_hub_url
@@ -130,9 +155,20 @@ class Hub:
             constants.ENDPOINT) else url
 
     def headers(self) -> dict[str, str]:
-        from huggingface_hub.utils import build_hf_headers
+        """build_hf_headers' user agent and token, from huggingface-hub's own settings (its
+        token file, HF_TOKEN, HF_HUB_DISABLE_IMPLICIT_TOKEN): importing build_hf_headers
+        (huggingface_hub.utils, and httpx2 with it) cost every CLI pull ~0.5 s before its first
+        byte. A test keeps the two equal."""
+        import huggingface_hub
+        from huggingface_hub import constants
 
-        return build_hf_headers(token=self.token, library_name="qwen-appliance")
+        agent = (f"qwen-appliance/{__version__}; hf_hub/{huggingface_hub.__version__}; "
+                 f"python/{platform.python_version()}")
+        headers = {"user-agent": agent}
+        token = _token(self.token, constants)
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        return headers
 
     # -- planning --------------------------------------------------------------------------
 
@@ -149,6 +185,37 @@ class Hub:
         raise RepoNotFound(f"{ref.repo} has neither GGUF files nor a safetensors checkpoint",
                            "pull a repo with .gguf files (e.g. Qwen/Qwen3-8B-GGUF) or a "
                            "transformers checkpoint (e.g. Qwen/Qwen3-8B)")
+
+
+def _token(token: str | bool | None, constants: Any) -> str | None:
+    """The token huggingface-hub would send: an explicit one, none for False, else (True, or
+    None unless implicit tokens are disabled) HF_TOKEN or the token file."""
+    if isinstance(token, str):
+        return token or None
+    if token is False or (token is None and constants.HF_HUB_DISABLE_IMPLICIT_TOKEN):
+        return None
+    from_env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if from_env is not None:
+        return from_env.strip() or None
+    try:
+        return Path(constants.HF_TOKEN_PATH).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _info_refusal(ref: HubRef, status: int, code: str | None) -> None:
+    """huggingface-hub's reading of a refused model info (hf_raise_for_status), as ours."""
+    if code == "GatedRepo":
+        raise GatedRepo(f"hub repository {ref.repo} is gated", TOKEN_HINT)
+    if code == "RevisionNotFound":
+        raise RepoNotFound(f"hub repository {ref.repo} has no revision {ref.revision}",
+                           "leave out --revision for the main branch")
+    if status == 401:  # the hub says 401 for a private, gated or absent repo without a token
+        raise GatedRepo(f"hub repository {ref.repo} needs a token (it is private, gated or "
+                        "absent)", TOKEN_HINT)
+    if code == "RepoNotFound" or status == 404:
+        raise RepoNotFound(f"hub repository {ref.repo} does not exist",
+                           "check the spelling, e.g. Qwen/Qwen3-8B-GGUF")
 
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -252,56 +319,3 @@ def plan_safetensors(ref: HubRef, commit: str, files: list[HubFile]) -> HubPlan:
     model_id = f"{safe_stem(ref.repo.split('/')[1])}-{quant.lower()}"
     return HubPlan("safetensors", ref.repo, commit, quant, model_id, wanted,
                    quants=list(QUANT_TYPES))
-
-
-class hub_errors:
-    """Turn huggingface-hub's exceptions into ours, each one line with a hint."""
-
-    def __init__(self, repo: str, revision: str | None = None) -> None:
-        self.repo = repo
-        self.revision = revision
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 tb: Any) -> bool:
-        if error is None or isinstance(error, LibraryError):
-            return False
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            HfHubHTTPError,
-            OfflineModeIsEnabled,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        if isinstance(error, GatedRepoError):
-            raise GatedRepo(f"hub repository {self.repo} is gated", TOKEN_HINT) from None
-        if isinstance(error, RevisionNotFoundError):
-            raise RepoNotFound(f"hub repository {self.repo} has no revision {self.revision}",
-                               "leave out --revision for the main branch") from None
-        if isinstance(error, RepositoryNotFoundError):
-            status = getattr(getattr(error, "response", None), "status_code", 404)
-            if status == 401:
-                raise GatedRepo(f"hub repository {self.repo} needs a token (it is private, "
-                                "gated or absent)", TOKEN_HINT) from None
-            raise RepoNotFound(f"hub repository {self.repo} does not exist",
-                               "check the spelling, e.g. Qwen/Qwen3-8B-GGUF") from None
-        if isinstance(error, OfflineModeIsEnabled):
-            raise HubUnreachable("HF_HUB_OFFLINE is set: the hub is not asked",
-                                 "unset HF_HUB_OFFLINE, or pull a local file") from None
-        if isinstance(error, HfHubHTTPError):
-            status = getattr(getattr(error, "response", None), "status_code", None)
-            raise HubUnreachable(f"the hub answered HTTP {status} for {self.repo}",
-                                 OFFLINE_HINT) from None
-        if isinstance(error, OSError) or _is_transport_error(error):
-            raise HubUnreachable(f"cannot reach the hub for {self.repo} "
-                                 f"({type(error).__name__})", OFFLINE_HINT) from None
-        return False
-
-
-def _is_transport_error(error: BaseException) -> bool:
-    """httpx's (or huggingface-hub's httpx2's) connection and timeout errors."""
-    return any(c.__name__ in ("TransportError", "TimeoutException", "NetworkError")
-               for c in type(error).__mro__)

@@ -1,5 +1,6 @@
 """The hub's metadata answer, read with bounds: what a broken or hostile mirror sends is refused
-with a clear error, never used (a sha256 names a file on disk)."""
+with a clear error, never used (a sha256 names a file on disk). The request is huggingface-hub's
+(its token and user agent, its reading of refusals) without importing its HTTP stack."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from appliance.library.errors import BadHubAnswer, LibraryError
-from appliance.library.hub import MAX_FILES, HubFile, read_model_info
+from appliance.library.errors import BadHubAnswer, GatedRepo, LibraryError, RepoNotFound
+from appliance.library.hub import MAX_FILES, Hub, HubFile, read_model_info
 from appliance.library.pull import Library
-from tests.library.conftest import GGUF_REPO
+from appliance.library.refs import HubRef
+from tests.library.conftest import GATED_REPO, GGUF_REPO
 from tests.library.hub_server import LocalHub
 
 SHA = "ab" * 32
@@ -63,17 +65,54 @@ def test_a_hostile_mirror_naming_files_by_path_is_refused(library: Library,
     assert not any(library.models_dir.rglob("*.partial"))
 
 
-def test_planning_does_not_import_hf_api(hub: LocalHub, tmp_path: Path) -> None:
-    """HfApi's import cost every CLI pull 0.3 s before its first byte; its request is ours
-    (in a fresh interpreter: this one may have imported it for another test)."""
+def test_planning_imports_no_http_stack_of_huggingface_hub(hub: LocalHub,
+                                                             tmp_path: Path) -> None:
+    """HfApi, huggingface-hub's session and its header helpers (httpx2 with them) cost every CLI
+    pull 0.3-0.5 s before its first byte; their request is ours (in a fresh interpreter: this one
+    may have imported them for another test)."""
     code = ("import sys; from pathlib import Path; from appliance.library.hub import Hub; "
             "from appliance.library.pull import Library; "
             f"plan = Library(Path({str(tmp_path)!r}), hub=Hub({hub.url!r}, token=False))"
             f".plan({GGUF_REPO!r}); "
-            "print(plan.hub.files[0].sha256, 'huggingface_hub.hf_api' in sys.modules)")
+            "print(plan.hub.files[0].sha256, *(m in sys.modules for m in ("
+            "'huggingface_hub.hf_api', 'huggingface_hub.utils._http', 'httpx2', 'httpx')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.split()
-    assert out == [hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"].sha256, "False"]
+    assert out == [hub.repos[GGUF_REPO].files["Tiny-Q4_K_M.gguf"].sha256] + ["False"] * 4
+
+
+@pytest.mark.parametrize("token, env, in_file", [
+    (False, {"HF_TOKEN": "hf_env"}, "hf_file"), ("hf_given", {}, "hf_file"),
+    (None, {"HF_TOKEN": "hf_env"}, "hf_file"), (None, {}, "hf_file"), (None, {}, None),
+    (True, {"HUGGING_FACE_HUB_TOKEN": "hf_old_env"}, None),
+])
+def test_headers_are_huggingface_hubs(token: Any, env: dict[str, str], in_file: str | None,
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same token as build_hf_headers sends, from the same places, and our user agent."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    token_file = tmp_path / "token"
+    if in_file:
+        token_file.write_text(in_file + "\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
+    ours = Hub("http://127.0.0.1:9", token=token).headers()
+    theirs = build_hf_headers(token=token, library_name="qwen-appliance")
+    assert ours.get("authorization") == theirs.get("authorization")
+    assert ours["user-agent"].startswith("qwen-appliance/")
+
+
+def test_a_token_opens_a_gated_repo_and_refusals_read_as_huggingface_hubs(
+        hub: LocalHub) -> None:
+    assert Hub(hub.url, token="hf_test").plan(HubRef(GATED_REPO)).files
+    with pytest.raises(GatedRepo, match="is gated"):
+        Hub(hub.url, token=False).plan(HubRef(GATED_REPO))
+    with pytest.raises(RepoNotFound, match="does not exist"):
+        Hub(hub.url, token=False).plan(HubRef("nobody/Nothing-GGUF"))
 
 
 def test_offline_mode_is_one_clear_line(tmp_path: Path) -> None:
