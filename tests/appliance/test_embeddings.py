@@ -4,6 +4,8 @@ the reference, and every refusal in OpenAI's error shape naming the field."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import threading
 from collections.abc import Iterator
@@ -45,6 +47,20 @@ def reference(folder: Path, texts: list[str]) -> np.ndarray:
     return reference_embeddings(folder, hf_ids(folder, texts))
 
 
+def test_vector_answers_are_float32_at_their_shortest_and_nan_is_null() -> None:
+    """orjson off the loop: each number reads back as the same float32; a NaN (a broken model)
+    is null, where json.dumps refused it with a 500; a cut (non-contiguous) array is fine."""
+    from appliance.api.core import vectors_response
+
+    rows = np.array([[0.1, 1 / 3, 7e-8], [0.25, -2.0, np.nan]], dtype=np.float32)
+    answer = asyncio.run(vectors_response({"data": rows, "cut": rows[:, :2]}))
+    data = json.loads(answer.body)
+    assert answer.media_type == "application/json" and b"[0.1," in answer.body
+    assert data["data"][1][2] is None
+    assert np.array_equal(np.array(data["data"][0], dtype=np.float32), rows[0])
+    assert np.array_equal(np.array(data["cut"], dtype=np.float32), rows[:, :2])
+
+
 def test_vectors_match_transformers_in_every_input_form(client: openai.OpenAI,
                                                         tiny_embedding_checkpoint: Path) -> None:
     result = client.embeddings.create(model=EMBED, input=TEXTS)  # the client asks for base64
@@ -59,7 +75,8 @@ def test_vectors_match_transformers_in_every_input_form(client: openai.OpenAI,
     ids = hf_ids(tiny_embedding_checkpoint, TEXTS)
     assert result.usage.prompt_tokens == sum(len(i) for i in ids)
     as_floats = client.embeddings.create(model=EMBED, input=TEXTS, encoding_format="float")
-    assert np.allclose([d.embedding for d in as_floats.data], got, atol=1e-6)
+    floats = np.array([d.embedding for d in as_floats.data], dtype=np.float32)
+    assert np.array_equal(floats, got.astype(np.float32))  # the same float32s, in JSON
     as_tokens = client.embeddings.create(model=EMBED, input=ids)
     assert np.allclose([d.embedding for d in as_tokens.data], got, atol=1e-4)
     one = client.embeddings.create(model=EMBED, input=TEXTS[0])

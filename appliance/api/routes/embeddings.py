@@ -27,6 +27,7 @@ from appliance.api.core import (
     rerank_pairs,
     truncate_dimensions,
     until_disconnect,
+    vectors_response,
 )
 from appliance.api.deps import ManagerDep, UpstreamsDep
 from appliance.api.schemas import RequestBody, _Lenient
@@ -69,10 +70,10 @@ class RerankRequest(RequestBody):
     keep_alive: float | None = Field(None, ge=-1, le=MAX_KEEP_ALIVE_S)
 
 
-def _encode(row: np.ndarray, encoding: str) -> list[float] | str:
+def _encode(row: np.ndarray, encoding: str) -> np.ndarray | str:
     if encoding == "base64":  # little-endian float32, as OpenAI's clients decode it
         return base64.b64encode(row.astype("<f4").tobytes()).decode()
-    return row.tolist()
+    return row
 
 
 @router.post("/v1/embeddings", response_model=None)
@@ -93,9 +94,9 @@ async def embeddings(body: EmbeddingsRequest, request: Request, manager: Manager
         vectors = truncate_dimensions(result.vectors, body.dimensions, model.dimensions)
     data = [{"object": "embedding", "index": i, "embedding": _encode(row, body.encoding_format)}
             for i, row in enumerate(vectors)]
-    return JSONResponse({"object": "list", "data": data, "model": result.model_id,
-                         "usage": {"prompt_tokens": result.prompt_tokens,
-                                   "total_tokens": result.prompt_tokens}})
+    return await vectors_response({"object": "list", "data": data, "model": result.model_id,
+                                   "usage": {"prompt_tokens": result.prompt_tokens,
+                                             "total_tokens": result.prompt_tokens}})
 
 
 def _default_model(manager: ModelManager, reranker: bool) -> str | None:

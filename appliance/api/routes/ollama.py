@@ -34,6 +34,7 @@ from appliance.api.core import (
     sampling_params,
     truncate_dimensions,
     until_disconnect,
+    vectors_response,
 )
 from appliance.api.deps import (
     ManagerDep,
@@ -192,9 +193,9 @@ async def embed(body: EmbedRequest, request: Request, registry: RegistryDep,
             return Response(status_code=CLIENT_GONE)
         vectors = truncate_dimensions(result.vectors, body.dimensions, model.dimensions)
     if legacy:
-        return JSONResponse({"embedding": vectors[0].tolist()})
+        return await vectors_response({"embedding": vectors[0]})
     done = time.perf_counter()
-    return JSONResponse({"model": ollama_name(entry.id), "embeddings": vectors.tolist(),
+    return await vectors_response({"model": ollama_name(entry.id), "embeddings": vectors,
                          "total_duration": int((done - started) * 1e9),
                          "load_duration": int((loaded - started) * 1e9),
                          "prompt_eval_count": result.prompt_tokens})
