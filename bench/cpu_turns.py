@@ -33,8 +33,7 @@ sys.path.insert(0, str(REPO))
 
 CHAT_STREAMS = 4
 CHAT_CONTEXT = 4096  # per stream, as the daemon's auto context gives the 0.6B on a workstation
-ENGINE_NICE = 5  # Settings.engine_nice's default: the chat engine's threads run at it
-BATCH_NICE = 15  # Settings.batch_nice's default: the embedding worker's
+ENGINE_NICE = 5  # Settings.engine_nice's default: both engine threads run at it
 NO_END = {t: -100.0 for t in range(151643, 151669)}  # Qwen3's end and control tokens
 WORDS = ("alpha beta gamma delta river mountain window garden copper silver music table "
          "orange paper stone cloud").split()
@@ -81,7 +80,7 @@ def one_mode(embed_path: Path, chat_path: Path, turns_on: bool, threads: int, n_
         n_gpu_layers=0, n_batch=4096, n_ubatch=EMBEDDING_UBATCH, n_seq=EMBEDDING_SEQUENCES,
         n_threads=threads))
     pace = BatchPace(turns.party("embedding", BATCH_WEIGHT) if turns_on else NO_TURNS)
-    worker = EmbeddingWorker(embed_runtime, 4, nice=BATCH_NICE, pace=pace)
+    worker = EmbeddingWorker(embed_runtime, 4, nice=ENGINE_NICE, pace=pace)
     ids = [embed_runtime.tokenize(t) for t in texts(n_inputs)]
 
     def embed(inputs: list[list[int]]) -> float:

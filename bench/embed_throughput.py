@@ -51,7 +51,7 @@ WORDS = ("alpha beta gamma delta river mountain window garden copper silver musi
          "orange paper stone cloud").split()
 BATCH_TOKENS, UBATCH, SEQUENCES = 4096, 512, 64  # as appliance.residency.loader sets them
 CHAT_STREAMS = 4
-BATCH_NICE = Settings.model_fields["batch_nice"].default
+ENGINE_NICE = Settings.model_fields["engine_nice"].default
 GPU_LAYERS = 0  # --gpu: every layer on the GPU (bench/gpu_check.sh measures the 5x there)
 
 
@@ -119,9 +119,9 @@ def llama_server_command(binary: Path, model: Path, threads: int, port: int) -> 
 
 
 def _engine_priority() -> None:
-    """In the child before exec: the nice value the daemon's embedding threads take
-    (scheduler.lower_thread_priority: at least batch_nice)."""
-    os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), BATCH_NICE))
+    """In the child before exec: the nice value the daemon's engine threads take
+    (scheduler.lower_thread_priority: at least engine_nice)."""
+    os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), ENGINE_NICE))
 
 
 class LlamaServer:
@@ -132,8 +132,8 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{port}"
         self.command = llama_server_command(binary, model, threads, port)
         self.log = tempfile.TemporaryFile()
-        # At the nice value the daemon's embedding threads take (batch_nice): on a busy
-        # machine both then lose the same share to everything else.
+        # At the nice value the daemon's engine threads take (engine_nice): on a busy machine
+        # both then lose the same share to everything else.
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT,
                                         preexec_fn=_engine_priority)
         try:
