@@ -165,10 +165,6 @@ class Settings(BaseSettings):
                          description="CPU threads for decoding")
     engine_nice: int = Field(5, ge=0, le=19,
                              description="nice value of the decoding threads (0: normal)")
-    batch_nice: int = Field(15, ge=0, le=19,
-                            description="nice value of embedding and rerank batches' threads: "
-                                        "above the chat engine's, so chat streams keep most of "
-                                        "the CPU while a batch runs beside them")
     cpu_turns: bool = Field(False,
                             description="resident models on the CPU take turns to decode "
                                         "(measured on 2 cores: no better for chat beside an "

@@ -413,9 +413,7 @@ class ModelLoader:
         party = self.cpu_turns(entry, plan, BATCH_WEIGHT)
         try:
             worker = EmbeddingWorker(runtime, self.settings.max_queue,
-                                     nice=max(self.settings.batch_nice,
-                                              self.settings.engine_nice),
-                                     pace=BatchPace(party))
+                                     nice=self.settings.engine_nice, pace=BatchPace(party))
         except BaseException:
             party.leave()
             runtime.close()

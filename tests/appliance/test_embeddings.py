@@ -175,25 +175,3 @@ def test_ollamas_embed_routes_use_the_same_core(daemon: Daemon, client: openai.O
     with pytest.raises(ollama.ResponseError) as chat_model:
         theirs.embed(model=MODEL_A, input="x")
     assert chat_model.value.status_code == 400 and EMBED in chat_model.value.error
-
-
-def test_batches_run_at_a_lower_priority_than_chat(tiny_embedding_gguf: Path,
-                                                   tmp_path: Path) -> None:
-    """The embedding worker and llama.cpp's threads it starts run at `batch_nice`, above the
-    chat engine's nice: beside a batch, chat streams keep most of the CPU."""
-    from tests.appliance.test_daemon_process import _tasks
-
-    folder = tmp_path / "models"
-    folder.mkdir()
-    shutil.copy(tiny_embedding_gguf, folder / f"{EMBED}.gguf")
-    with run_daemon(folder, tmp_path, engine_nice="6", batch_nice="13") as d:
-        texts = [f"{i} " + "a moderately long text to embed " * 20 for i in range(32)]
-        with httpx.Client(base_url=d.url, timeout=300) as http:
-            assert http.post("/v1/embeddings", json={"model": EMBED, "input": "x"}).is_success
-            before = {tid: ticks for tid, _, ticks in _tasks(d.process.pid)}
-            assert http.post("/v1/embeddings", json={"model": EMBED, "input": texts}).is_success
-            tasks = _tasks(d.process.pid)
-    used: dict[int, int] = {}
-    for tid, nice, ticks in tasks:
-        used[nice] = used.get(nice, 0) + ticks - before.get(tid, 0)
-    assert used.get(13, 0) > max(used.get(0, 0), used.get(6, 0)), used
