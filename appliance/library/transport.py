@@ -37,7 +37,6 @@ Reader = Callable[[memoryview], int]
 Refusal = Callable[[int, str | None], None]
 
 
-
 class Chunks:
     """A Reader over an iterator of byte strings (huggingface-hub's session behind a proxy)."""
 
@@ -106,15 +105,14 @@ def proxied(url: str) -> bool:
 
 def read_all(read: Reader, limit: int, what: str) -> bytes:
     """A whole (small) body, refused past `limit` bytes: a hostile mirror's answer is bounded."""
-    body = bytearray(limit + 1)
-    view = memoryview(body)
-    n = 0
-    while n <= limit and (got := read(view[n:])):
-        n += got
-    if n > limit:
-        raise BadHubAnswer(f"the hub's answer about {what} is over {limit} bytes",
-                           "check HF_ENDPOINT, or try again later")
-    return bytes(view[:n])
+    body = bytearray()
+    piece = bytearray(2**16)
+    while got := read(memoryview(piece)):
+        body += piece[:got]
+        if len(body) > limit:
+            raise BadHubAnswer(f"the hub's answer about {what} is over {limit} bytes",
+                               "check HF_ENDPOINT, or try again later")
+    return bytes(body)
 
 
 def _unreachable(repo: str, e: Exception) -> HubUnreachable:

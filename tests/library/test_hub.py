@@ -127,3 +127,15 @@ def test_offline_mode_is_one_clear_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         "appliance: error: HF_HUB_OFFLINE is set: the hub is not asked (hint: unset "
         "HF_HUB_OFFLINE, or pull a local file)"]
+
+
+def test_an_oversized_answer_is_refused_while_it_is_read(hub: LocalHub,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model info is read up to a bound (a hostile mirror could stream forever)."""
+    from appliance.library import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "MAX_INFO_BYTES", 100)
+    with pytest.raises(BadHubAnswer, match="over 100 bytes"):
+        Hub(hub.url, token=False).plan(HubRef(GGUF_REPO))
+    monkeypatch.setattr(hub_module, "MAX_INFO_BYTES", 2**20)
+    assert Hub(hub.url, token=False).plan(HubRef(GGUF_REPO)).files
