@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -188,19 +189,23 @@ class Hub:
 
 
 def _token(token: str | bool | None, constants: Any) -> str | None:
-    """The token huggingface-hub would send: an explicit one, none for False, else (True, or
-    None unless implicit tokens are disabled) HF_TOKEN or the token file."""
+    """The token build_hf_headers would send: an explicit one, none for False, else (True, or
+    None unless implicit tokens are disabled) huggingface-hub's own choice. Its order is OIDC
+    (HF_OIDC_RESOURCE), HF_TOKEN or HUGGING_FACE_HUB_TOKEN, the token file (an OAuth token in it
+    refreshed when near expiry), Colab's vault; where only the environment can answer, it is
+    read here, else huggingface-hub's get_token answers (its import costs ~0.3 s)."""
     if isinstance(token, str):
         return token or None
     if token is False or (token is None and constants.HF_HUB_DISABLE_IMPLICIT_TOKEN):
         return None
-    from_env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if from_env is not None:
-        return from_env.strip() or None
-    try:
-        return Path(constants.HF_TOKEN_PATH).read_text().strip() or None
-    except OSError:
-        return None
+    from_env = (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or "")
+    from_env = from_env.replace("\r", "").replace("\n", "").strip()
+    if not os.environ.get("HF_OIDC_RESOURCE") and (from_env or not (
+            Path(constants.HF_TOKEN_PATH).exists() or "google.colab" in sys.modules)):
+        return from_env or None
+    from huggingface_hub.utils import get_token
+
+    return get_token()
 
 
 def _info_refusal(ref: HubRef, status: int, code: str | None) -> None:

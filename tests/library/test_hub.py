@@ -84,7 +84,9 @@ def test_planning_imports_no_http_stack_of_huggingface_hub(hub: LocalHub,
 @pytest.mark.parametrize("token, env, in_file", [
     (False, {"HF_TOKEN": "hf_env"}, "hf_file"), ("hf_given", {}, "hf_file"),
     (None, {"HF_TOKEN": "hf_env"}, "hf_file"), (None, {}, "hf_file"), (None, {}, None),
+    (None, {"HF_TOKEN": " \n"}, "hf_file"), (None, {"HF_TOKEN": ""}, None),
     (True, {"HUGGING_FACE_HUB_TOKEN": "hf_old_env"}, None),
+    (None, {"HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_TOKEN": "hf_env"}, None),
 ])
 def test_headers_are_huggingface_hubs(token: Any, env: dict[str, str], in_file: str | None,
                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,10 +94,12 @@ def test_headers_are_huggingface_hubs(token: Any, env: dict[str, str], in_file: 
     from huggingface_hub import constants
     from huggingface_hub.utils import build_hf_headers
 
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+                        "HF_HUB_DISABLE_IMPLICIT_TOKEN" in env)
     token_file = tmp_path / "token"
     if in_file:
         token_file.write_text(in_file + "\n")
