@@ -130,11 +130,11 @@ def sink_alone(path: Path, size: int) -> tuple[float, float]:
         free.put(buffer)
     started = time.perf_counter()
     with path.open("a+b") as out:
-        sink = Sink(path, out, 0, free)
+        sink = Sink(out, 0, free)
         done = 0
         while done < size:
             n = min(CHUNK, size - done)
-            sink.put(free.get(), 0, n)
+            sink.put(free.get(), n)
             done += n
         handed = time.perf_counter() - started
         started = time.perf_counter()
@@ -336,7 +336,7 @@ def main() -> int:
     median = {k: round(statistics.median(v), 3) for k, v in runs.items()}
     rates = {k.removesuffix("_s") + "_mb_per_s": round(size / v / MB, 1)
              for k, v in median.items()
-             if k in ("curl_to_file_s", "curl_to_null_s", "receive_read1_s",
+             if v > 0 and k in ("curl_to_file_s", "curl_to_null_s", "receive_read1_s",
                       "receive_readinto1_s", "sha256_s", "write_s", "write_direct_s", "sink_total_s",
                       "pull_body_s", "pull_total_s", "cli_pull_s")}
     result = {"bytes": size, "runs": args.runs, "median_s": median, "median_rates": rates,

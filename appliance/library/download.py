@@ -117,7 +117,7 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
         free.put(mmap.mmap(-1, CHUNK))
     failures = 0
     with partial.open("a+b") as out:  # read too: a resume hashes what is there
-        sink = Sink(partial, out, have, free)
+        sink = Sink(out, have, free)
         try:
             while have < size:  # a partial already whole (cut short before its install) is
                 if cancel.is_set():  # only hashed again
@@ -144,7 +144,7 @@ def download(url: str, partial: Path, *, size: int, sha256: str | None,
                                 free.put(buffer)  # its bytes are fetched again on the retry
                                 raise
                             if n:
-                                sink.put(buffer, 0, n)
+                                sink.put(buffer, n)
                                 have += n
                                 on_bytes(have)
                                 failures = 0

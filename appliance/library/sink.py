@@ -19,7 +19,6 @@ import mmap
 import os
 import queue
 import threading
-from pathlib import Path
 from typing import Any
 
 CHUNK = 8 * 2**20  # one buffer; measured: 1 MiB chunks cost ~10 % against curl, 4 MiB ~2 %
@@ -38,8 +37,7 @@ class Sink:
     each comes back on `free` once written and hashed. The hash covers the bytes already in the
     file (a resumed pull) first."""
 
-    def __init__(self, path: Path, out: Any, have: int, free: queue.Queue[Buffer]) -> None:
-        self.path = path
+    def __init__(self, out: Any, have: int, free: queue.Queue[Buffer]) -> None:
         self.out = out
         self.fd = out.fileno()  # opened for appending
         self.free = free
@@ -50,8 +48,8 @@ class Sink:
         self._start()
 
     def _start(self) -> None:
-        self._writes: queue.Queue[tuple[Buffer, int, int] | None] = queue.Queue()
-        self._hashes: queue.Queue[tuple[Buffer, int, int] | None] = queue.Queue()
+        self._writes: queue.Queue[tuple[Buffer, int] | None] = queue.Queue()
+        self._hashes: queue.Queue[tuple[Buffer, int] | None] = queue.Queue()
         self._synced = self.written
         self._writing = True
         self._progress = threading.Condition()
@@ -61,16 +59,16 @@ class Sink:
         for thread in self._threads:
             thread.start()
 
-    def put(self, buffer: Buffer, start: int, n: int) -> None:
-        """Append buffer[start:start + n]."""
-        self._writes.put((buffer, start, n))
+    def put(self, buffer: Buffer, n: int) -> None:
+        """Append the buffer's first n bytes."""
+        self._writes.put((buffer, n))
 
     def _write(self) -> None:
         while (item := self._writes.get()) is not None:
-            buffer, start, n = item
+            buffer, n = item
             if self.error is None:
                 try:
-                    view = memoryview(buffer)[start:start + n]
+                    view = memoryview(buffer)[:n]
                     while view:
                         view = view[os.write(self.fd, view):]
                     with self._progress:
@@ -107,9 +105,9 @@ class Sink:
             except BaseException as e:  # reported by the receiving thread
                 self.error = e
         while (item := self._hashes.get()) is not None:
-            buffer, start, n = item
+            buffer, n = item
             if self.error is None:
-                self._sha.update(memoryview(buffer)[start:start + n])
+                self._sha.update(memoryview(buffer)[:n])
             self.free.put(buffer)
 
     def _hash_existing(self) -> Any:

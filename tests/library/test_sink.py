@@ -31,14 +31,14 @@ def _put_pieces(sink: Sink, data: bytes, pieces: list[int]) -> None:
     for n in pieces:
         buffer = mmap.mmap(-1, CHUNK)
         buffer[:n] = data[offset:offset + n]
-        sink.put(buffer, 0, n)
+        sink.put(buffer, n)
         offset += n
 
 
 def _write_pieces(path: Path, data: bytes, pieces: list[int] = PIECES) -> str:
     path.write_bytes(data[:EXISTING])
     with path.open("a+b") as out:
-        sink = Sink(path, out, EXISTING, queue.Queue())
+        sink = Sink(out, EXISTING, queue.Queue())
         _put_pieces(sink, data, pieces)
         return sink.finish()
 
@@ -67,8 +67,8 @@ def test_a_full_disk_is_reported_not_swallowed(tmp_path: Path, data: bytes,
             return real_write(fd, view)
 
         monkeypatch.setattr(sink_module.os, "write", write)
-        sink = Sink(path, out, 0, queue.Queue())
-        sink.put(mmap.mmap(-1, CHUNK), 0, 4096)
+        sink = Sink(out, 0, queue.Queue())
+        sink.put(mmap.mmap(-1, CHUNK), 4096)
         with pytest.raises(OSError, match="No space"):
             sink.finish()
 
@@ -91,7 +91,7 @@ def test_windows_become_durable_while_the_writing_goes_on_then_leave_the_page_ca
                 synced.append(os.fstat(fd).st_size)
 
         monkeypatch.setattr(sink_module.os, "fdatasync", fdatasync)
-        sink = Sink(path, out, EXISTING, queue.Queue())
+        sink = Sink(out, EXISTING, queue.Queue())
         _put_pieces(sink, data, pieces)
         deadline = time.monotonic() + 60
         while len(synced) < 2 and time.monotonic() < deadline:  # before finish() is called
