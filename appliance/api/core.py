@@ -469,5 +469,4 @@ def truncate_dimensions(vectors: Any, dimensions: int | None, model_dims: int,
         raise InvalidRequest(f"{param} must be between 1 and {model_dims} for this model",
                              param=param)
     cut = vectors[:, :dimensions]
-    return (cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)).astype(
-        np.float32)
+    return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, AnyStr, TypeVar
 
 import httpx
 
@@ -176,9 +176,14 @@ def error_message(content: bytes) -> str:
     return text[:MAX_ERROR_MESSAGE]
 
 
-def scrub(text: str, key: str | None) -> str:
-    """The text without the upstream's key in it (a server that echoes headers in errors)."""
-    return text.replace(key, "[upstream key removed]") if key and len(key) >= 4 else text
+def scrub(text: AnyStr, key: str | None) -> AnyStr:
+    """The text (or body) without the upstream's key in it (a server that echoes headers in
+    errors)."""
+    if not key or len(key) < 4:
+        return text
+    if isinstance(text, bytes):
+        return text.replace(key.encode(), b"[upstream key removed]")
+    return text.replace(key, "[upstream key removed]")
 
 
 def bad(upstream: Upstream, what: str) -> UpstreamBadAnswer:

@@ -139,9 +139,7 @@ def _whole(upstream: Upstream, response: UpstreamResponse, content: bytes) -> Re
     """A complete answer, or an error answer, with the upstream's status."""
     status = response.status_code
     refuse_redirect_or_key(upstream, response)
-    # The key scrubbed from the bytes: a server that echoes headers in its errors.
-    content = scrub(content.decode("utf-8", errors="replace"), upstream.key).encode() \
-        if upstream.key and upstream.key.encode() in content else content
+    content = scrub(content, upstream.key)
     headers = {k: v for k in PASSED_HEADERS if (v := response.headers.get(k))}
     if status >= 400:
         return Response(_error_json(upstream, status, content), status_code=status,
