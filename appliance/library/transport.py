@@ -37,7 +37,7 @@ Reader = Callable[[memoryview], int]
 Refusal = Callable[[int, str | None], None]
 
 
-class Chunks:
+class _Chunks:
     """A Reader over an iterator of byte strings (huggingface-hub's session behind a proxy)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
@@ -53,7 +53,7 @@ class Chunks:
         return n
 
 
-def body_reader(response: http.client.HTTPResponse) -> Reader:
+def _body_reader(response: http.client.HTTPResponse) -> Reader:
     """Straight from the socket into our buffer where the body has a length (a hub file
     always has): readinto1 makes no bytes object and no copy, where read1 allocates up to the
     asked size and copies it; measured in bench/pull_stages.py. A chunked body: read1."""
@@ -93,7 +93,7 @@ def stream(url: str, headers: dict[str, str], repo: str, timeout: float,
                                                     follow_redirects=True,
                                                     timeout=timeout) as response:
             hf_raise_for_status(response)
-            yield response.status_code, Chunks(response.iter_bytes(2**20)), response.close
+            yield response.status_code, _Chunks(response.iter_bytes(2**20)), response.close
         return
     with _direct(url, headers, repo, timeout, refusal or partial(file_refusal, repo)) as answer:
         yield answer
@@ -157,7 +157,7 @@ def _direct(url: str, headers: dict[str, str], repo: str, timeout: float,
                 raise HubUnreachable(f"the hub answered HTTP {response.status} for {repo}",
                                      OFFLINE_HINT)
 
-            body = body_reader(response)
+            body = _body_reader(response)
 
             def read(view: memoryview, response: http.client.HTTPResponse = response,
                      body: Reader = body) -> int:
