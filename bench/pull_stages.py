@@ -40,7 +40,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from appliance.library.sink import CHUNK, Sink  # noqa: E402
-from bench.pull_speed import hub_process, make_gguf, process_cpu, pull_env  # noqa: E402
+from bench.pull_speed import (  # noqa: E402
+    compile_once,
+    hub_process,
+    make_gguf,
+    process_cpu,
+    pull_env,
+)
 
 MB = 1e6
 ALIGN = 4096  # O_DIRECT's unit for offsets, lengths and memory
@@ -290,6 +296,7 @@ def main() -> int:
         with hub_process(source) as (endpoint, hub_pid):
             url = f"{endpoint}/bench/Big-GGUF/resolve/main/Big-F32.gguf"
             target = work / "curl.out"
+            compile_once(endpoint, work)
 
             def hub_cpu_of(name: str, fn: Callable[[], object]) -> Any:
                 """fn() with the hub's CPU seconds meanwhile added as hub_cpu_NAME_s."""
