@@ -11,9 +11,11 @@
     the cosine of their vectors for the same inputs is reported. Also in process, without HTTP:
     one llama_decode per input (the naive loop) and our EmbeddingRuntime with many inputs per
     decode (the ceiling).
-(b) chat and embeddings at once: 4 streams of a chat turn on CHAT.gguf, their aggregate decode
-    rate alone, then while one all-inputs embedding request runs (tokens counted inside the
-    request's time window only); both must finish, and each model must have loaded once.
+(b) chat and embeddings at once: 4 streams of chat turns (TURN_TOKENS each, one after another)
+    on CHAT.gguf, their aggregate decode rate alone, then while one all-inputs embedding request
+    runs (tokens counted inside the request's time window only), then alone again (the solo
+    rate must not drift: the ratio is against the mean of both); both must finish, and each
+    model must have loaded once.
 (c) memory: the daemon's RSS growth with both models resident, after each has reached the peak
     the planner plans for (see resident_memory), against the planner's RAM figures.
 Targets (the issue's): (a) >= 5x per-request and >= 1.0x llama-server; (b) >= 0.5x solo;
@@ -51,6 +53,7 @@ WORDS = ("alpha beta gamma delta river mountain window garden copper silver musi
          "orange paper stone cloud").split()
 BATCH_TOKENS, UBATCH, SEQUENCES = 4096, 512, 64  # as appliance.residency.loader sets them
 CHAT_STREAMS = 4
+TURN_TOKENS = 128  # tokens per chat turn; each stream runs turn after turn
 ENGINE_NICE = Settings.model_fields["engine_nice"].default
 GPU_LAYERS = 0  # --gpu: every layer on the GPU (bench/gpu_check.sh measures the 5x there)
 
@@ -203,21 +206,27 @@ class ChatStreams:
             t.start()
 
     def _run(self, i: int) -> None:
-        # A chat turn in Qwen's format through /v1/completions: the chat endpoint holds back
-        # whitespace, and a random-weight model can emit nothing else for minutes. logprobs
-        # only to count tokens per chunk (a few % of decode, alone and during alike).
-        body = {"model": self.model, "stream": True, "max_tokens": 100000, "logit_bias": NO_END,
-                "logprobs": 1, "prompt": f"<|im_start|>user\nTell story number {i}.<|im_end|>\n"
-                                          "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
+        # Chat turns in Qwen's format through /v1/completions (the chat endpoint holds back
+        # whitespace, and a random-weight model can emit nothing else for minutes), each of
+        # TURN_TOKENS tokens, one after another: the streams' contexts stay as long on average
+        # while the batch runs as before it. One endless turn instead grew every context by
+        # thousands of tokens over the run, and decode slows as its context grows (4 streams
+        # alone fell to 0.47x their first rate within 2 minutes): "during" was slower than
+        # "solo" without any batch. logprobs only to count tokens per chunk.
+        body = {"model": self.model, "stream": True, "max_tokens": TURN_TOKENS,
+                "logit_bias": NO_END, "logprobs": 1,
+                "prompt": f"<|im_start|>user\nTell story number {i}.<|im_end|>\n"
+                          "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
         try:
-            with httpx.Client(timeout=1200) as c, \
-                    c.stream("POST", self.url + "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and (tokens := _tokens_in(line[6:])):
-                        self.times[i].append((time.perf_counter(), tokens))
-                    if self._stop.is_set():
-                        break
+            with httpx.Client(timeout=1200) as c:
+                while not self._stop.is_set():
+                    with c.stream("POST", self.url + "/v1/completions", json=body) as r:
+                        r.raise_for_status()
+                        for line in r.iter_lines():
+                            if line.startswith("data: {") and (tokens := _tokens_in(line[6:])):
+                                self.times[i].append((time.perf_counter(), tokens))
+                            if self._stop.is_set():
+                                break
             self.finished[i] = True
         except Exception as e:  # any failure ends this stream: say it, do not hang the run
             self.errors.append(repr(e))
@@ -252,12 +261,16 @@ def chat_and_embeddings(url: str, chat_id: str, embed_id: str, texts: list[str],
         embed_seconds, _ = embed_request(url, embed_id, texts)
         end = time.perf_counter()
         during = streams.rate(begin, end)
+        time.sleep(solo_s)  # alone again: did the solo rate drift meanwhile?
+        solo_after = streams.rate(end, time.perf_counter())
     finally:
         streams.stop()
-    return {"chat_4_streams_solo_tok_s": solo, "chat_4_streams_during_embedding_tok_s": during,
+    return {"chat_4_streams_solo_tok_s": solo, "chat_4_streams_solo_after_tok_s": solo_after,
+            "chat_4_streams_during_embedding_tok_s": during,
             "embedding_batch_during_chat_s": embed_seconds,
             "chat_streams_finished": all(streams.finished), "chat_errors": streams.errors,
-            "chat_during_embedding_vs_solo": during / solo}
+            "chat_during_embedding_vs_solo": during / ((solo + solo_after) / 2),
+            "chat_during_embedding_vs_solo_before": during / solo}
 
 
 def smaps_rollup_mib(pid: int) -> dict[str, float]:
@@ -304,7 +317,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=256)
     parser.add_argument("--per-request-inputs", type=int, default=64,
                         help="how many of the inputs to send one request each")
-    parser.add_argument("--solo-s", type=float, default=15.0,
+    parser.add_argument("--solo-s", type=float, default=30.0,
                         help="seconds the 4 chat streams run alone before the embedding batch")
     parser.add_argument("--cpp-server", type=Path, help="llama-server (build_llama_server.sh)")
     parser.add_argument("--rounds", type=int, default=3,

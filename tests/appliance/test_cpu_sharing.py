@@ -21,6 +21,7 @@ from appliance.engine.compute_turns import (
     ComputeTurns,
 )
 from appliance.engine.embedding import (
+    CPU_DECODE_TOKENS,
     EmbeddingJob,
     EmbeddingOptions,
     EmbeddingRuntime,
@@ -88,10 +89,11 @@ def embed(models: Models, inputs: list[list[int]]) -> np.ndarray:
 
 
 def full_size_decodes(inputs: list[list[int]]) -> list[int]:
-    """Tokens per decode when nothing else wants the CPU: n_seq inputs, up to n_batch tokens."""
+    """Tokens per decode when nothing else wants the CPU: up to n_seq inputs and, on the CPU,
+    CPU_DECODE_TOKENS tokens (not n_batch: embedding.py says why)."""
     sizes, tokens, count = [], 0, 0
     for ids in inputs:
-        if count == N_SEQ or tokens + len(ids) > N_BATCH:
+        if count == N_SEQ or tokens + len(ids) > CPU_DECODE_TOKENS:
             sizes.append(tokens)
             tokens, count = 0, 0
         tokens += len(ids)
@@ -135,7 +137,8 @@ def wait_for(predicate: object, what: str, timeout: float = DEADLINE_S) -> None:
 def test_embedding_decodes_smaller_while_chat_streams_and_both_finish(models: Models) -> None:
     inputs = [models.embed_runtime.tokenize(t) for t in texts(48)]
     full = full_size_decodes(inputs)
-    assert len(full) >= 3  # several inputs per full-size decode
+    assert len(full) >= 3 and max(full) > 2 * len(inputs[0])  # several inputs per decode
+    assert models.embed_runtime.decode_tokens == CPU_DECODE_TOKENS < N_BATCH
     alone = embed(models, inputs)  # chat idle: the reference vectors
     assert list(models.pace.decoded) == full
 
