@@ -52,6 +52,7 @@ HTTP = httpx.Client(timeout=1200)
 WORDS = ("alpha beta gamma delta river mountain window garden copper silver music table "
          "orange paper stone cloud").split()
 BATCH_TOKENS, UBATCH, SEQUENCES = 4096, 512, 64  # as appliance.residency.loader sets them
+LONG_INPUT_TOKEN = 1000  # any ordinary token: the memory peak's input repeats it
 CHAT_STREAMS = 4
 TURN_TOKENS = 128  # tokens per chat turn; each stream runs turn after turn
 ENGINE_NICE = Settings.model_fields["engine_nice"].default
@@ -291,10 +292,13 @@ def resident_memory(url: str, proc: psutil.Process, rss_before: int, chat_id: st
     """The daemon's RSS growth against the planner's RAM, measured at the models' peak: the
     planner counts what a model needs at its largest decode, and llama.cpp touches its pages
     only as a decode uses them (a malloc'd buffer costs no RAM until written). So first one
-    embedding decode of a full batch (its output buffer holds every token's logits) and one
-    chat prompt longer than a micro-batch (the whole compute buffer); a shorter run would read
-    low and pass a planner that undercounts."""
-    embed_request(url, embed_id, inputs(SEQUENCES))
+    embedding input of a full batch (its decode writes every token's output and the whole
+    cache; short inputs decode a few hundred tokens at a time on the CPU and never get there)
+    and one chat prompt longer than a micro-batch (the whole compute buffer); a shorter run
+    would read low and pass a planner that undercounts."""
+    longest = [LONG_INPUT_TOKEN] * (BATCH_TOKENS - 16)  # room for what the model adds
+    HTTP.post(url + "/v1/embeddings", json={"model": embed_id, "input": [longest]}
+              ).raise_for_status()
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(UBATCH + 100))
     HTTP.post(url + "/v1/completions", json={"model": chat_id, "prompt": prompt,
                                              "max_tokens": 1}).raise_for_status()
@@ -324,7 +328,12 @@ def main() -> None:
                         help="all-inputs requests to each server, alternating (medians)")
     parser.add_argument("--gpu", action="store_true", help="offload both models to the GPU")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/...)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only (c): load both models, drive them to their peak, compare")
     args = parser.parse_args()
+    if args.memory_only:
+        memory_only(args)
+        return
     global GPU_LAYERS
     GPU_LAYERS = 99 if args.gpu else 0
     texts = inputs(args.inputs)
@@ -391,6 +400,33 @@ def main() -> None:
     print(text)
     results = args.out or (REPO / "bench" / "results"
                            / f"embed_throughput-{args.embed.stem.lower()}.json")
+    results.write_text(text + "\n")
+
+
+def memory_only(args: argparse.Namespace) -> None:
+    """(c) alone, written to embed_throughput-<embed>-memory.json (RSS does not depend on load,
+    so this may run beside other work)."""
+    folder = Path(tempfile.mkdtemp(prefix="embed-bench-"))
+    try:
+        for f in (args.embed, args.chat):
+            (folder / f.name).symlink_to(f.resolve())
+        embed_id, chat_id = args.embed.stem.lower(), args.chat.stem.lower()
+        daemon = Daemon(folder, args.threads, parallel=CHAT_STREAMS, context=4096,
+                        gpu="auto" if args.gpu else "none")
+        try:
+            proc = psutil.Process(daemon.process.pid)
+            rss_before = proc.memory_info().rss
+            out = resident_memory(daemon.url, proc, rss_before, chat_id, embed_id)
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    out["targets"] = {"each model loaded once": set(out["loads"].values()) == {1},
+                      "rss within 10 % of planned": abs(out["rss_over_planned"] - 1) <= 0.10}
+    text = json.dumps(out, indent=2)
+    print(text)
+    results = args.out or (REPO / "bench" / "results"
+                           / f"embed_throughput-{args.embed.stem.lower()}-memory.json")
     results.write_text(text + "\n")
 
 
