@@ -25,6 +25,7 @@ Targets (the issue's): (a) >= 5x per-request and >= 1.0x llama-server; (b) >= 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -345,40 +347,28 @@ def main() -> None:
     rate, tokens = raw_batched(args.embed, texts, args.threads)
     out["raw_batched_inputs_per_s"], out["tokens_in_request"] = rate, tokens
 
-    folder = Path(tempfile.mkdtemp(prefix="embed-bench-"))
-    try:
-        for f in (args.embed, args.chat):
-            (folder / f.name).symlink_to(f.resolve())
+    with resident_daemon(args) as (daemon, proc, rss_before):
         embed_id, chat_id = args.embed.stem.lower(), args.chat.stem.lower()
-        daemon = Daemon(folder, args.threads, parallel=CHAT_STREAMS, context=4096,
-                        gpu="auto" if args.gpu else "none")
+        embed_request(daemon.url, embed_id, texts[:4])  # load and warm
+        theirs = LlamaServer(args.cpp_server, args.embed, args.threads) \
+            if args.cpp_server else None
         try:
-            proc = psutil.Process(daemon.process.pid)
-            rss_before = proc.memory_info().rss
-            embed_request(daemon.url, embed_id, texts[:4])  # load and warm
-            theirs = LlamaServer(args.cpp_server, args.embed, args.threads) \
-                if args.cpp_server else None
-            try:
-                if theirs is not None:
-                    out["llama_server_args"] = theirs.command[3:]
-                    embed_request(theirs.url, embed_id, texts[:4])  # warm
-                out.update(alternate((daemon.url, embed_id),
-                                     (theirs.url, embed_id) if theirs else None, texts,
-                                     args.rounds))
-            finally:
-                if theirs is not None:
-                    theirs.stop()
-            started = time.perf_counter()
-            for text in texts[:args.per_request_inputs]:
-                embed_request(daemon.url, embed_id, [text])
-            out["daemon_per_request_inputs_per_s"] = args.per_request_inputs / (
-                time.perf_counter() - started)
-            out.update(chat_and_embeddings(daemon.url, chat_id, embed_id, texts, args.solo_s))
-            out.update(resident_memory(daemon.url, proc, rss_before, chat_id, embed_id))
+            if theirs is not None:
+                out["llama_server_args"] = theirs.command[3:]
+                embed_request(theirs.url, embed_id, texts[:4])  # warm
+            out.update(alternate((daemon.url, embed_id),
+                                 (theirs.url, embed_id) if theirs else None, texts,
+                                 args.rounds))
         finally:
-            daemon.stop()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+            if theirs is not None:
+                theirs.stop()
+        started = time.perf_counter()
+        for text in texts[:args.per_request_inputs]:
+            embed_request(daemon.url, embed_id, [text])
+        out["daemon_per_request_inputs_per_s"] = args.per_request_inputs / (
+            time.perf_counter() - started)
+        out.update(chat_and_embeddings(daemon.url, chat_id, embed_id, texts, args.solo_s))
+        out.update(resident_memory(daemon.url, proc, rss_before, chat_id, embed_id))
     out["load_average_end"] = os.getloadavg()
     one = out["daemon_one_request_inputs_per_s"]
     out["one_request_vs_raw_batched"] = one / out["raw_batched_inputs_per_s"]
@@ -403,24 +393,31 @@ def main() -> None:
     results.write_text(text + "\n")
 
 
-def memory_only(args: argparse.Namespace) -> None:
-    """(c) alone, written to embed_throughput-<embed>-memory.json (RSS does not depend on load,
-    so this may run beside other work)."""
+@contextlib.contextmanager
+def resident_daemon(args: argparse.Namespace) -> Iterator[tuple[Daemon, psutil.Process, int]]:
+    """Our daemon serving both models from a folder of links (neither loaded yet): the daemon,
+    its process and its RSS before any load."""
     folder = Path(tempfile.mkdtemp(prefix="embed-bench-"))
     try:
         for f in (args.embed, args.chat):
             (folder / f.name).symlink_to(f.resolve())
-        embed_id, chat_id = args.embed.stem.lower(), args.chat.stem.lower()
         daemon = Daemon(folder, args.threads, parallel=CHAT_STREAMS, context=4096,
                         gpu="auto" if args.gpu else "none")
         try:
             proc = psutil.Process(daemon.process.pid)
-            rss_before = proc.memory_info().rss
-            out = resident_memory(daemon.url, proc, rss_before, chat_id, embed_id)
+            yield daemon, proc, proc.memory_info().rss
         finally:
             daemon.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def memory_only(args: argparse.Namespace) -> None:
+    """(c) alone, written to embed_throughput-<embed>-memory.json (RSS does not depend on load,
+    so this may run beside other work)."""
+    with resident_daemon(args) as (daemon, proc, rss_before):
+        out = resident_memory(daemon.url, proc, rss_before, args.chat.stem.lower(),
+                              args.embed.stem.lower())
     out["targets"] = {"each model loaded once": set(out["loads"].values()) == {1},
                       "rss within 10 % of planned": abs(out["rss_over_planned"] - 1) <= 0.10}
     text = json.dumps(out, indent=2)
