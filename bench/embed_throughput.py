@@ -386,10 +386,15 @@ def main() -> None:
         targets["same vectors as llama-server (cosine >= 0.999)"] = \
             out["cosine_vs_llama_server_min"] >= 0.999
     out["targets"] = targets
+    write_results(out, args)
+
+
+def write_results(out: dict[str, Any], args: argparse.Namespace, suffix: str = "") -> None:
+    """Printed, and written to --out or bench/results/embed_throughput-<embed><suffix>.json."""
     text = json.dumps(out, indent=2)
     print(text)
     results = args.out or (REPO / "bench" / "results"
-                           / f"embed_throughput-{args.embed.stem.lower()}.json")
+                           / f"embed_throughput-{args.embed.stem.lower()}{suffix}.json")
     results.write_text(text + "\n")
 
 
@@ -420,11 +425,7 @@ def memory_only(args: argparse.Namespace) -> None:
                               args.embed.stem.lower())
     out["targets"] = {"each model loaded once": set(out["loads"].values()) == {1},
                       "rss within 10 % of planned": abs(out["rss_over_planned"] - 1) <= 0.10}
-    text = json.dumps(out, indent=2)
-    print(text)
-    results = args.out or (REPO / "bench" / "results"
-                           / f"embed_throughput-{args.embed.stem.lower()}-memory.json")
-    results.write_text(text + "\n")
+    write_results(out, args, "-memory")
 
 
 if __name__ == "__main__":
