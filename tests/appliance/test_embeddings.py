@@ -93,6 +93,7 @@ def test_vectors_match_transformers_in_every_input_form(client: openai.OpenAI,
     ({"input": ["a"] * 2049}, "input"),
     ({"input": ["a", "hello " * 5000]}, "input.1"),
     ({"input": [[1, 2], [10**9]]}, "input.1"),
+    ({"input": [[1, 2], [5] * 100_000]}, "input.1"),  # a token array over the context
     ({"input": ["a", 3]}, "input.1"),
     ({"input": "a", "dimensions": 65}, "dimensions"),
     ({"input": "a", "dimensions": 0}, "dimensions"),
