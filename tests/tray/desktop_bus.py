@@ -213,6 +213,7 @@ class MenuNode:
     id: int
     props: dict[str, Any]
     children: list[MenuNode] = field(default_factory=list)
+    path: tuple[str, ...] = ()  # the labels from the root down to this item
 
     @property
     def label(self) -> str:
@@ -238,11 +239,24 @@ class MenuNode:
     def labels(self) -> list[str]:
         return [c.label for c in self.children if c.props.get("type") != "separator"]
 
+    def at(self, path: tuple[str, ...]) -> MenuNode | None:
+        """The item at exactly this label path, if the menu has it."""
+        if not path:
+            return self
+        child = next((c for c in self.children if c.label == path[0]), None)
+        return child and child.at(path[1:])
 
-def _node(raw: tuple[int, dict[str, tuple[str, Any]], list[tuple[str, Any]]]) -> MenuNode:
-    item_id, props, children = raw
-    return MenuNode(item_id, {k: v for k, (_, v) in props.items()},
-                    [_node(value) for _, value in children])
+
+def _node(raw: tuple[int, dict[str, tuple[str, Any]], list[tuple[str, Any]]],
+          parent: tuple[str, ...] = ()) -> MenuNode:
+    item_id, raw_props, children = raw
+    props = {k: v for k, (_, v) in raw_props.items()}
+    path = (*parent, display_label(props.get("label", ""))) if item_id else ()
+    return MenuNode(item_id, props, [_node(value, path) for _, value in children], path)
+
+
+class StaleMenuItem(RuntimeError):
+    """The item's id is gone: the menu was rebuilt after it was read."""
 
 
 class Panel:
@@ -257,6 +271,8 @@ class Panel:
             new_method_call(DBusAddress(path, bus_name, interface), member, signature, body),
             timeout=5)
         if reply.header.message_type is MessageType.error:
+            if "does not refer to a menu item" in str(reply.body):
+                raise StaleMenuItem(f"{interface}.{member}: {reply.body}")
             raise RuntimeError(f"{interface}.{member}: {reply.body}")
         return reply.body
 
@@ -268,13 +284,27 @@ class Panel:
         _, layout = self.call(item.bus_name, path, DBUSMENU, "GetLayout", "iias", (0, -1, []))
         return _node(layout)
 
-    def click(self, item: Registration, node: MenuNode) -> float:
-        """Send the click; returns the monotonic time it was sent."""
+    def click(self, item: Registration, node: MenuNode, timeout: float = 10) -> float:
+        """Send the click; returns the monotonic time it was sent.
+
+        The tray may rebuild its menu (new ids) between our read and the click, as it does
+        when its state changes. A panel re-reads the layout on LayoutUpdated, so a user clicks
+        the rebuilt menu: likewise, a stale id is looked up again by its label path."""
         path = self.prop(item, "Menu")
-        sent = time.monotonic()
-        self.call(item.bus_name, path, DBUSMENU, "Event", "isvu",
-                  (node.id, "clicked", ("i", 0), int(time.time())))
-        return sent
+        deadline = time.monotonic() + timeout
+        while True:
+            sent = time.monotonic()
+            try:
+                self.call(item.bus_name, path, DBUSMENU, "Event", "isvu",
+                          (node.id, "clicked", ("i", 0), int(time.time())))
+                return sent
+            except StaleMenuItem:
+                if time.monotonic() > deadline:
+                    raise
+            fresh = self.menu(item).at(node.path)
+            if fresh is None:
+                raise KeyError(f"the rebuilt menu has no item {node.path}")
+            node = fresh
 
     def name_has_owner(self, name: str) -> bool:
         return self.conn.send_and_get_reply(message_bus.NameHasOwner(name), timeout=5).body[0]
