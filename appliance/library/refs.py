@@ -14,9 +14,11 @@ from appliance.library.errors import BadReference
 
 MAX_REF = 300
 # The hub's own rules: 96 characters per part, no leading punctuation, no `..` or `--`.
-_REPO = re.compile(r"^(?P<owner>[A-Za-z0-9][\w.-]{0,95})/(?P<name>[A-Za-z0-9][\w.-]{0,95})$")
+# ASCII only: the hub's names are, and a non-ASCII one would fail later, in the HTTP request line.
+_REPO = re.compile(r"^(?P<owner>[A-Za-z0-9][\w.-]{0,95})/(?P<name>[A-Za-z0-9][\w.-]{0,95})$",
+                   re.ASCII)
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
-_REVISION = re.compile(r"^[A-Za-z0-9][\w./-]{0,99}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][\w./-]{0,99}$", re.ASCII)
 # A model id is a lower-case file stem: no separators, no leading dot, bounded.
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,127}$")
 
@@ -75,7 +77,11 @@ def parse_ref(text: str, quant: str | None = None, revision: str | None = None) 
         raise BadReference("the model reference is empty, too long or has control characters",
                            "e.g. Qwen/Qwen3-8B-GGUF or ./model.gguf", "model")
     if looks_local(text):
-        return LocalRef(Path(text).expanduser())
+        try:
+            return LocalRef(Path(text).expanduser())
+        except RuntimeError:  # `~nobody/x.gguf`: no such user's home
+            raise BadReference(f"{text[:80]!r} names the home of an unknown user",
+                               "give a path to a .gguf file", "model") from None
     repo, _, tag = text.partition(":")
     match = _REPO.match(repo)
     if not match or ".." in repo or "--" in repo or repo.endswith((".", "-")):

@@ -138,6 +138,10 @@ def test_remove_refuses_a_loaded_model_unless_forced(served) -> None:
     ({"model": "/etc/passwd"}, 400),
     ({"model": "~/.ssh/id_rsa.gguf"}, 400),
     ({"model": "tiny/x" + "y" * 5000}, 400),
+    ({"model": "~nouser-appliance-test/x.gguf"}, 400),  # no such user's home
+    ({"model": "Qw\u00e9n/x"}, 400),  # not ASCII: the hub's names are
+    ({"model": "Qwen/Qwen\uff13"}, 400),
+    ({"model": GGUF_REPO, "revision": "m\u00e4in"}, 400),
     ({"model": f"{GGUF_REPO}:../../Q4"}, 400),
     ({"model": GGUF_REPO, "quant": "Q4_K_M; rm -rf /"}, 400),
     ({"model": GGUF_REPO, "quant": "Q9_ZZ"}, 404),

@@ -224,7 +224,8 @@ def test_unknown_repo(library: Library) -> None:
 
 @pytest.mark.parametrize("ref", ["../../x", "/etc/passwd/../x", "a" * 400, "tiny/x:../../q",
                                  "tiny/x:Q4_K_M/../../a", "tiny/..", "a/b/c", "tiny/x\x00",
-                                 "tiny/x:" + "Q" * 60, "", "-x/y", "tiny/x--y"])
+                                 "tiny/x:" + "Q" * 60, "", "-x/y", "tiny/x--y",
+                                 "~nouser-appliance-test/x.gguf", "Qw\u00e9n/x", "tiny/x\uff13"])
 def test_bad_refs_are_refused_before_any_request(library: Library, hub: LocalHub,
                                                  ref: str) -> None:
     with pytest.raises((BadReference, RepoNotFound)):
