@@ -52,6 +52,10 @@ def after_think(grammar: str) -> str:
     return 'root ::= "</think>" [ \\n]{0,4} answer\n' + body
 
 
+class GrammarRefused(Exception):
+    """The grammar cannot take a token the engine wanted to put in the sequence."""
+
+
 class SamplerChain:
     """Owns a llama_sampler chain (and a grammar sampler beside it); free it with close()."""
 
@@ -115,7 +119,14 @@ class SamplerChain:
             runtime.vocab, after_think(params.grammar).encode(), b"root", None, 0, triggers, 1)
 
     def accept(self, token: int) -> None:
-        """Record a token the engine put in the sequence itself (penalties and grammar see it)."""
+        """Record a token the engine put in the sequence itself (penalties and grammar see it).
+        Raises GrammarRefused, leaving the chain as it was, when the grammar cannot take it:
+        llama.cpp throws a C++ exception there, which aborts the whole process."""
+        if self.grammar and not self._allows(token):
+            raise GrammarRefused(f"the grammar refuses token {token} here")
+        self._record(token)
+
+    def _record(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.ptr, token)
         if self.grammar:
             llama_cpp.llama_sampler_accept(self.grammar, token)
@@ -129,7 +140,7 @@ class SamplerChain:
         if not self._allows(token):
             self.resampled += 1
             token = self._pick(logits, with_grammar=True)
-        self.accept(token)
+        self._record(token)  # allowed: checked, or picked by the grammar
         return token
 
     def _pick(self, logits: np.ndarray, with_grammar: bool) -> int:

@@ -33,7 +33,7 @@ from appliance.engine.compute_turns import NO_TURNS, Turns
 from appliance.engine.draft import DraftBudget, DraftLength, DraftModel, DraftWant
 from appliance.engine.logprobs import Alternative, TokenLogprob, log_softmax_at
 from appliance.engine.runtime import LlamaRuntime
-from appliance.engine.sampling import SamplerChain, SamplingParams
+from appliance.engine.sampling import GrammarRefused, SamplerChain, SamplingParams
 from appliance.engine.slots import Slot, choose_slot
 from appliance.engine.text import Detokenizer, StopMatcher
 from appliance.errors import (
@@ -134,6 +134,7 @@ class _Sequence:
     following: bool = False  # a sibling: gets the first choice's KV cells, reads nothing
     thinking: bool = False
     thought: int = 0
+    answering: bool = False  # the answer has begun: a <think> from now on is text, not thinking
     held: list[TokenLogprob] = field(default_factory=list)  # logprobs whose text is held back
     draft_length: DraftLength | None = None  # None: no draft model
     drafts: list[int] = field(default_factory=list)  # guesses in this step's batch
@@ -560,13 +561,20 @@ class Scheduler:
         if think is not None and not seq.stopper.stopped:  # type: ignore[union-attr]
             if token == think.close:
                 seq.thinking = False
+                seq.answering = True
             elif seq.thinking:
                 seq.thought += 1
                 budget = seq.request.thinking_budget
-                if budget is not None and seq.thought >= max(budget, 1):
-                    self._close_thinking(seq)
-            elif token == think.open:
+                if budget is not None and seq.thought >= max(budget, 1) \
+                        and not self._close_thinking(seq):
+                    self._finish(seq, "length")
+                    return
+            elif token == think.open and not seq.answering:
                 seq.thinking = True
+            elif not seq.answering and rt.piece(token).strip():
+                # Text first: a <think> later on (inside a JSON string, say) is part of the
+                # answer, and a grammar that shapes the answer would refuse a forced close.
+                seq.answering = True
         assert seq.stopper is not None
         if seq.stopper.stopped:
             self._finish(seq, "stop")
@@ -574,19 +582,26 @@ class Scheduler:
               or len(seq.slot.cached) + len(seq.feed) >= rt.context_per_slot):
             self._finish(seq, "length")
 
-    def _close_thinking(self, seq: _Sequence) -> None:
+    def _close_thinking(self, seq: _Sequence) -> bool:
         """The budget is spent: "\n</think>\n\n" goes into the sequence as if generated (the
         client sees it, the sampler chain accepts it: a lazy grammar starts at the tag) and is
-        read in the next step like prompt tokens, so the model goes on with its answer."""
+        read in the next step like prompt tokens, so the model goes on with its answer.
+        False when a grammar refused part of it (the part it took is in): the answer ends."""
         think = self.runtime.think
         assert think is not None
-        run = think.close_run
-        for token in run:
-            seq.chain.accept(token)
+        run: list[int] = []
+        for token in think.close_run:
+            try:
+                seq.chain.accept(token)
+            except GrammarRefused:
+                break
+            run.append(token)
         seq.generated += len(run)
         seq.thinking = False
+        seq.answering = True
         seq.feed += run
         self._emit_tokens(seq, run)
+        return len(run) == len(think.close_run)
 
     def _emit_tokens(self, seq: _Sequence, tokens: list[int]) -> None:
         assert seq.stopper is not None

@@ -29,6 +29,7 @@ from appliance.api.grammar import (
 )
 from appliance.api.schemas import ChatCompletionRequest, ResponseFormat, Tool
 from appliance.engine.runtime import LlamaRuntime, RuntimeOptions
+from appliance.engine.sampling import GrammarRefused, SamplingParams
 from appliance.errors import InvalidRequest, InvalidValue
 from tests.conftest import REPO
 
@@ -426,3 +427,30 @@ def test_llama_cpp_parses_every_grammar_at_the_bounds(tiny_gguf: Path) -> None:
     for name, result in results.items():
         assert result["parsed"], name
         assert result["seconds"] < 2, (name, result)
+
+
+def test_a_token_the_grammar_refuses_is_refused_not_an_abort(vocab: LlamaRuntime) -> None:
+    """The engine forces tokens into a sequence (a spent thinking budget's close). Accepting one
+    the grammar refuses throws in llama.cpp, which aborts the daemon: the chain asks first.
+    Run in this process on purpose: an abort here would fail the whole test run."""
+    think = vocab.think
+    assert think is not None
+    grammar = response_grammar(ResponseFormat(type="json_object"))
+    chain = vocab.sampler(SamplingParams(grammar=grammar))
+    try:
+        for token in vocab.tokenize('{"a": "b', add_special=False, parse_special=False):
+            chain.accept(token)
+        chain.accept(think.open)  # "<think>" is text the grammar allows inside a string
+        with pytest.raises(GrammarRefused):
+            chain.accept(think.close_run[0])  # a raw newline inside a JSON string
+        for token in vocab.tokenize('"}', add_special=False, parse_special=False):
+            chain.accept(token)  # the refusal left the grammar where it was
+    finally:
+        chain.close()
+    # A grammar that waits for </think> takes the whole forced close, as before.
+    lazy = vocab.sampler(SamplingParams(grammar=grammar, grammar_after_think=True))
+    try:
+        for token in think.close_run:
+            lazy.accept(token)
+    finally:
+        lazy.close()

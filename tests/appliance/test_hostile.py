@@ -29,6 +29,12 @@ EVIL_ORIGIN = "http://evil.example"
 USER = [{"role": "user", "content": "hi"}]
 
 
+THINK_OPEN = 151667  # Qwen3's <think>
+THINK_IN_JSON = {"max_tokens": 40, "response_format": {"type": "json_object"},
+                 "chat_template_kwargs": {"enable_thinking": False},
+                 "logit_bias": {str(THINK_OPEN): 100}, "thinking_budget": 1}
+
+
 def chat(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL_A, "messages": USER, "max_tokens": 1, **fields}
 
@@ -204,6 +210,16 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
      {400}),
     ("thinking_budget as text", "POST", "/v1/chat/completions",
      {"json": chat(thinking_budget="lots")}, {400}),
+    # <think> biased into a JSON string, then a spent budget: its forced close used to go into
+    # the grammar, which threw inside llama.cpp and aborted the daemon.
+    ("<think> inside a JSON answer", "POST", "/v1/chat/completions",
+     {"json": chat(**THINK_IN_JSON)}, {200}),
+    ("<think> inside a streamed JSON answer", "POST", "/v1/chat/completions",
+     {"json": chat(**THINK_IN_JSON, stream=True)}, {200}),
+    ("<think> inside a JSON answer after thinking", "POST", "/v1/chat/completions",
+     {"json": chat(**{**THINK_IN_JSON, "chat_template_kwargs": {"enable_thinking": True},
+                      "response_format": schema_format({"type": "object", "properties": {
+                          "a": {"type": "string"}}})})}, {200}),
     ("best_of", "POST", "/v1/completions",
      {"json": {"prompt": "x", "max_tokens": 1, "best_of": 3}}, {400}),
     ("suffix", "POST", "/v1/completions",

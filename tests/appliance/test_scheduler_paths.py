@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.engine.runtime import RuntimeOptions
-from appliance.engine.sampling import SamplingParams
+from appliance.engine.sampling import GrammarRefused, SamplingParams
 from appliance.engine.scheduler import (
     DoneEvent,
     ErrorEvent,
@@ -19,7 +19,7 @@ from appliance.engine.scheduler import (
     TextEvent,
 )
 from appliance.errors import EngineError, QueueFull, ServiceUnavailable
-from tests.appliance.fakes import FakeRuntime
+from tests.appliance.fakes import THINK_CLOSE, THINK_OPEN, FakeRuntime, FakeSampler
 
 # A context no fake stream fills: they run until finished or cut.
 OPTIONS = RuntimeOptions(n_gpu_layers=0, context_per_slot=2**24, n_seq=2, n_threads=1)
@@ -222,6 +222,55 @@ def test_no_budget_or_no_open_thinking_changes_nothing(runtime: FakeRuntime) -> 
                                                         add_special=False), budget=1))
     assert "</think>" not in collect(free)[0][0]
     assert "</think>" not in collect(closed)[0][0]
+    sched.stop()
+
+
+class ScriptedSampler(FakeSampler):
+    """Samples `script` first, then as the fake does; refuses to accept `refused` (a grammar)."""
+
+    def __init__(self, runtime: FakeRuntime, script: list[int], refused: set[int]) -> None:
+        super().__init__(runtime)
+        self.script, self.refused = list(script), refused
+
+    def sample(self, runtime: FakeRuntime, batch_index: int) -> int:
+        return self.script.pop(0) if self.script else super().sample(runtime, batch_index)
+
+    def accept(self, token: int) -> None:
+        if token in self.refused:
+            raise GrammarRefused(f"token {token}")
+        super().accept(token)
+
+
+def test_a_think_tag_inside_the_answer_is_text(runtime: FakeRuntime) -> None:
+    """A JSON answer may hold "<think>" in a string (a grammar allows it there): it opens no
+    thinking, so no budget forces a close the grammar would refuse."""
+    runtime.sampler = lambda params: ScriptedSampler(runtime, [ord("{"), THINK_OPEN], set())
+    sched = Scheduler(runtime, 1, 0)
+    events = Events()
+    sched.submit(think_request(events, list(b"q"), budget=1, max_tokens=6))
+    texts, done, _ = collect(events)
+    assert texts[0].startswith("{<think>") and "</think>" not in texts[0]
+    assert done[0].finish_reason == "length" and done[0].completion_tokens == 6
+    sched.stop()
+
+
+def test_a_close_the_grammar_refuses_ends_the_answer(runtime: FakeRuntime) -> None:
+    """A spent budget whose forced close a grammar refuses: what it took is kept, the answer
+    ends there ("length": the budget ran out), and the engine serves on."""
+    samplers: list[ScriptedSampler] = []
+    runtime.sampler = lambda params: samplers.append(
+        ScriptedSampler(runtime, [], {THINK_CLOSE})) or samplers[-1]
+    sched = Scheduler(runtime, 1, 0)
+    events = Events()
+    sched.submit(think_request(events, runtime.tokenize("<think>\n", add_special=False),
+                               budget=2, max_tokens=20))
+    texts, done, _ = collect(events)
+    assert samplers[0].accepted == [ord("\n")]  # the close run up to the refused tag
+    assert texts[0].endswith("\n") and done[0].finish_reason == "length"
+    assert done[0].completion_tokens == 3
+    after = Events()
+    sched.submit(request(after))
+    assert isinstance(after.final(), DoneEvent)
     sched.stop()
 
 
