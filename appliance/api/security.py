@@ -7,7 +7,8 @@
   under `/api/` a request with no `Origin` (so from no browser) may use curl's default form type;
 - the bearer key (or `x-api-key`, which Anthropic clients send) when one is configured;
 - the body is read here, within `max_body_bytes`, chunked or not, so an oversized body is a 413
-  before any route sees it.
+  before any route sees it; a JSON body nested deeper than `MAX_NESTING` is a 400 (request
+  handling walks client JSON recursively: 500 levels in 3 KB reached Python's recursion limit).
 
 The CORS middleware, when `cors_origins` is set, sits outside this one: it answers preflights
 (which carry no key) and adds its headers to our refusals, so a page sees why it was refused.
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from urllib.parse import urlsplit
 
+import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.api.errors import ErrorShapes
@@ -28,6 +31,21 @@ OPEN_PATHS = {"/health"}  # the health check works without a key, for service ma
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 GUARDED_PREFIXES = ("/api/", "/v1/")
 CURL_DEFAULT_TYPES = {"", "application/x-www-form-urlencoded"}
+MAX_NESTING = 160  # arrays and objects inside each other; a JSON schema may nest 128 (grammar.py)
+_STRINGS = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def nests_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether a JSON body nests arrays and objects more than `limit` deep (brackets inside
+    strings do not count). Fewer opening brackets than that: no need to look closer."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    import numpy as np
+
+    brackets = np.frombuffer(_STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS), np.uint8)
+    depth = np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1))
+    return bool(depth.size) and int(depth.max()) > limit
 
 
 def host_name(header: str) -> str:
@@ -105,6 +123,12 @@ class SecurityMiddleware:
         body = await self._read_body(receive)
         if body is None:
             await self._too_large(scope, send, None)
+            return
+        if (is_json_type(content_type) and body.count(b"[") + body.count(b"{") > MAX_NESTING
+                and await anyio.to_thread.run_sync(nests_deeper_than, body, MAX_NESTING)):
+            await self._reject(scope, send, 400, f"the JSON body nests arrays and objects "
+                               f"deeper than {MAX_NESTING} levels", "invalid_request_error",
+                               "json_too_deep")
             return
         await self.app(scope, _replay(body, receive), send)
 

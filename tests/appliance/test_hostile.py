@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.api.security import MAX_NESTING, nests_deeper_than
 from tests.appliance.conftest import FOREVER, Daemon, run_daemon
 from tests.conftest import MODEL_A
 
@@ -50,6 +51,13 @@ def deep_body(body: dict[str, Any], depth: int) -> dict[str, Any]:
     schema = ('{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}'
               + '}, "required": ["a"]}' * depth)
     return {"content": text.replace('"DEEP"', schema),
+            "headers": {"Content-Type": "application/json"}}
+
+
+def deep_value(body: dict[str, Any], depth: int) -> dict[str, Any]:
+    """`body` with a plain JSON value nested `depth` objects deep where "DEEP" stands (raw)."""
+    value = '{"a": ' * depth + "1" + "}" * depth
+    return {"content": json.dumps(body).replace('"DEEP"', value),
             "headers": {"Content-Type": "application/json"}}
 
 
@@ -122,6 +130,16 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
          tool_choice={"type": "function", "function": {"name": "f"}})}, {400}),
     ("schema nested 1000 deep", "POST", "/v1/chat/completions",
      deep_body(chat(response_format=schema_format("DEEP")), 1000), {400}),
+    # Request handling walks client JSON recursively: 500 levels in 3 KB once reached Python's
+    # recursion limit (a 500). The body's nesting is bounded before any route reads it.
+    ("tool call arguments nested 500 deep", "POST", "/v1/chat/completions",
+     deep_value(chat(messages=[*USER, {"role": "assistant", "tool_calls": [
+         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "DEEP"}}]}]),
+         500), {400}),
+    ("tool parameters nested 500 deep", "POST", "/v1/chat/completions",
+     deep_value(chat(tools=tool({"type": "object", "properties": "DEEP"})), 500), {400}),
+    ("a value nested 150 deep is fine", "POST", "/v1/chat/completions",
+     deep_value(chat(metadata="DEEP"), 150), {200}),
     ("recursive $ref", "POST", "/v1/chat/completions",
      {"json": chat(response_format=schema_format(
          {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {
@@ -476,3 +494,16 @@ def test_health_answers_while_a_huge_prompt_is_prepared(daemon: Daemon) -> None:
     latencies.sort()
     assert latencies[len(latencies) // 2] < 0.05, latencies[-5:]  # the typical answer: 50 ms
     assert latencies[-1] < preparing / 3, (latencies[-5:], preparing)  # never the whole wait
+
+
+@pytest.mark.parametrize("body, deeper", [
+    (b'{"a":' * 160 + b"1" + b"}" * 160, False),
+    (b'{"a":' * 161 + b"1" + b"}" * 161, True),
+    (b"[" * 5000, True),  # unbalanced: still too deep
+    (b'{"a": "' + b"[" * 1000 + b'"}', False),  # brackets inside a string
+    (b'{"a": "\\\\", "b": "\\"[[[", "c": [' + b"[]" * 500 + b"]}", False),  # escapes
+    (b'{"a": "\\"", "b": ' + b"[" * 200 + b"]" * 200 + b"}", True),
+    (json.dumps({"input": [[1, 2, 3]] * 10000}).encode(), False),  # wide, not deep
+])
+def test_json_nesting_is_measured_outside_strings(body: bytes, deeper: bool) -> None:
+    assert nests_deeper_than(body, MAX_NESTING) is deeper

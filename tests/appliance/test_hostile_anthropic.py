@@ -17,7 +17,7 @@ import pytest
 
 from appliance.api.routes.anthropic import ERROR_TYPES
 from tests.appliance.conftest import Daemon, run_daemon
-from tests.appliance.test_hostile import deep_body, wait_idle
+from tests.appliance.test_hostile import deep_body, deep_value, wait_idle
 from tests.conftest import MODEL_B
 
 MODEL = MODEL_B  # the untied model writes text, not newlines, so it runs until stopped
@@ -169,6 +169,12 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
         {"type": "object", "properties": {"l": {"type": "array", "minItems": 100000000}}})},
      {400}),
     ("forced tool nested 1000 deep", "POST", MESSAGES, deep_body(forced("DEEP"), 1000), {400}),
+    ("tool_use input nested 500 deep", "POST", MESSAGES, deep_value(msg(messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f",
+                                           "input": "DEEP"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                      "content": "ok"}]}]), 500), {400}),
     ("forced tool with a recursive $ref", "POST", MESSAGES, {"json": forced(
         {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {
             "next": {"$ref": "#/$defs/n"}}}}})}, {200, 400}),

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.appliance.conftest import Daemon, run_daemon
-from tests.appliance.test_hostile import CRAFTED, deep_body, gguf_header
+from tests.appliance.test_hostile import CRAFTED, deep_body, deep_value, gguf_header
 from tests.conftest import MODEL_A
 
 ALLOWED_ORIGIN = "http://app.example:3000"
@@ -119,6 +119,9 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
      {"json": chat(format={"type": "string", "maxLength": 100000})}, {400}),
     ("format nested 1000 deep", "POST", "/api/generate", deep_body(generate(format="DEEP"), 1000),
      {400}),
+    ("tool call arguments nested 500 deep", "POST", "/api/chat", deep_value(chat(messages=[
+        *USER, {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "f", "arguments": "DEEP"}}]}]), 500), {400}),
     # messages, tools, names
     ("unknown role", "POST", "/api/chat",
      {"json": chat(messages=[{"role": "root", "content": "x"}])}, {400}),
