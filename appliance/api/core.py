@@ -370,15 +370,18 @@ def embedding_inputs(raw: Any, param: str = "input") -> list[str] | list[list[in
     return raw
 
 
-def _tokenized(model: Any, inputs: list[str] | list[list[int]], param: str) -> list[list[int]]:
-    """Blocking: tokens for every input, each checked against the vocabulary and the limit."""
+def _tokenized(model: Any, inputs: list[str] | list[list[int]], param: str,
+               truncate: bool = False) -> list[list[int]]:
+    """Blocking: tokens for every input, each checked against the vocabulary and the limit
+    (`truncate`: an input over it is cut to it, as Ollama does)."""
     from appliance.errors import ContextOverflow  # (this block is appended to the module)
 
-    if isinstance(inputs[0], str):
-        tokens = model.tokenize(inputs)
-    else:
-        tokens = [model.check_tokens(ids, f"{param}.{i}") for i, ids in enumerate(inputs)]
     limit = model.max_input_tokens
+    if isinstance(inputs[0], str):
+        tokens = model.tokenize(inputs, limit if truncate else None)
+    else:
+        tokens = [model.check_tokens(ids, f"{param}.{i}")[:limit if truncate else None]
+                  for i, ids in enumerate(inputs)]
     for i, ids in enumerate(tokens):
         if len(ids) > limit:
             where = f"{param}.{i}" if len(tokens) > 1 else param
@@ -388,14 +391,14 @@ def _tokenized(model: Any, inputs: list[str] | list[list[int]], param: str) -> l
 
 
 async def embed_inputs(model: Any, inputs: list[str] | list[list[int]],
-                       param: str = "input") -> Embedded:
+                       param: str = "input", truncate: bool = False) -> Embedded:
     """Embed on the model's own worker thread (many inputs per llama.cpp decode); cancelling the
     awaiting task withdraws the job."""
     if getattr(model, "reranker", False):
         raise InvalidRequest(f"model {model.id} is a reranker: it scores (query, document) pairs "
                              "at /v1/rerank and gives no embeddings; name an embedding model",
                              param="model")
-    tokens = await asyncio.to_thread(_tokenized, model, inputs, param)
+    tokens = await asyncio.to_thread(_tokenized, model, inputs, param, truncate)
     rows = await _run_embedding_job(model, tokens)
     return Embedded(model.id, rows, sum(len(t) for t in tokens))
 

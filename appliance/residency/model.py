@@ -217,9 +217,24 @@ class EmbeddingModel(_Resident):
     def healthy(self) -> bool:
         return True
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Blocking: each text's tokens, the end-of-text token appended as the model expects."""
-        return [self.runtime.tokenize(t) for t in texts]
+    def tokenize(self, texts: list[str], limit: int | None = None) -> list[list[int]]:
+        """Blocking: each text's tokens, the end-of-text token appended as the model expects.
+        With `limit`, a longer text loses the end of its text, never its special tokens
+        (Ollama's `truncate`: last-token pooling reads the appended end-of-text token)."""
+        tokens = [self.runtime.tokenize(t) for t in texts]
+        if limit is None:
+            return tokens
+        return [ids if len(ids) <= limit else self._cut(text, ids, limit)
+                for text, ids in zip(texts, tokens, strict=True)]
+
+    def _cut(self, text: str, ids: list[int], limit: int) -> list[int]:
+        plain = self.runtime.tokenize(text, add_special=False)
+        start = next((i for i in range(len(ids) - len(plain) + 1)
+                      if ids[i:i + len(plain)] == plain), None)
+        if start is None:  # the special tokens do not wrap the text: cut the end
+            return ids[:limit]
+        prefix, suffix = ids[:start], ids[start + len(plain):]
+        return prefix + plain[:max(limit - len(prefix) - len(suffix), 0)] + suffix
 
     def check_tokens(self, tokens: list[int], param: str) -> list[int]:
         if any(not 0 <= t < self.n_vocab for t in tokens):

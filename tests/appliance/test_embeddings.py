@@ -162,6 +162,31 @@ def test_chat_and_embeddings_at_once_without_reloads(daemon: Daemon,
     assert status["model"]["id"] == MODEL_A
 
 
+def test_ollamas_embed_truncates_an_input_over_the_limit_keeping_its_end_token(
+        daemon: Daemon, client: openai.OpenAI) -> None:
+    """Ollama's `truncate` (on by default): an input over the model's limit loses the end of
+    its text; the end-of-text token the model pools on stays. `truncate: false`: a 400."""
+    import ollama
+
+    theirs = ollama.Client(host=daemon.url)
+    specials = client.embeddings.create(model=EMBED, input="word").usage.prompt_tokens - 1
+    status = httpx.get(daemon.url + "/api/status", timeout=30).json()
+    limit = next(m for m in status["models"] if m["id"] == EMBED)["max_input_tokens"]
+    long_text = " ".join(["word"] * (2 * limit))
+    cut = theirs.embed(model=EMBED, input=[long_text, "short"])
+    assert cut.prompt_eval_count == limit + client.embeddings.create(
+        model=EMBED, input="short").usage.prompt_tokens
+    kept = " ".join(["word"] * (limit - specials))  # the words that fit, then the special(s)
+    expected = client.embeddings.create(model=EMBED, input=kept, encoding_format="float")
+    assert expected.usage.prompt_tokens == limit
+    assert np.allclose(cut.embeddings[0], expected.data[0].embedding, atol=1e-4)
+    with pytest.raises(ollama.ResponseError) as refused:
+        theirs.embed(model=EMBED, input=long_text, truncate=False)
+    assert refused.value.status_code == 400 and "tokens" in refused.value.error
+    with pytest.raises(openai.BadRequestError):  # the OpenAI dialect never truncates
+        client.embeddings.create(model=EMBED, input=long_text)
+
+
 def test_ollamas_embed_routes_use_the_same_core(daemon: Daemon, client: openai.OpenAI) -> None:
     import ollama
 

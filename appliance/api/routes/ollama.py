@@ -188,7 +188,8 @@ async def embed(body: EmbedRequest, request: Request, registry: RegistryDep,
     async with manager.use(entry.id, kind=EMBEDDING, keep_alive_s=body.keep_alive_s) as model:
         loaded = time.perf_counter()
         try:
-            result = await until_disconnect(request, embed_inputs(model, inputs))
+            result = await until_disconnect(request, embed_inputs(model, inputs, param,
+                                                                  truncate=body.truncate))
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
         vectors = truncate_dimensions(result.vectors, body.dimensions, model.dimensions)
