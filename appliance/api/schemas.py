@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from appliance.errors import InvalidValue
 
@@ -118,6 +118,13 @@ class NamedToolChoice(_Lenient):
     type: Literal["function"] = "function"
     function: dict[str, str]
 
+    @field_validator("function")
+    @classmethod
+    def _names_a_function(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value.get("name"):
+            raise ValueError("tool_choice.function needs the name of a tool")
+        return value
+
 
 class SamplingFields(RequestBody):
     model: str | None = Field(None, max_length=256)
@@ -186,6 +193,9 @@ class ChatCompletionRequest(SamplingFields):
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise InvalidValue("top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise InvalidValue("tool_choice asks for a tool call, but tools is empty",
+                               param="tool_choice")
         return self
 
     def logprobs_top(self) -> int | None:
@@ -194,7 +204,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[StrictInt]  # strict: true or 1.0 is no token id
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
