@@ -135,6 +135,18 @@ def _literal(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def _has_type(value: Any, kind: Any) -> bool:
+    """Whether a JSON value has a JSON schema type (an unknown type name: no value has it)."""
+    if kind == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer())
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    types = {"string": str, "boolean": bool, "object": dict, "array": list,
+             "null": type(None)}
+    return isinstance(kind, str) and kind in types and isinstance(value, types[kind])
+
+
 def _json_literal(value: Any) -> str:
     """A GBNF literal for `value` written as JSON (non-ASCII kept, lone surrogates escaped)."""
     text = json.dumps(value, ensure_ascii=False)
@@ -295,13 +307,19 @@ class _Converter:
                 return self.union(schema, key, path, depth, refs)
         if "allOf" in schema:
             return self.visit(self.merge_all_of(schema, path), path, depth + 1, refs)
-        if "const" in schema:
-            return self.rules.add("const", _json_literal(schema["const"]) + " space")
-        if "enum" in schema:
-            values = schema["enum"]
+        if "const" in schema or "enum" in schema:
+            key = "const" if "const" in schema else "enum"
+            values = [schema["const"]] if key == "const" else schema["enum"]
             if not isinstance(values, list) or not values:
                 raise self.fail((*path, "enum"), "enum must be a non-empty array")
-            return self.rules.add("enum", "(" + " | ".join(map(_json_literal, values)) + ") space")
+            # A `type` beside them still holds: {"type": "string", "enum": [1]} allows nothing.
+            kinds = schema.get("type")
+            if kinds is not None:
+                kinds = kinds if isinstance(kinds, list) else [kinds]
+                values = [v for v in values if any(_has_type(v, k) for k in kinds)]
+                if not values:
+                    raise self.fail((*path, key), f"no {key} value has the schema's type")
+            return self.rules.add(key, "(" + " | ".join(map(_json_literal, values)) + ") space")
         kind = schema.get("type")
         if isinstance(kind, list):
             if not kind:

@@ -454,3 +454,13 @@ def test_a_token_the_grammar_refuses_is_refused_not_an_abort(vocab: LlamaRuntime
             lazy.accept(token)
     finally:
         lazy.close()
+
+
+def test_enum_and_const_keep_to_the_type_beside_them(vocab: LlamaRuntime) -> None:
+    error = refused({"type": "string", "enum": [1, None]})
+    assert error.param == f"{SCHEMA}.enum" and "type" in error.message
+    assert refused({"type": "integer", "const": "1"}).param == f"{SCHEMA}.const"
+    grammar = schema_grammar({"type": ["string", "null"], "enum": ["a", 1, None, True]}, "p")
+    assert accepts(vocab, grammar, '"a"') and accepts(vocab, grammar, "null")
+    assert not accepts(vocab, grammar, "1") and not accepts(vocab, grammar, "true")
+    assert accepts(vocab, schema_grammar({"type": "integer", "enum": [2.0, 2.5]}, "p"), "2.0")
