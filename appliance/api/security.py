@@ -38,9 +38,7 @@ _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 def nests_deeper_than(body: bytes, limit: int) -> bool:
     """Whether a JSON body nests arrays and objects more than `limit` deep (brackets inside
-    strings do not count). Fewer opening brackets than that: no need to look closer."""
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
+    strings do not count). Blocking: ~60 ms for a few MB of strings."""
     import numpy as np
 
     brackets = np.frombuffer(_STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS), np.uint8)
@@ -124,6 +122,8 @@ class SecurityMiddleware:
         if body is None:
             await self._too_large(scope, send, None)
             return
+        # Fewer opening brackets than the limit (almost every body) cannot nest past it: only
+        # the rest is scanned, off the event loop.
         if (is_json_type(content_type) and body.count(b"[") + body.count(b"{") > MAX_NESTING
                 and await anyio.to_thread.run_sync(nests_deeper_than, body, MAX_NESTING)):
             await self._reject(scope, send, 400, f"the JSON body nests arrays and objects "
