@@ -156,6 +156,10 @@ PROBES: list[tuple[str, str, str, dict[str, Any], set[int]]] = [
     ("show without a model", "POST", "/api/show", {"json": {}}, {400}),
     ("show an unknown model", "POST", "/api/show", {"json": {"model": "nope:1b"}}, {404}),
     ("embed an unknown model", "POST", "/api/embed", {"json": {"model": "nope"}}, {404}),
+    ("embed truncate as text", "POST", "/api/embed",
+     {"json": {"model": MODEL_A, "input": "x", "truncate": "lots"}}, {400}),
+    ("embed truncate as a list", "POST", "/api/embed",
+     {"json": {"model": MODEL_A, "input": "x", "truncate": [True]}}, {400}),
     # bodies
     ("invalid json", "POST", "/api/chat", {"content": b"{not json", "headers": JSON}, {400}),
     ("a json list", "POST", "/api/generate", {"json": [1, 2]}, {400}),
