@@ -7,11 +7,15 @@ writes the same bytes to the same disk; the hub runs in a process of its own (se
 real server would). Each run starts with nothing dirty in the page cache (the previous file
 deleted, then a sync, untimed), so no contender pays for another's writeback. Contenders:
 - `curl`: only writes (its bytes may still sit in the page cache when it exits);
-- `curl && sha256sum && sync FILE`: the same guarantees as a pull (every byte checked, durable);
-  coreutils' sha256sum may not use the CPU's SHA instructions, so also
+- `curl && sha256sum && sync FILE`: every byte checked and durable before it exits (what the pull
+  did until it left the disk to settling); coreutils' sha256sum may not use the CPU's SHA
+  instructions, so also
 - `curl && openssl dgst -sha256 && sync FILE`: the same with OpenSSL's hash (the pull's);
 - `appliance pull` (the CLI): start-up, the hub metadata call, download with sha256 of every
-  byte, size and GGUF header checks, fsync, rename and manifest;
+  byte, size and GGUF header checks, the manifest (fsynced, marked), rename. Like curl it exits
+  with bytes in the page cache; the process it leaves behind settles the model (fsync, the mark
+  removed: appliance/library/durability.py). The bench waits for that, untimed, before the next
+  contender, and records how long after the command's exit the model was on the disk;
 - the pull in this process (Library.pull after its plan): the transfer alone, without start-up
   and metadata, comparable with earlier results.
 
@@ -40,7 +44,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from appliance.library.hub import Hub  # noqa: E402
+from appliance.library.manifest import read_manifest  # noqa: E402
 from appliance.library.pull import Library  # noqa: E402
+
+MODEL_ID = "big-f32"
 
 
 def make_gguf(path: Path, size_mb: int) -> None:
@@ -123,6 +130,18 @@ class Contenders:
         self.models.mkdir()
         os.sync()
 
+    def settled_after(self) -> float:
+        """Seconds until the model the command left behind is on the disk (its settle process
+        done), counted from now, the command's exit; untimed, so no contender shares the disk
+        with it."""
+        started = time.perf_counter()
+        while (manifest := read_manifest(self.models, MODEL_ID)) is None or \
+                manifest.unsynced_boot is not None:
+            if time.perf_counter() - started > 120:
+                raise RuntimeError("the pull was not settled within 120 s")
+            time.sleep(0.005)
+        return time.perf_counter() - started
+
     def curl(self) -> None:  # each returns None, or when its timed part began
         subprocess.run(["curl", "-sf", "-o", str(self.target), self.url], check=True)
 
@@ -168,6 +187,7 @@ def main() -> int:
     rates: dict[str, list[float]] = {name: [] for name in NAMES}
     cpu: dict[str, list[float]] = {name: [] for name in NAMES}
     hub_cpu: dict[str, list[float]] = {name: [] for name in NAMES}
+    durable_after: list[float] = []
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         work = Path(tmp)
         source = work / "Big-F32.gguf"
@@ -190,6 +210,8 @@ def main() -> int:
                     rates[name].append(size / (time.perf_counter() - started))
                     cpu[name].append(cpu_seconds(who) - used)
                     hub_cpu[name].append(process_cpu(hub_pid) - hub_used)
+                    if name == "pull_cli":
+                        durable_after.append(contenders.settled_after())
                 print(f"run {run + 1}: " + ", ".join(
                     f"{name} {rates[name][-1] / 1e6:.0f} MB/s ({cpu[name][-1]:.2f} s CPU)"
                     for name in names), flush=True)
@@ -207,6 +229,8 @@ def main() -> int:
               "ratio_median_vs_checked": round(median("pull_cli") / median("curl_checked"), 3),
               "ratio_median_vs_checked_openssl": round(
                   median("pull_cli") / median("curl_checked_openssl"), 3),
+              # Seconds from the command's exit until its model was on the disk (settled).
+              "pull_cli_durable_after_exit_s": [round(d, 3) for d in durable_after],
               # The transfer alone (no start-up, no metadata call), as measured before.
               "ratio_median_in_process": round(median("pull_in_process") / median("curl"), 3),
               # CPU seconds (user + system) of each contender's processes (the in-process

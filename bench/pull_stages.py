@@ -5,7 +5,7 @@ Stages: curl to a file, to /dev/null, and its own time to first byte; the hub me
 (the first one with its imports), receiving the body alone (http.client read1 + copy, and
 readinto1 into a reused buffer), sha256 alone (from memory), writing alone (page cache as curl
 does, and past it with O_DIRECT) and the fsync after each, the pull's own disk side (sink.py:
-write, hash and sync as it goes) fed from memory; the whole in-process pull split where its
+write and hash as it goes, no wait for the disk) fed from memory; the whole in-process pull split where its
 body starts and ends and where its writer and hasher finish, with each thread's CPU seconds; `appliance pull
 --dry-run` (everything before the first body byte) and `appliance pull` end to end; the hub
 process's CPU seconds for curl, the in-process pull and the command. A sync (untimed) before
@@ -126,9 +126,9 @@ def write_alone(path: Path, size: int) -> tuple[float, float]:
 
 
 def sink_alone(path: Path, size: int) -> tuple[float, float]:
-    """The pull's own disk side (sink.py: writer, hasher and syncer threads) fed from memory:
-    seconds until every byte is handed over, then seconds of its finish (the last window's
-    fsync)."""
+    """The pull's own disk side (sink.py: writer and hasher threads) fed from memory: seconds
+    until every byte is handed over, then seconds of its finish (the last buffers written and
+    hashed)."""
     free: queue.Queue[Any] = queue.Queue()
     for _ in range(4):
         buffer = mmap.mmap(-1, CHUNK)
@@ -151,8 +151,8 @@ def sink_alone(path: Path, size: int) -> tuple[float, float]:
 
 
 def write_direct_alone(path: Path, size: int) -> tuple[float, float]:
-    """Seconds to write `size` bytes past the page cache (O_DIRECT, the pull's writer until it
-    lost to sink.py's syncer), then seconds of the fsync after it; (nan, nan) where the
+    """Seconds to write `size` bytes past the page cache (O_DIRECT, an early pull writer), then
+    seconds of the fsync after it; (nan, nan) where the
     filesystem refuses O_DIRECT."""
     buffer = mmap.mmap(-1, CHUNK)
     buffer[:] = os.urandom(CHUNK)
@@ -185,7 +185,7 @@ def timed(fn: Callable[[], object]) -> float:
 def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     """One in-process pull, split where its request goes out, where the answer's headers are
     in, at its last byte received, when the writer and hasher are done with it, and at its end:
-    plan (hub metadata), start, body, drain, then fsync, header check, rename and manifest.
+    plan (hub metadata), start, body, drain, then header check, manifest (fsynced) and rename.
     With the CPU seconds of each thread: the receiver (this one), the writer and the hasher
     (is the hash on the critical path?)."""
     from appliance.library import download as download_module
@@ -195,11 +195,11 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
 
     marks: dict[str, float] = {}
     fsyncs: list[float] = []
-    thread_cpu = {"write": 0.0, "hash": 0.0, "sync": 0.0}
+    thread_cpu = {"write": 0.0, "hash": 0.0}
     real_fsync = os.fsync
     real_stream = download_module.stream
-    real = {name: getattr(sink_module.Sink, name) for name in ("_write", "_hash", "_sync",
-                                                               "finish", "drain")}
+    real = {name: getattr(sink_module.Sink, name) for name in ("_write", "_hash", "finish",
+                                                               "drain")}
 
     @contextlib.contextmanager
     def marked_stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -231,10 +231,10 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
     started = time.perf_counter()
     plan = library.plan("bench/Big-GGUF")
     planned = time.perf_counter()
-    os.fsync = counted_fsync  # one os module: the sink's and pull.py's fsyncs count
+    os.fsync = counted_fsync  # one os module: the manifest's fsyncs count
     download_module.stream = marked_stream  # type: ignore[assignment]
-    patched = {"_write": timed_thread("write"), "_hash": timed_thread("hash"),
-               "_sync": timed_thread("sync"), "finish": finish, "drain": drain}
+    patched = {"_write": timed_thread("write"), "_hash": timed_thread("hash"), "finish": finish,
+               "drain": drain}
     for name, fn in patched.items():
         setattr(sink_module.Sink, name, fn)
     receiver_cpu = time.thread_time()
@@ -254,7 +254,7 @@ def pull_phases(endpoint: str, models: Path) -> dict[str, float]:
             "after_last_byte_s": done - marks["received"],
             "fsync_s": sum(fsyncs), "total_s": done - planned,
             "cpu_receiver_s": receiver_cpu, "cpu_writer_s": thread_cpu["write"],
-            "cpu_hasher_s": thread_cpu["hash"], "cpu_syncer_s": thread_cpu["sync"]}
+            "cpu_hasher_s": thread_cpu["hash"]}
 
 
 def cli_pull(endpoint: str, models: Path, *flags: str) -> float:

@@ -68,6 +68,10 @@ def cmd_pull(args: argparse.Namespace, settings: Any) -> int:
     if not plan.up_to_date:
         library.check_space(plan)
     model = library.pull(plan, for_stream(sys.stderr), force=args.force)
+    if model.manifest is not None and model.manifest.unsynced_boot is not None:
+        from appliance.library.durability import settle_later
+
+        settle_later(library.models_dir, model.id)  # the disk catches up after we return
     print(f"{model.id} is ready ({format_size(model.size)}, {len(model.files)} file"
           f"{'s' if len(model.files) > 1 else ''} in {library.models_dir})")
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 
 from appliance.errors import ServiceUnavailable
 from appliance.library.download import Cancel
+from appliance.library.durability import settle
 from appliance.library.errors import LibraryError
 from appliance.library.progress import Progress, Throttle
 from appliance.library.pull import Library, PullPlan
@@ -146,6 +147,11 @@ class PullJobs:
         finally:
             self._slots.release()
             job.finish(error)
+        if error is None:  # the followers have their answer; the disk catches up here
+            try:
+                settle(self.library.models_dir, job.model_id, drop_pages=True)
+            except Exception:  # the model's first load settles it, or says why it cannot
+                log.exception("settling %s failed", job.model_id)
 
     def _forget_old(self) -> None:
         now = time.monotonic()

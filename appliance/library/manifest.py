@@ -8,10 +8,12 @@ split GGUF's parts (`ID-00001-of-00003.gguf`, ...) are listed here as one model,
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ class Manifest:
     origin_path: str | None = None  # a local import's source
     converter_version: str | None = None
     created: float = field(default_factory=time.time)
+    # The boot id of the boot the files were installed in while not yet known to be on the disk;
+    # None once they are (durability.py). Marked files from another boot are checked before use.
+    unsynced_boot: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,11 +63,48 @@ def manifest_path(models_dir: Path, model_id: str) -> Path:
 
 
 def write_manifest(models_dir: Path, manifest: Manifest) -> Path:
+    """Write the manifest durably (a few hundred bytes: two small fsyncs), so that whatever it
+    says about its files, a mark included, survives a crash of the machine."""
     path = manifest_path(models_dir, manifest.id)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_text(json.dumps(asdict(manifest), indent=1) + "\n")
+    with temp.open("w") as f:
+        f.write(json.dumps(asdict(manifest), indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(temp, path)
+    fsync_path(models_dir)
     return path
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: the names in it, renames included)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def model_lock(models_dir: Path, model_id: str,
+               on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Hold the model's lock (one process at a time pulls or settles a model) and yield True;
+    with no `on_wait`, yield False at once where another holds it, else call it and wait."""
+    folder = models_dir / STAGING
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"{model_id}.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is None:
+                yield False
+                return
+            on_wait()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_manifest(models_dir: Path, model_id: str) -> Manifest | None:
@@ -118,6 +160,11 @@ def recorded_sha256(path: Path, size: int, mtime: float) -> str | None:
         return None
     if manifest is None or mtime > written:
         return None
+    if manifest.unsynced_boot is not None:
+        from appliance.library.durability import boot_id
+
+        if manifest.unsynced_boot != boot_id():
+            return None  # a restart came before it was on the disk: checked at its load
     for record in manifest.files:
         if record.name == path.name and record.size == size and \
                 re.fullmatch(r"[0-9a-f]{64}", record.sha256 or ""):

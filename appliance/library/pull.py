@@ -11,7 +11,6 @@ time works on a model: a lock file in `.pulls/` makes a second pull (CLI or daem
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.library.download import CANCELLED, Cancel, Cancelled, download, hash_file
+from appliance.library.durability import DamagedModel, boot_id, settle
 from appliance.library.errors import (
     BadReference,
     ModelExists,
@@ -36,6 +36,7 @@ from appliance.library.manifest import (
     Manifest,
     find,
     manifest_path,
+    model_lock,
     split_id,
     write_manifest,
 )
@@ -181,7 +182,7 @@ class Library:
              cancel: Cancel | None = None, force: bool = False) -> Installed:
         """Carry out a plan; on any failure nothing new is left in the models folder."""
         with self._locked(plan.model_id, report):
-            existing = find(self.models_dir, plan.model_id)
+            existing = self._settled(plan.model_id)
             # An incomplete split model is what an install cut short left: it is replaced.
             if existing is not None and not force and existing.complete:
                 if self._up_to_date(plan) or (plan.kind == "local" and plan.up_to_date):
@@ -208,18 +209,18 @@ class Library:
 
     @contextlib.contextmanager
     def _locked(self, model_id: str, report: Reporter) -> Iterator[None]:
-        folder = self.models_dir / STAGING
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / f"{model_id}.lock").open("a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                report(Progress("resolve", f"waiting for another pull of {model_id}"))
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with model_lock(self.models_dir, model_id, lambda: report(
+                Progress("resolve", f"waiting for another pull of {model_id}"))):
+            yield
+
+    def _settled(self, model_id: str) -> Installed | None:
+        """The installed model of that id, checked first where a restart came before it was on
+        the disk (a damaged one is removed: the pull installs it again)."""
+        try:
+            settle(self.models_dir, model_id, lock_held=True)
+        except DamagedModel as e:
+            log.warning("%s", e.message)
+        return find(self.models_dir, model_id)
 
     def _download_all(self, plan: HubPlan, folder: Path, report: Reporter,
                       cancel: Cancel | None) -> list[tuple[HubFile, Path, str]]:
@@ -269,9 +270,8 @@ class Library:
             FileRecord(t.name, f.size, digest) for (f, _, digest), t in zip(files, targets,
                                                                                strict=True)],
             quant=hub.quant, repo=hub.repo, revision=hub.commit,
-            hub_files=[f.name for f in hub.files])
+            hub_files=[f.name for f in hub.files], unsynced_boot=boot_id())
         # Later parts first, the first part last: the model appears whole or not at all.
-        # Each part is on the disk already: download() fsyncs it before it returns its sha256.
         self._install(manifest, list(reversed([(partial, target) for (_, partial, _), target
                                                in zip(files, targets, strict=True)])))
         return Installed(plan.model_id, targets, manifest)
@@ -297,28 +297,26 @@ class Library:
         target = self.models_dir / f"{plan.model_id}.gguf"
         report(Progress("install", "writing manifest", model=plan.model_id))
         digest = hash_file(result).hexdigest()
-        _fsync(result)
         manifest = Manifest(plan.model_id, "hub+convert",
                             [FileRecord(target.name, result.stat().st_size, digest)],
                             quant=hub.quant, repo=hub.repo, revision=hub.commit,
                             hub_files=[f.name for f in hub.files],
-                            converter_version=f"qwen-appliance {__version__}")
+                            converter_version=f"qwen-appliance {__version__}",
+                            unsynced_boot=boot_id())
         self._install(manifest, [(result, target)])
         return Installed(plan.model_id, [target], manifest)
 
     def _install(self, manifest: Manifest, moves: list[tuple[Path, Path]]) -> None:
-        """Move checked files into place, with their manifest. A new model gets its manifest
-        first (models are listed by their files, so it waits unseen): the model appears with
-        its source. An update gets it last: a crash between leaves the new file with the old
-        manifest, which `recorded_sha256` distrusts (older than the file), never the old file
-        with the new manifest's digests."""
-        new = not any(target.exists() for _, target in moves)
-        if new:
-            write_manifest(self.models_dir, manifest)
+        """Move checked files into place, after their manifest (durable, marked: the files are
+        not on the disk yet; durability.py). Models are listed by their files, so the manifest
+        waits unseen, and the model appears with its source. An update first removes the files
+        it replaces: a crash on the way leaves the old manifest with no file, or the new one
+        with no file or the new files; never one model's file under the other's manifest."""
+        for _, target in moves:
+            target.unlink(missing_ok=True)  # a loaded model keeps its open file
+        write_manifest(self.models_dir, manifest)
         for source, target in moves:
             os.replace(source, target)
-        if not new:
-            write_manifest(self.models_dir, manifest)
 
     def _convert(self, plan: PullPlan, source: Path, staging: Path, report: Reporter,
                  cancel: Cancel | None = None) -> Path:
@@ -404,12 +402,11 @@ class Library:
                 done += temp.stat().st_size
             temps.append((temp, self.models_dir / name, digest))
         report(Progress("install", "writing manifest", model=plan.model_id))
-        for temp, target, _ in reversed(temps):
-            os.replace(temp, target)
         manifest = Manifest(plan.model_id, "local",
-                            [FileRecord(t.name, t.stat().st_size, d) for _, t, d in temps],
-                            quant=plan.quant, origin_path=str(plan.local_files[0]))
-        write_manifest(self.models_dir, manifest)
+                            [FileRecord(t.name, s.stat().st_size, d) for s, t, d in temps],
+                            quant=plan.quant, origin_path=str(plan.local_files[0]),
+                            unsynced_boot=boot_id())
+        self._install(manifest, [(s, t) for s, t, _ in reversed(temps)])
         return Installed(plan.model_id, [t for _, t, _ in temps], manifest)
 
     # -- removing --------------------------------------------------------------------------
@@ -464,11 +461,6 @@ def _device(folder: Path) -> int:
     return probe.stat().st_dev
 
 
-def _fsync(path: Path) -> None:
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
-
-
 def _copy(source: Path, target: Path, on_bytes: Callable[[int], None]) -> str:
     import hashlib
 
@@ -480,6 +472,4 @@ def _copy(source: Path, target: Path, on_bytes: Callable[[int], None]) -> str:
             sha.update(chunk)
             done += len(chunk)
             on_bytes(done)
-        dst.flush()
-        os.fsync(dst.fileno())
     return sha.hexdigest()

@@ -1,15 +1,11 @@
-"""The disk side of a download: a writer thread appends the received buffers to the partial file,
-a hasher thread hashes them in the same order, a syncer thread makes what is written durable as
-the download goes, and `finish` makes the rest durable (one fsync).
+"""The disk side of a download: a writer thread appends the received buffers to the partial file
+and a hasher thread hashes them in the same order, so receiving, writing and hashing overlap.
 
-Why a syncer: a durable file costs the disk's own write rate, ~1.9 s per GB on the 2-core VM,
-where writing into the page cache alone (what curl does) costs 0.7-2.5 s. Waited for at the end,
-the two add up; synced every SYNC_EVERY bytes in a thread of its own (fdatasync runs while the
-writer goes on appending), the disk works while the bytes arrive and the final fsync finds one
-window left. Measured on the VM, 1 GiB from memory (bench/pull_stages.py): page cache + one fsync
-at the end 2.4 s, O_DIRECT 3.4-4.1 s, this 1.8-2.0 s. Once a window is on the disk its pages
-leave the page cache (POSIX_FADV_DONTNEED), as all of the file's do at the end: a multi-GB pull
-does not evict what the page cache holds (a resident model's mmapped weights).
+Nothing here waits for the disk. The bytes go into the page cache, as curl's do, and the pull
+installs the model once they are checked; making them durable comes after (durability.py). On
+the 2-core VM the disk takes ~1.9 s per GB where the page cache takes 0.7-2.5 s, so waiting for it
+inside the pull cost 0.2-0.5 s per GB against curl (bench/pull_speed.py: 0.67-0.79x with an
+fsync before the rename, 0.9x and more without).
 """
 
 from __future__ import annotations
@@ -22,18 +18,16 @@ import threading
 from typing import Any
 
 CHUNK = 8 * 2**20  # one buffer; measured: 1 MiB chunks cost ~10 % against curl, 4 MiB ~2 %
-SYNC_EVERY = 64 * 2**20  # the syncer makes this much durable at a time
+# One write() at most: the kernel sizes page-cache folios by the write, and 2 MiB folios come
+# from the free blocks a VM hands back to its host (free page reporting), each touch then a
+# fault on the host. Measured writing 1 GiB on the 2-core VM (dd): 2.2-2.4 s in 2 MiB writes,
+# 0.5 s in 512 KiB, 0.38 s in 256 KiB, 0.4 s in 64 KiB, 0.7 s in 16 KiB (curl's size).
+WRITE_SLICE = 256 * 2**10
 Buffer = bytearray | mmap.mmap
 
 
-def forget_pages(fd: int, offset: int, length: int) -> None:
-    """Drop clean pages of the file from the page cache (a hint: where there is none, nothing)."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
 class Sink:
-    """The partial file's writer, hasher and syncer threads. Buffers go in with `put`, in order;
+    """The partial file's writer and hasher threads. Buffers go in with `put`, in order;
     each comes back on `free` once written and hashed. The hash covers the bytes already in the
     file (a resumed pull) first."""
 
@@ -50,12 +44,8 @@ class Sink:
     def _start(self) -> None:
         self._writes: queue.Queue[tuple[Buffer, int] | None] = queue.Queue()
         self._hashes: queue.Queue[tuple[Buffer, int] | None] = queue.Queue()
-        self._synced = self.written
-        self._writing = True
-        self._progress = threading.Condition()
         self._threads = [threading.Thread(target=self._write, name="pull-write", daemon=True),
-                         threading.Thread(target=self._hash, name="pull-hash", daemon=True),
-                         threading.Thread(target=self._sync, name="pull-sync", daemon=True)]
+                         threading.Thread(target=self._hash, name="pull-hash", daemon=True)]
         for thread in self._threads:
             thread.start()
 
@@ -70,33 +60,12 @@ class Sink:
                 try:
                     view = memoryview(buffer)[:n]
                     while view:
-                        view = view[os.write(self.fd, view):]
-                    with self._progress:
-                        self.written += n
-                        self._progress.notify()
+                        view = view[os.write(self.fd, view[:WRITE_SLICE]):]
+                    self.written += n
                 except BaseException as e:  # a full disk: the receiver stops and raises it
                     self.error = e
             self._hashes.put(item)
         self._hashes.put(None)
-        with self._progress:
-            self._writing = False
-            self._progress.notify()
-
-    def _sync(self) -> None:
-        while True:
-            with self._progress:
-                self._progress.wait_for(
-                    lambda: not self._writing or self.written - self._synced >= SYNC_EVERY)
-                if not self._writing:
-                    return  # what is left is finish()'s
-                upto = self.written
-            try:
-                os.fdatasync(self.fd)
-                forget_pages(self.fd, self._synced, upto - self._synced)
-            except BaseException as e:  # an I/O error surfaces here first
-                self.error = e
-                return
-            self._synced = upto
 
     def _hash(self) -> None:
         if self._existing:
@@ -141,9 +110,6 @@ class Sink:
         self._start()
 
     def finish(self) -> str:
-        """Every byte written and on the disk (one fsync); the sha256 in hex."""
+        """Every byte written (into the page cache, not yet durable); the sha256 in hex."""
         self.drain()
-        self.out.flush()
-        os.fsync(self.fd)  # the last window, the file's size and the disk's write cache
-        forget_pages(self.fd, 0, 0)  # 0: to the end of the file
         return self._sha.hexdigest()

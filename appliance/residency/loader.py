@@ -42,6 +42,7 @@ from appliance.engine.runtime import (
 from appliance.engine.scheduler import Scheduler, SchedulerObserver
 from appliance.errors import InvalidRequest, LoadFailed, ModelUnusable, WorkerUnavailable
 from appliance.gpu import GpuProbe
+from appliance.library.durability import DamagedModel, settle
 from appliance.offload import (
     DeviceShare,
     OffloadPlan,
@@ -167,6 +168,7 @@ class ModelLoader:
 
     def preflight(self, entry: ModelEntry) -> None:
         """Raise ModelUnusable if `entry` cannot work, without touching what is loaded."""
+        settle_before_use(entry)
         remembered = self.failures.reason(entry)
         if remembered:
             raise ModelUnusable(f"model {entry.id!r} failed to load before: {remembered} "
@@ -361,6 +363,10 @@ class ModelLoader:
             return None, choice.reason
         if plan.draft is None:
             return None, f"{choice.entry.id} does not fit in VRAM beside the model"
+        try:
+            settle_before_use(choice.entry)
+        except ModelUnusable as e:
+            return None, e.message
         options = RuntimeOptions(n_gpu_layers=plan.draft.n_gpu_layers, context_per_slot=context,
                                  n_seq=self.settings.parallel, n_threads=self.settings.threads,
                                  flash_attn=self.settings.flash_attn)
@@ -464,6 +470,16 @@ class ModelLoader:
         model.runtime.close()
         if model.draft is not None:
             model.draft.close()
+
+
+def settle_before_use(entry: ModelEntry) -> None:
+    """A model pulled just before a restart of the machine is checked before llama.cpp reads it
+    (durability.py); one pulled in this boot is made durable. Raises ModelUnusable for a damaged
+    one (which is removed)."""
+    try:
+        settle(entry.path.parent, entry.id)
+    except DamagedModel as e:
+        raise ModelUnusable(f"{e.message}; {e.hint}", param="model") from None
 
 
 def _worker_device(share: DeviceShare) -> WorkerDevice:

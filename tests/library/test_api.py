@@ -270,3 +270,46 @@ def test_a_split_model_is_one_model_everywhere(served, hub: LocalHub) -> None:
         assert "tiny-split-q4_k_m" not in [m["id"] for m in http.get("/api/models").json()[
             "models"]]
     assert not list(folder.glob("tiny-split-q4_k_m*"))
+
+
+def test_the_daemon_settles_its_pulls_and_checks_what_a_restart_cut_short(
+        served, hub: LocalHub) -> None:
+    """A pull through the daemon is on the disk soon after its client has the answer. A model
+    whose manifest is still marked by an earlier boot (the machine stopped before its bytes
+    reached the disk) is hashed before its load: intact, it loads and is trusted from then on;
+    damaged, it is removed and the request says why, in the dialect's shape, with no eviction."""
+    from appliance.library.manifest import read_manifest
+    from tests.library.test_durability import mark_as_before_a_restart
+
+    daemon, folder = served
+    with daemon.http() as http, http.stream("POST", "/api/models/pull",
+                                            json={"model": GGUF_REPO}) as r:
+        assert lines_of(r)[-1]["status"] == "success"
+    wait_for(lambda: read_manifest(folder, "tiny-q4_k_m").unsynced_boot is None, 60,
+             "the daemon to settle its pull")
+
+    for name in ("intact", "broken"):
+        shutil.copy(folder / "tiny-q4_k_m.gguf", folder / f"{name}.gguf")
+        manifest = json.loads((folder / "tiny-q4_k_m.manifest.json").read_text())
+        manifest["id"], manifest["files"][0]["name"] = name, f"{name}.gguf"
+        (folder / f"{name}.manifest.json").write_text(json.dumps(manifest))
+        mark_as_before_a_restart(folder, name)
+    with (folder / "broken.gguf").open("r+b") as f:
+        f.seek(-8192, 2)
+        f.write(bytes(8192))
+
+    with daemon.http() as http:
+        ok = http.post("/v1/completions", json={"model": "intact", "prompt": "Hi",
+                                                "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+        assert read_manifest(folder, "intact").unsynced_boot is None
+        bad = http.post("/v1/chat/completions", json={
+            "model": "broken", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        assert bad.status_code == 422, bad.text
+        error = bad.json()["error"]
+        assert error["code"] == "model_unusable" and "pull it again" in error["message"]
+        assert "installed just before the machine stopped" in error["message"]
+        resident = [m["name"] for m in http.get("/api/ps").json()["models"]]
+        assert resident == ["intact:latest"], resident  # the refusal came before any eviction
+    assert not (folder / "broken.gguf").exists()
+    assert not (folder / "broken.manifest.json").exists()
