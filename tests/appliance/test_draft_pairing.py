@@ -87,3 +87,39 @@ def test_the_vocabulary_digest_is_read_once_per_file(registry: Registry, tmp_pat
     assert count == len(QWEN_TOKENS) and len(digest) == 64
     (tmp_path / "qwen3-0.6b-q8_0.gguf").unlink()  # a cached digest needs no file
     assert pairing.vocabulary(entry) == (count, digest)
+
+
+@pytest.mark.parametrize("intact", [True, False])
+def test_a_draft_pulled_just_before_a_crash_is_checked_before_it_loads(
+        registry: Registry, tmp_path: Path, intact: bool) -> None:
+    """The draft is a second file llama.cpp reads: a draft still marked by an earlier boot is
+    hashed first. Intact, it loads; damaged, it is removed and the model goes on without one."""
+    import hashlib
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from appliance.config import Settings
+    from appliance.gpu import NoGpu
+    from appliance.library.manifest import FileRecord, Manifest, read_manifest, write_manifest
+    from appliance.residency.loader import ModelLoader
+
+    draft = tmp_path / "qwen3-0.6b-q4_k_m.gguf"
+    digest = hashlib.sha256(draft.read_bytes()).hexdigest() if intact else "0" * 64
+    write_manifest(tmp_path, Manifest("qwen3-0.6b-q4_k_m", "hub", [
+        FileRecord(draft.name, draft.stat().st_size, digest)], repo="Qwen/Qwen3-0.6B-GGUF",
+        unsynced_boot="an-earlier-boot"))
+    opened: list[Path] = []
+    loader = ModelLoader(Settings(models_dir=tmp_path, parallel=1), NoGpu(),
+                         runtime_factory=lambda path, _: opened.append(path) or object(),
+                         catalog=registry.scan)
+    target = registry.resolve("qwen3-8b-q4_k_m")
+    plan, context = loader.plan_for(target)
+    loaded, reason = loader._open_draft(target, replace(plan, draft=SimpleNamespace(
+        n_gpu_layers=0)), context)
+    if intact:
+        assert loaded is not None and opened == [draft]
+        assert read_manifest(tmp_path, "qwen3-0.6b-q4_k_m").unsynced_boot is None
+    else:
+        assert loaded is None and opened == []
+        assert "installed just before the machine stopped" in reason
+        assert not draft.exists()
