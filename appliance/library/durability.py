@@ -30,6 +30,7 @@ from appliance.library.manifest import (
     manifest_path,
     model_lock,
     read_manifest,
+    split_id,
     write_manifest,
 )
 
@@ -64,6 +65,11 @@ def settle(models_dir: Path, model_id: str, *, drop_pages: bool = False,
     manifest = read_manifest(models_dir, model_id)
     if manifest is None or manifest.unsynced_boot is None:
         return "durable"
+    if not all(_is_part_of(record.name, model_id) for record in manifest.files):
+        # Not a manifest the library wrote (a folder copied from elsewhere, a hand edit): its
+        # names are not followed, let alone removed; the files are used as any added by hand.
+        log.warning("the manifest of %s names files that are not its own; ignored", model_id)
+        return "durable"
     files = [models_dir / record.name for record in manifest.files]
     restarted = manifest.unsynced_boot != boot_id()
     damage = _damage(manifest, files) if restarted else None
@@ -90,6 +96,13 @@ def settle(models_dir: Path, model_id: str, *, drop_pages: bool = False,
     log.info("model %s is on the disk (%s)", model_id, "checked after a restart" if restarted
              else "synced")
     return "verified" if restarted else "synced"
+
+
+def _is_part_of(name: str, model_id: str) -> bool:
+    """Whether `name` is a GGUF of this model right in the models folder (no other path)."""
+    path = Path(name)
+    return (str(path) == name and path.name == name and path.suffix.lower() == ".gguf"
+            and split_id(path.stem)[0] == model_id)
 
 
 def _sync(files: list[Path], drop_pages: bool) -> None:

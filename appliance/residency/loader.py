@@ -480,6 +480,9 @@ def settle_before_use(entry: ModelEntry) -> None:
         settle(entry.path.parent, entry.id)
     except DamagedModel as e:
         raise ModelUnusable(f"{e.message}; {e.hint}", param="model") from None
+    except OSError as e:  # the disk failed under the fsync or the hash
+        raise ModelUnusable(f"model {entry.id!r} cannot be read from the disk: {e}",
+                            param="model") from None
 
 
 def _worker_device(share: DeviceShare) -> WorkerDevice:

@@ -124,3 +124,24 @@ def test_the_cli_returns_before_the_disk_and_a_process_it_leaves_settles(
         assert time.monotonic() < deadline, "the pull was never settled"
         time.sleep(0.05)
     assert manifest.repo == GGUF_REPO
+
+
+@pytest.mark.parametrize("name", ["../victim.gguf", "/tmp/victim.gguf", "other-model.gguf",
+                                  "sub/tiny-q4_k_m.gguf", "tiny-q4_k_m.txt"])
+def test_a_manifest_naming_files_not_its_own_is_never_followed(library: Library,
+                                                               name: str) -> None:
+    """A models folder copied from elsewhere may hold any manifest: a damaged-looking one never
+    makes the library remove a file that is not the model's own."""
+    model = library.pull(library.plan(GGUF_REPO))
+    victim = library.models_dir / "other-model.gguf"
+    victim.write_bytes(b"GGUF not ours")
+    outside = library.models_dir.parent / "victim.gguf"
+    outside.write_bytes(b"GGUF not ours either")
+    path = manifest_path(library.models_dir, model.id)
+    data = json.loads(path.read_text())
+    data["unsynced_boot"] = OTHER_BOOT
+    data["files"].append({"name": name.replace("/tmp", str(library.models_dir.parent)),
+                          "size": 1, "sha256": "0" * 64})
+    path.write_text(json.dumps(data))
+    assert settle(library.models_dir, model.id) == "durable"
+    assert victim.exists() and outside.exists() and model.path.exists()
