@@ -136,7 +136,7 @@ class Contenders:
         with it."""
         started = time.perf_counter()
         while (manifest := read_manifest(self.models, MODEL_ID)) is None or \
-                manifest.unsynced_boot is not None:
+                manifest.unsynced_in is not None:
             if time.perf_counter() - started > 120:
                 raise RuntimeError("the pull was not settled within 120 s")
             time.sleep(0.005)

@@ -68,7 +68,7 @@ def cmd_pull(args: argparse.Namespace, settings: Any) -> int:
     if not plan.up_to_date:
         library.check_space(plan)
     model = library.pull(plan, for_stream(sys.stderr), force=args.force)
-    if model.manifest is not None and model.manifest.unsynced_boot is not None:
+    if model.manifest is not None and model.manifest.unsynced_in is not None:
         from appliance.library.durability import settle_later
 
         settle_later(library.models_dir, model.id)  # the disk catches up after we return

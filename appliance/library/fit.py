@@ -194,6 +194,10 @@ def measure_and_cache(models: list[tuple[Path, int]], has_gpu: bool,
     if not candidates:
         return {}
     path = candidates[-1][1]
+    from appliance.library.durability import settle
+    from appliance.library.manifest import split_id
+
+    settle(path.parent, split_id(path.stem)[0])  # as before any load (durability.py)
     data: dict[str, Any] = {"cpu": measure(path, gpu=False, threads=threads)}
     data["gpu_build"] = data["cpu"].pop("gpu_build")
     if has_gpu and data["gpu_build"]:

@@ -29,6 +29,7 @@ class FileRecord:
     name: str  # in the models folder
     size: int
     sha256: str
+    inode: int | None = None  # while the manifest is marked: which file was installed
 
 
 @dataclass
@@ -43,9 +44,9 @@ class Manifest:
     origin_path: str | None = None  # a local import's source
     converter_version: str | None = None
     created: float = field(default_factory=time.time)
-    # The boot id of the boot the files were installed in while not yet known to be on the disk;
-    # None once they are (durability.py). Marked files from another boot are checked before use.
-    unsynced_boot: str | None = None
+    # Set while the files may not be on the disk yet: which page cache holds them (the boot and
+    # the mount); None once they are (durability.py). Marked files are checked before use.
+    unsynced_in: str | None = None
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,11 +68,15 @@ def write_manifest(models_dir: Path, manifest: Manifest) -> Path:
     says about its files, a mark included, survives a crash of the machine."""
     path = manifest_path(models_dir, manifest.id)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
-    with temp.open("w") as f:
-        f.write(json.dumps(asdict(manifest), indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    try:
+        with temp.open("w") as f:
+            f.write(json.dumps(asdict(manifest), indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     fsync_path(models_dir)
     return path
 
@@ -88,11 +93,19 @@ def fsync_path(path: Path) -> None:
 @contextlib.contextmanager
 def model_lock(models_dir: Path, model_id: str,
                on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
-    """Hold the model's lock (one process at a time pulls or settles a model) and yield True;
-    with no `on_wait`, yield False at once where another holds it, else call it and wait."""
+    """Hold the model's lock (one process at a time pulls, settles or removes a model) and yield
+    True; with no `on_wait`, yield False at once where another holds it (or a read-only folder
+    has no lock file), else call it and wait."""
     folder = models_dir / STAGING
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / f"{model_id}.lock").open("a") as lock:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = (folder / f"{model_id}.lock").open("a")
+    except OSError:
+        if on_wait is not None:
+            raise
+        yield False
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -115,9 +128,23 @@ def read_manifest(models_dir: Path, model_id: str) -> Manifest | None:
             return None
         data = json.loads(path.read_text())
         data["files"] = [FileRecord(**f) for f in data["files"]]
-        return Manifest(**data)
+        manifest = Manifest(**data)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    return manifest if _well_typed(manifest) else None
+
+
+def _well_typed(manifest: Manifest) -> bool:
+    """Whether the fields the library acts on have their types (a hand-edited or crafted file
+    is not ours)."""
+    def optional(value: object, kind: type) -> bool:
+        return value is None or isinstance(value, kind)
+
+    return (isinstance(manifest.id, str) and bool(manifest.files)
+            and optional(manifest.unsynced_in, str) and optional(manifest.repo, str)
+            and all(isinstance(f.name, str) and isinstance(f.size, int) and f.size >= 0
+                    and isinstance(f.sha256, str) and optional(f.inode, int)
+                    for f in manifest.files))
 
 
 @dataclass
@@ -160,11 +187,17 @@ def recorded_sha256(path: Path, size: int, mtime: float) -> str | None:
         return None
     if manifest is None or mtime > written:
         return None
-    if manifest.unsynced_boot is not None:
-        from appliance.library.durability import boot_id
+    if manifest.unsynced_in is not None:
+        from appliance.library.durability import page_cache_epoch
 
-        if manifest.unsynced_boot != boot_id():
+        if manifest.unsynced_in != page_cache_epoch(path.parent):
             return None  # a restart came before it was on the disk: checked at its load
+        try:
+            inode = path.stat().st_ino
+        except OSError:
+            return None
+        if all(r.inode != inode for r in manifest.files if r.name == path.name):
+            return None  # not the file installed
     for record in manifest.files:
         if record.name == path.name and record.size == size and \
                 re.fullmatch(r"[0-9a-f]{64}", record.sha256 or ""):

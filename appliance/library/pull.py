@@ -21,7 +21,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.library.download import CANCELLED, Cancel, Cancelled, download, hash_file
-from appliance.library.durability import DamagedModel, boot_id, settle
+from appliance.library.durability import DamagedModel, page_cache_epoch, settle
 from appliance.library.errors import (
     BadReference,
     ModelExists,
@@ -267,10 +267,11 @@ class Library:
         report(Progress("install", "writing manifest", model=plan.model_id))
         targets = [self.models_dir / name for name in hub.local_names]
         manifest = Manifest(plan.model_id, "hub", [
-            FileRecord(t.name, f.size, digest) for (f, _, digest), t in zip(files, targets,
-                                                                               strict=True)],
+            FileRecord(t.name, f.size, digest, _inode(partial))
+            for (f, partial, digest), t in zip(files, targets, strict=True)],
             quant=hub.quant, repo=hub.repo, revision=hub.commit,
-            hub_files=[f.name for f in hub.files], unsynced_boot=boot_id())
+            hub_files=[f.name for f in hub.files],
+            unsynced_in=page_cache_epoch(self.models_dir))
         # Later parts first, the first part last: the model appears whole or not at all.
         self._install(manifest, list(reversed([(partial, target) for (_, partial, _), target
                                                in zip(files, targets, strict=True)])))
@@ -298,22 +299,22 @@ class Library:
         report(Progress("install", "writing manifest", model=plan.model_id))
         digest = hash_file(result).hexdigest()
         manifest = Manifest(plan.model_id, "hub+convert",
-                            [FileRecord(target.name, result.stat().st_size, digest)],
+                            [FileRecord(target.name, result.stat().st_size, digest,
+                                        _inode(result))],
                             quant=hub.quant, repo=hub.repo, revision=hub.commit,
                             hub_files=[f.name for f in hub.files],
                             converter_version=f"qwen-appliance {__version__}",
-                            unsynced_boot=boot_id())
+                            unsynced_in=page_cache_epoch(self.models_dir))
         self._install(manifest, [(result, target)])
         return Installed(plan.model_id, [target], manifest)
 
     def _install(self, manifest: Manifest, moves: list[tuple[Path, Path]]) -> None:
-        """Move checked files into place, after their manifest (durable, marked: the files are
-        not on the disk yet; durability.py). Models are listed by their files, so the manifest
-        waits unseen, and the model appears with its source. An update first removes the files
-        it replaces: a crash on the way leaves the old manifest with no file, or the new one
-        with no file or the new files; never one model's file under the other's manifest."""
-        for _, target in moves:
-            target.unlink(missing_ok=True)  # a loaded model keeps its open file
+        """Move checked files into place, after their manifest (durable, marked: the files may
+        not be on the disk yet, and it names each one's inode; durability.py). Models are listed
+        by their files, so a new model's manifest waits unseen, and the model appears with its
+        source. An update replaces each file in one rename (a loaded model keeps serving from
+        its open file); stopped between, the old file stands under the new manifest, whose
+        inodes say it is not the one installed, so it is checked before any use."""
         write_manifest(self.models_dir, manifest)
         for source, target in moves:
             os.replace(source, target)
@@ -403,9 +404,10 @@ class Library:
             temps.append((temp, self.models_dir / name, digest))
         report(Progress("install", "writing manifest", model=plan.model_id))
         manifest = Manifest(plan.model_id, "local",
-                            [FileRecord(t.name, s.stat().st_size, d) for s, t, d in temps],
+                            [FileRecord(t.name, s.stat().st_size, d, _inode(s))
+                             for s, t, d in temps],
                             quant=plan.quant, origin_path=str(plan.local_files[0]),
-                            unsynced_boot=boot_id())
+                            unsynced_in=page_cache_epoch(self.models_dir))
         self._install(manifest, [(s, t) for s, t, _ in reversed(temps)])
         return Installed(plan.model_id, [t for _, t, _ in temps], manifest)
 
@@ -415,15 +417,18 @@ class Library:
         from appliance.errors import ModelNotFound
 
         mid = check_model_id(model_id)
-        model = find(self.models_dir, mid)
-        if model is None:
-            raise ModelNotFound(f"model {model_id!r} is not installed in {self.models_dir}",
-                                param="id")
-        model.removed_bytes = model.size
-        for path in model.files:  # the first part first: the model vanishes at once
-            path.unlink(missing_ok=True)
-        manifest_path(self.models_dir, mid).unlink(missing_ok=True)
-        shutil.rmtree(self.staging(mid), ignore_errors=True)
+        # Under the model's lock: a settle finishing meanwhile cannot write its manifest back.
+        with model_lock(self.models_dir, mid, lambda: log.info(
+                "waiting for the pull of %s to end before removing it", mid)):
+            model = find(self.models_dir, mid)
+            if model is None:
+                raise ModelNotFound(f"model {model_id!r} is not installed in {self.models_dir}",
+                                    param="id")
+            model.removed_bytes = model.size
+            for path in model.files:  # the first part first: the model vanishes at once
+                path.unlink(missing_ok=True)
+            manifest_path(self.models_dir, mid).unlink(missing_ok=True)
+            shutil.rmtree(self.staging(mid), ignore_errors=True)
         return model
 
 
@@ -454,6 +459,10 @@ def _is_under(path: Path, root: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _inode(path: Path) -> int:
+    return path.stat().st_ino  # a rename keeps it
 
 
 def _device(folder: Path) -> int:

@@ -107,7 +107,7 @@ def test_a_draft_pulled_just_before_a_crash_is_checked_before_it_loads(
     digest = hashlib.sha256(draft.read_bytes()).hexdigest() if intact else "0" * 64
     write_manifest(tmp_path, Manifest("qwen3-0.6b-q4_k_m", "hub", [
         FileRecord(draft.name, draft.stat().st_size, digest)], repo="Qwen/Qwen3-0.6B-GGUF",
-        unsynced_boot="an-earlier-boot"))
+        unsynced_in="an-earlier-boot"))
     opened: list[Path] = []
     loader = ModelLoader(Settings(models_dir=tmp_path, parallel=1), NoGpu(),
                          runtime_factory=lambda path, _: opened.append(path) or object(),
@@ -118,7 +118,7 @@ def test_a_draft_pulled_just_before_a_crash_is_checked_before_it_loads(
         n_gpu_layers=0)), context)
     if intact:
         assert loaded is not None and opened == [draft]
-        assert read_manifest(tmp_path, "qwen3-0.6b-q4_k_m").unsynced_boot is None
+        assert read_manifest(tmp_path, "qwen3-0.6b-q4_k_m").unsynced_in is None
     else:
         assert loaded is None and opened == []
         assert "installed just before the machine stopped" in reason

@@ -285,7 +285,7 @@ def test_the_daemon_settles_its_pulls_and_checks_what_a_restart_cut_short(
     with daemon.http() as http, http.stream("POST", "/api/models/pull",
                                             json={"model": GGUF_REPO}) as r:
         assert lines_of(r)[-1]["status"] == "success"
-    wait_for(lambda: read_manifest(folder, "tiny-q4_k_m").unsynced_boot is None, 60,
+    wait_for(lambda: read_manifest(folder, "tiny-q4_k_m").unsynced_in is None, 60,
              "the daemon to settle its pull")
 
     for name in ("intact", "broken"):
@@ -302,7 +302,7 @@ def test_the_daemon_settles_its_pulls_and_checks_what_a_restart_cut_short(
         ok = http.post("/v1/completions", json={"model": "intact", "prompt": "Hi",
                                                 "max_tokens": 2})
         assert ok.status_code == 200, ok.text
-        assert read_manifest(folder, "intact").unsynced_boot is None
+        assert read_manifest(folder, "intact").unsynced_in is None
         bad = http.post("/v1/chat/completions", json={
             "model": "broken", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
         assert bad.status_code == 422, bad.text
