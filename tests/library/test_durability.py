@@ -301,3 +301,13 @@ def test_the_cli_pull_ends_settled_by_the_process_it_leaves(hub: LocalHub,
         assert time.monotonic() < deadline, "the pull was never settled"
         time.sleep(0.05)
     assert manifest.repo == GGUF_REPO
+
+
+def test_a_folder_where_no_lock_can_be_made_does_not_stop_a_settle(tmp_path: Path) -> None:
+    """A read-only models folder (or a `.pulls` that is not a folder) has no lock file: a
+    settle goes on without the lock (the files were checked; the mark stays), a pull fails."""
+    (tmp_path / STAGING).write_text("not a folder")
+    with model_lock(tmp_path, "m") as held:
+        assert held is False
+    with pytest.raises(OSError), model_lock(tmp_path, "m", on_wait=lambda: None):
+        pass
