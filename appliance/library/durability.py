@@ -19,10 +19,13 @@ error is reported once, so it is acted on at once).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import logging
 import os
 import stat
+import struct
 import subprocess
 import sys
 import uuid
@@ -42,7 +45,11 @@ from appliance.library.manifest import (
 log = logging.getLogger(__name__)
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
-MOUNTS = Path("/proc/self/mountinfo")
+# statx(2): struct statx is 256 bytes, stx_mnt_id a u64 at byte 144 (linux/stat.h).
+_AT_FDCWD = -100
+_STATX_MNT_ID_UNIQUE = 0x4000
+_STATX_SIZE = 256
+_STATX_MNT_ID_OFFSET = 144
 _UNKNOWN = f"unknown-{uuid.uuid4()}"  # no boot or mount id: every mark looks older, so is checked
 READ_CHUNK = 8 * 2**20
 
@@ -62,28 +69,44 @@ def boot_id() -> str:
 
 
 def mount_id(folder: Path) -> str:
-    """The id of the mount holding `folder` (a new one after an unmount and mount again)."""
+    """The mount holding `folder`: its unique id (Linux 6.8+, never reused within a boot: a disk
+    unplugged and mounted again gets a new one), else its device number (a remount goes unseen;
+    the boot id still catches a crash)."""
+    unique = _statx_unique_mount_id(folder)
+    if unique is not None:
+        return f"mount {unique}"
     try:
-        device = os.stat(folder).st_dev
-        where = os.path.realpath(folder)
-        wanted = f"{os.major(device)}:{os.minor(device)}"
-        best = ("", _UNKNOWN)
-        for line in MOUNTS.read_text().splitlines():
-            fields = line.split()
-            if len(fields) < 5 or fields[2] != wanted:
-                continue
-            point = fields[4]
-            inside = where == point or where.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best[0]):
-                best = (point, fields[0])
-        return best[1]
-    except (OSError, ValueError):
+        return f"dev {os.stat(folder).st_dev}"
+    except OSError:
         return _UNKNOWN
+
+
+def _statx_unique_mount_id(folder: Path) -> int | None:
+    statx = getattr(_libc(), "statx", None)
+    if statx is None:
+        return None
+    statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                      ctypes.c_void_p)
+    answer = ctypes.create_string_buffer(_STATX_SIZE)
+    if statx(_AT_FDCWD, os.fsencode(folder), 0, _STATX_MNT_ID_UNIQUE, answer) != 0:
+        return None
+    mask, = struct.unpack_from("<I", answer, 0)
+    if not mask & _STATX_MNT_ID_UNIQUE:
+        return None  # an older kernel
+    return int(struct.unpack_from("<Q", answer, _STATX_MNT_ID_OFFSET)[0])
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def page_cache_epoch(models_dir: Path) -> str:
     """Which page cache holds bytes written into `models_dir` now: the boot and the mount."""
-    return f"boot {boot_id()} mount {mount_id(models_dir)}"
+    return f"boot {boot_id()} {mount_id(models_dir)}"
 
 
 def settle(models_dir: Path, model_id: str, *, drop_pages: bool = False,
@@ -164,14 +187,12 @@ def _settle_file(path: Path, record: FileRecord, cache_gone: bool,
         if info.st_size != record.size:
             return f"{record.name} has {info.st_size} bytes, {record.size} were installed", False
         hashed = cache_gone or info.st_ino != record.inode
-        if hashed:
-            if _sha256(fd, record.size) != record.sha256:
-                return f"{record.name} does not match its sha256", True
-        else:
-            try:
-                os.fsync(fd)
-            except OSError as e:  # reported to this fsync only: acted on now
-                return f"the disk failed to write {record.name}: {e.strerror}", False
+        if hashed and _sha256(fd, record.size) != record.sha256:
+            return f"{record.name} does not match its sha256", True
+        try:
+            os.fsync(fd)  # hashed or not: what was read may come from the page cache
+        except OSError as e:  # reported to this fsync only: acted on now
+            return f"the disk failed to write {record.name}: {e.strerror}", hashed
         if drop_pages:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return None, hashed

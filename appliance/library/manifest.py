@@ -91,11 +91,12 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def model_lock(models_dir: Path, model_id: str,
-               on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+def model_lock(models_dir: Path, model_id: str, on_wait: Callable[[], None] | None = None,
+               wait_s: float = 0.0) -> Iterator[bool]:
     """Hold the model's lock (one process at a time pulls, settles or removes a model) and yield
-    True; with no `on_wait`, yield False at once where another holds it (or a read-only folder
-    has no lock file), else call it and wait."""
+    True. Where another holds it: with `on_wait`, call it and wait as long as it takes (a pull);
+    else try for `wait_s` seconds, then yield False (as where a read-only folder has no lock
+    file)."""
     folder = models_dir / STAGING
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -106,14 +107,20 @@ def model_lock(models_dir: Path, model_id: str,
         yield False
         return
     with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is None:
-                yield False
-                return
-            on_wait()
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    break
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)  # flock has no timeout: a few tries within the deadline
         try:
             yield True
         finally:

@@ -25,6 +25,7 @@ from appliance.library.durability import DamagedModel, page_cache_epoch, settle
 from appliance.library.errors import (
     BadReference,
     ModelExists,
+    ModelInUse,
     NotEnoughSpace,
     PullFailed,
 )
@@ -46,6 +47,7 @@ from appliance.library.refs import HubRef, LocalRef, check_model_id, parse_ref
 log = logging.getLogger(__name__)
 
 FreeSpace = Callable[[Path], int]
+REMOVE_WAIT_S = 3.0  # a removal waits this long for the model's lock (a settle's moment)
 SLACK = 64 * 2**20  # headroom for manifests, the filesystem's own needs, a log line or two
 BITS_PER_WEIGHT_FALLBACK = 5.0
 
@@ -418,8 +420,11 @@ class Library:
 
         mid = check_model_id(model_id)
         # Under the model's lock: a settle finishing meanwhile cannot write its manifest back.
-        with model_lock(self.models_dir, mid, lambda: log.info(
-                "waiting for the pull of %s to end before removing it", mid)):
+        # A settle holds it for a moment; a pull (from the CLI too) for minutes: refused then.
+        with model_lock(self.models_dir, mid, wait_s=REMOVE_WAIT_S) as held:
+            if not held:
+                raise ModelInUse(f"{mid} is being pulled; remove it once the pull has ended",
+                                 param="id")
             model = find(self.models_dir, mid)
             if model is None:
                 raise ModelNotFound(f"model {model_id!r} is not installed in {self.models_dir}",
