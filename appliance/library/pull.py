@@ -5,7 +5,8 @@ Every byte is written inside the hidden `.pulls/ID/` folder first; only a verifi
 into the models folder (a split model's first part last, so it never shows incomplete). Partial
 downloads stay in `.pulls/` and are resumed by the next pull of the same model. Free space for the
 whole job (download, intermediate, result) is checked before the first byte. One process at a
-time works on a model: a lock file in `.pulls/` makes a second pull (CLI or daemon) wait.
+time works on a model: a lock file in `.pulls/` makes a second pull (CLI or daemon) wait. A
+verified file is installed before it is on the disk; durability.py makes it so afterwards.
 """
 
 from __future__ import annotations
