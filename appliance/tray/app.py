@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 POLL_S = 1.5  # a state change shows within this (plus one render), the figure says <= 2 s
 MODELS_EVERY = 10  # polls between /api/models reads while nothing changes (files rarely do)
 LATE_POLLS_TOLERATED = 3
+POLL_END_WAIT_S = 10.0  # stop() waits this long for a poll to finish what it hands the icon
 EXPECTED_ERRORS = (DaemonUnavailable, DaemonError, OSError, subprocess.SubprocessError)
 
 
@@ -106,6 +107,8 @@ class TrayApp:
         self.actions = TrayActions(client, control, self.announcer)
         self._icon_factory = icon_factory
         self._icon: Any = None
+        self._runner: threading.Thread | None = None  # runs the icon's loop
+        self._poller: threading.Thread | None = None
         self._stop = threading.Event()
         self._poll_now = threading.Event()
         self._jobs: queue.Queue[tuple[str, str | None] | None] = queue.Queue()
@@ -262,7 +265,9 @@ class TrayApp:
         image = render_icon(snapshot)
         self._shown_image = image.tobytes()
         self._icon = factory("qwen-appliance", image, self._shown_title, self._build_menu(spec))
-        workers = [threading.Thread(target=self._poll_loop, name="tray-poll", daemon=True),
+        self._runner = threading.current_thread()
+        self._poller = threading.Thread(target=self._poll_loop, name="tray-poll", daemon=True)
+        workers = [self._poller,
                    threading.Thread(target=self._action_loop, name="tray-actions", daemon=True)]
 
         def setup(icon: Any) -> None:
@@ -279,5 +284,14 @@ class TrayApp:
         self._stop.set()
         self._poll_now.set()
         self._jobs.put(None)
+        # pystray's X11 backend passes each call from another thread to its loop and waits on
+        # one reply queue shared by all callers: a poll handing the icon a new title while this
+        # thread hands it the stop can leave one of them waiting for ever (seen: a tray test hung
+        # in Icon.stop). So the poll ends first (it checks _stop after each pass), then the icon
+        # stops. Not from the loop's own thread (Quit in the menu): the poll may be waiting on it.
+        poller = self._poller
+        if poller is not None and poller.is_alive() and \
+                threading.current_thread() not in (poller, self._runner):
+            poller.join(timeout=POLL_END_WAIT_S)
         if self._icon is not None:
             self._icon.stop()
