@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 LFS_MIN = 1024  # files at least this big are "LFS" files, with a sha256 in the metadata
@@ -243,9 +245,18 @@ def _send_slowly(handler: BaseHTTPRequestHandler, path: Path, start: int, length
                 time.sleep(ahead)
 
 
+class _HubServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that drops its connection (a pull cancelled, a daemon stopped with a
+        keep-alive connection open) is normal for a hub: no traceback on stderr for it."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def serve(hub: LocalHub) -> Iterator[LocalHub]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    server = _HubServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
     hub.server = server
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
@@ -263,8 +274,6 @@ def main() -> None:
     """Serve files as one hub repo from a process of its own, so a bench's pull shares no
     interpreter (no GIL) with the server, as with a real hub: prints the URL, serves until its
     stdin closes.  python -m tests.library.hub_server owner/name NAME=PATH ..."""
-    import sys
-
     repo, *files = sys.argv[1:]
     hub = LocalHub()
     hub.add(repo, {name: Path(path) for name, path in (f.split("=", 1) for f in files)})
