@@ -4,9 +4,9 @@ hashed (sha256) as it arrives, and checked against the hub's LFS sha256 and size
 The URL and headers (token, user agent) are huggingface-hub's; the GET is transport.py's.
 
 Receiving, writing and hashing overlap: this thread only receives, into a few large reused
-buffers; the sink's writer thread appends each one to the file, its hasher thread hashes them
-and its syncer makes them durable as they come (hashlib, file writes and syncs drop the GIL); see
-sink.py. A cancel (the daemon stopping) shuts the socket, so a read that waits on a slow network
+buffers; the sink's writer thread appends each one to the file and its hasher thread hashes
+them (hashlib and file writes drop the GIL); see sink.py. Nothing here waits for the disk
+(durability.py). A cancel (the daemon stopping) shuts the socket, so a read that waits on a slow network
 returns at once; what was received stays in the partial file.
 """
 
